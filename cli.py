@@ -1,0 +1,101 @@
+"""`toolkit` command line: parses flags, calls toolkit.*, prints. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from toolkit.errors import ToolkitError
+
+app = typer.Typer(
+    help="LoRA fine-tuning and serving toolkit for Gemma 3 27B (GPTQ 4-bit).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("tiny-base")
+def tiny_base(
+    dir: Annotated[Path, typer.Argument(help="Folder to write the base into.")],
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical tensors.")] = 0,
+    size: Annotated[str, typer.Option(help="Shape preset: tiny, small or 27b-shapes.")] = "tiny",
+    layers: Annotated[int | None, typer.Option(help="Override the preset's number of text layers.")] = None,
+    format: Annotated[str, typer.Option("--format", help="compressed-tensors (as the real base) or gptq.")] = (
+        "compressed-tensors"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Build a small random-weight 4-bit Gemma 3 in the real checkpoint's on-disk format."""
+    from toolkit import tiny_base as tb
+
+    out = tb.build(dir, seed=seed, size=size, layers=layers, fmt=format, overwrite=overwrite)
+    typer.echo(f"built {size} Gemma 3 base ({format}, seed {seed}) in {out}")
+
+
+@app.command()
+def info(
+    dir: Annotated[str, typer.Argument(help="Base folder (or hub id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, special tokens."""
+    from toolkit.info import describe, summary_lines
+
+    data = describe(dir)
+    typer.echo(json.dumps(data, indent=2) if as_json else "\n".join(summary_lines(data)))
+
+
+@app.command()
+def chat(
+    base: Annotated[str, typer.Argument(help="Base folder (or hub id).")],
+    message: Annotated[str, typer.Argument(help="The user message.")],
+    image: Annotated[list[str] | None, typer.Option(help="Image path or data: URI to attach (repeatable).")] = None,
+    system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+) -> None:
+    """Send one message (optionally with images) to the base and print its greedy reply."""
+    from toolkit import chat as chat_mod
+    from toolkit.base import load_base
+    from toolkit.engine import generate_greedy
+
+    content = [{"type": "text", "text": message}] + [
+        {"type": "image_url", "image_url": {"url": src}} for src in image or []
+    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    loaded = load_base(base, device=device)
+    inputs = chat_mod.encode_prompt(loaded.processor, messages, base_dir=Path.cwd())
+    reply = loaded.tokenizer.decode(
+        generate_greedy(loaded, inputs, max_new_tokens=max_tokens), skip_special_tokens=True
+    )
+    typer.echo(f"user: {message}" + (f" [+{len(image)} image(s)]" if image else ""))
+    typer.echo(f"model: {reply}")
+
+
+@app.command("make-image")
+def make_image(
+    path: Annotated[Path, typer.Argument(help="PNG file to write.")],
+    color: Annotated[str, typer.Option(help="Colour of the square (a PIL colour name).")] = "red",
+    size: Annotated[int, typer.Option(help="Width and height in pixels.")] = 64,
+) -> None:
+    """Write a small test image (a coloured square on white) for trying image input offline."""
+    from toolkit.images import make_square_image
+
+    make_square_image(path, color=color, size=size)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ToolkitError as exc:
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
