@@ -90,6 +90,9 @@ def make_image(
 
 
 def main() -> None:
+    from toolkit.quiet import quiet_third_party
+
+    quiet_third_party()
     try:
         app()
     except ToolkitError as exc:

@@ -127,12 +127,12 @@ def pick_device(device: str | None = None) -> tuple[str, Any]:
 
 def load_base(path_or_id: str | Path, *, device: str | None = None, training: bool = False) -> Base:
     """Load a 4-bit Gemma 3 base and its processor, frozen, on `device` (default: CUDA if present, else CPU)."""
+    path = resolve_path(path_or_id)
+    config, spec = check_base(path)  # before any heavy import: a bad base fails in milliseconds
     from transformers import AutoProcessor
 
     from toolkit import gptq_backend
 
-    path = resolve_path(path_or_id)
-    config, spec = check_base(path)
     device, dtype = pick_device(device)
     gptq_dir = quant_format.ensure_gptq(path)
     try:

@@ -7,25 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from pathlib import Path
 
-
-def _quiet_imports() -> None:
-    # GPTQModel logs a banner and one INFO line per module on every load, and torchao (which it imports) warns
-    # about torch pytree enums; none of it is actionable for a toolkit user. Errors still surface.
-    from logbar import LogBar
-
-    LogBar.shared().setLevel(logging.ERROR)
-    # accelerate warns "weights are not tied" before GPTQModel ties lm_head to the embeddings (checked in tests).
-    for name in (
-        "torch.utils._pytree",
-        "torch.utils.cpp_extension",
-        "tokenicer.tokenicer",
-        "tokenicer",
-        "accelerate.utils.modeling",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
+from toolkit.quiet import quiet_third_party
 
 
 def load_gptq(folder: Path, device: str, dtype, training: bool):
@@ -36,7 +20,7 @@ def load_gptq(folder: Path, device: str, dtype, training: bool):
     """
     import torch
 
-    _quiet_imports()
+    quiet_third_party()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 

@@ -225,12 +225,15 @@ def build(
 
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
-    # transformers initialises norms to zero (Gemma's (1 + w) convention) and linears from N(0, 0.02); give the
-    # tiny model norms with some spread so layers do not collapse to near-identical outputs.
+    # transformers initialises Gemma's (1 + w) norms and the image projector to zero, as for a model about to be
+    # trained; a zero projector would make every image invisible. Give both seeded random values instead.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1 and "vision" not in name:
+            if "language_model" in name and "norm" in name:
                 p.normal_(0.0, 0.1)
+        projector = model.model.multi_modal_projector
+        projector.mm_input_projection_weight.normal_(0.0, shape.vision_hidden**-0.5)
+        projector.mm_soft_emb_norm.weight.normal_(0.0, 0.1)
     model = model.to(torch.bfloat16)  # the real checkpoint's dtype
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:

@@ -1,0 +1,26 @@
+"""Silence third-party log lines that say nothing a toolkit user can act on. Called by the CLI and base loading."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_NOISY = (
+    "torch.utils._pytree",  # torchao (imported by GPTQModel/transformers) warns about enum registration
+    "torch.utils.cpp_extension",  # "No CUDA runtime is found" on CPU machines
+    "tokenicer",
+    "tokenicer.tokenicer",
+    "accelerate.utils.modeling",  # "weights are not tied" before GPTQModel ties them (checked in tests)
+)
+
+
+def quiet_third_party() -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from logbar import LogBar  # GPTQModel's logger: banner and one INFO line per module on every load
+
+        LogBar.shared().setLevel(logging.ERROR)
+    except ImportError:
+        pass
