@@ -35,8 +35,12 @@ def lora_step(model, ids) -> dict:
     out.loss.backward()
     opt.step()
     wrapped = {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "base_layer")}
-    return {"model": model, "loss": out.loss.item(), "wrapped_layer_types": sorted(wrapped),
-            "trainable_params": sum(p.numel() for p in trainable)}
+    return {
+        "model": model,
+        "loss": out.loss.item(),
+        "wrapped_layer_types": sorted(wrapped),
+        "trainable_params": sum(p.numel() for p in trainable),
+    }
 
 
 def path_a(ct_dir: Path, ids) -> dict:
@@ -61,9 +65,14 @@ def path_a(ct_dir: Path, ids) -> dict:
     after_forward = model_tensor_bytes(model)
     model.requires_grad_(False)
     step = lora_step(model, ids)
-    return {"load_as_shipped": as_shipped, "tensor_bytes_loaded": before, "tensor_bytes_after_forward": after_forward,
-            "tensor_bytes_after_lora_step": model_tensor_bytes(step["model"]),
-            "wrapped_layer_types": step["wrapped_layer_types"], "loss": step["loss"]}
+    return {
+        "load_as_shipped": as_shipped,
+        "tensor_bytes_loaded": before,
+        "tensor_bytes_after_forward": after_forward,
+        "tensor_bytes_after_lora_step": model_tensor_bytes(step["model"]),
+        "wrapped_layer_types": step["wrapped_layer_types"],
+        "loss": step["loss"],
+    }
 
 
 def path_b(ct_dir: Path, ids) -> dict:
@@ -73,9 +82,13 @@ def path_b(ct_dir: Path, ids) -> dict:
         base.model(input_ids=ids)
     after_forward = model_tensor_bytes(base.model)
     step = lora_step(base.model, ids)
-    return {"tensor_bytes_loaded": before, "tensor_bytes_after_forward": after_forward,
-            "tensor_bytes_after_lora_step": model_tensor_bytes(step["model"]),
-            "wrapped_layer_types": step["wrapped_layer_types"], "loss": step["loss"]}
+    return {
+        "tensor_bytes_loaded": before,
+        "tensor_bytes_after_forward": after_forward,
+        "tensor_bytes_after_lora_step": model_tensor_bytes(step["model"]),
+        "wrapped_layer_types": step["wrapped_layer_types"],
+        "loss": step["loss"],
+    }
 
 
 def main() -> None:

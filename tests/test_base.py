@@ -56,8 +56,10 @@ def test_greedy_generation_is_deterministic_for_text(base, tiny_ct):
 
 def test_greedy_generation_is_deterministic_for_text_and_image(base, images):
     def ask(color):
-        msg = [{"type": "text", "text": "What color is the square?"},
-               {"type": "image_url", "image_url": {"url": str(images[color])}}]
+        msg = [
+            {"type": "text", "text": "What color is the square?"},
+            {"type": "image_url", "image_url": {"url": str(images[color])}},
+        ]
         return _reply(base, [{"role": "user", "content": msg}])
 
     red, inputs = ask("red")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 
@@ -19,8 +21,11 @@ def quiet_third_party() -> None:
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        from logbar import LogBar  # GPTQModel's logger: banner and one INFO line per module on every load
+        # GPTQModel's logger (banner, one INFO line per module on every load). Creating it prints a blank line
+        # to stdout, which would corrupt output meant for scripts (`info --json`), hence the redirect.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from logbar import LogBar
 
-        LogBar.shared().setLevel(logging.ERROR)
+            LogBar.shared().setLevel(logging.ERROR)
     except ImportError:
         pass

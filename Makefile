@@ -1,0 +1,31 @@
+# Two entry points, each doing its own set-up on a fresh clone: `make quickstart` and `make test`.
+# The virtual environment is built once from pyproject.toml, constrained by requirements.lock (the exact
+# stack the project was tested with), and rebuilt when either file changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BASE ?= build/tiny-base
+
+.PHONY: quickstart test lint clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
+	@touch $@
+
+quickstart: $(VENV)/.installed
+	$(BIN)/toolkit tiny-base $(BASE) --overwrite
+	$(BIN)/toolkit info $(BASE)
+	$(BIN)/toolkit make-image build/red-square.png --color red
+	$(BIN)/toolkit chat $(BASE) "What is the capital of France?"
+	$(BIN)/toolkit chat $(BASE) "What colour is the square?" --image build/red-square.png
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build $(VENV)
