@@ -127,3 +127,10 @@ def test_bad_bases_exit_2_from_cli_with_one_line(tiny_ct, tmp_path):
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
             assert len(lines) == 1 and lines[0].startswith("error: "), (how, r.stderr)
             assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ToolkitError, match="not a local folder and could not be fetched") as err:
+        load_base("ISTA-DASLab/gemma-3-27b-it-GPTQ-4b-128g-not-here", device="cpu")
+    assert "hf download" in str(err.value)
