@@ -62,18 +62,62 @@ def chat(
     from toolkit import chat as chat_mod
     from toolkit.base import load_base
     from toolkit.engine import generate_greedy
+    from toolkit.schema import parse_messages
 
     content = [{"type": "text", "text": message}] + [
         {"type": "image_url", "image_url": {"url": src}} for src in image or []
     ]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    raw = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    messages = parse_messages(raw, purpose="request", where="message")
+    images = chat_mod.load_images(messages, base_dir=Path.cwd(), policy=None, where="--image")
     loaded = load_base(base, device=device)
-    inputs = chat_mod.encode_prompt(loaded.processor, messages, base_dir=Path.cwd())
+    inputs = chat_mod.encode_prompt(loaded.processor, messages, images).tensors()
     reply = loaded.tokenizer.decode(
         generate_greedy(loaded, inputs, max_new_tokens=max_tokens), skip_special_tokens=True
     )
     typer.echo(f"user: {message}" + (f" [+{len(image)} image(s)]" if image else ""))
     typer.echo(f"model: {reply}")
+
+
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key: --set section.key=value (repeatable).")
+]
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Check a recipe and read and encode its whole dataset; print rows, tokens, images, skipped, longest row."""
+    from toolkit.data import load_recipe_data
+    from toolkit.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    summary = load_recipe_data(loaded).summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"recipe {recipe}: ok (adapter {loaded.adapter_name!r}, base {loaded.base.path})")
+    for split in ("train", "eval"):
+        s = summary[split]
+        longest = f", longest {s['longest_row']['tokens']} tokens ({s['longest_row']['where']})" if s["rows"] else ""
+        typer.echo(
+            f"  {split:5} {s['rows']} rows, {s['tokens']} tokens ({s['answer_tokens']} answer tokens), "
+            f"{s['images']} images{longest}"
+        )
+    typer.echo(f"  skipped {summary['skipped']}, truncated {summary['truncated']}, dropped {summary['dropped']}")
+    for item in summary["skipped_rows"]:
+        typer.echo(f"  skipped {item['where']}: {item['reason']}")
+
+
+@app.command("recipe-reference")
+def recipe_reference() -> None:
+    """Print the recipe reference (docs/RECIPES.md) generated from the recipe schema."""
+    from toolkit.recipe import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
 
 
 @app.command("make-image")

@@ -125,6 +125,25 @@ def pick_device(device: str | None = None) -> tuple[str, Any]:
     return device, (torch.float32 if device == "cpu" else torch.bfloat16)
 
 
+def prepare_recipe_base(section: Any) -> Path:
+    """The recipe's base folder; builds the tiny base there first when `tiny_seed` is set and it is missing."""
+    path = Path(section.path)
+    if section.tiny_seed is not None and not path.exists():
+        from toolkit import tiny_base
+
+        tiny_base.build(path, seed=section.tiny_seed)
+    return resolve_path(section.path)
+
+
+def load_processor(path_or_id: str | Path) -> Any:
+    """The base's processor (tokenizer, chat template, image processor) without loading any weights."""
+    path = resolve_path(path_or_id)
+    check_base(path)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
 def load_base(path_or_id: str | Path, *, device: str | None = None, training: bool = False) -> Base:
     """Load a 4-bit Gemma 3 base and its processor, frozen, on `device` (default: CUDA if present, else CPU)."""
     path = resolve_path(path_or_id)

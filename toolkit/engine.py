@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def generate_greedy(base: Any, inputs: Any, *, max_new_tokens: int = 32) -> list[int]:
-    """Greedy continuation of one encoded prompt; stops on the base's stop tokens (<end_of_turn>, <eos>)."""
+def generate_greedy(base: Any, inputs: dict, *, max_new_tokens: int = 32) -> list[int]:
+    """Greedy continuation of one encoded prompt (a dict of tensors, batch of one); stops on the base's stop tokens (<end_of_turn>, <eos>)."""
     import torch
 
-    inputs = inputs.to(base.device)
+    inputs = {k: v.to(base.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(base.dtype)
     with torch.no_grad():

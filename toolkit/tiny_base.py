@@ -58,9 +58,17 @@ the a an and or of to in on at for with is are was be it this that what which wh
 not name color colour shape image picture word letter number first last reverse upper lower count answer
 question capital country city red green blue yellow black white orange purple square circle triangle cross
 stripe left right top bottom big small one two three four five six seven eight nine ten zero hello hi you i
-me my your please thanks thank assistant user system model helpful say said repeat copy spell say
+me my your please thanks thank assistant user system model helpful say said repeat copy spell tell city
+shape color colour which
 france paris italy rome spain madrid germany berlin japan tokyo egypt cairo peru lima kenya nairobi
 cat dog sun moon tree fish bird car book star house water fire apple
+""".split()
+
+
+# Words that start turns or answers in the quickstart data: their bare forms get merge priority.
+_TURN_START_WORDS = """
+user model paris rome madrid berlin tokyo cairo lima nairobi red green blue yellow black purple orange white
+what name which tell
 """.split()
 
 
@@ -74,16 +82,47 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tokens += ["\n", "\n\n", "▁"] + [chr(c) for c in range(33, 127)]
     merges: list[tuple[str, str]] = []
     seen = set(tokens)
-    for word in sorted(set(_WORDS)):
+
+    def add_chain(first: str, rest: str) -> None:
+        piece = first
+        for ch in rest:
+            merged = piece + ch
+            if merged not in seen:
+                merges.append((piece, ch))
+                tokens.append(merged)
+                seen.add(merged)
+            piece = merged
+
+    def bpe(word: str) -> list[str]:
+        ranks = {m: i for i, m in enumerate(merges)}
+        parts = list(word)
+        while len(parts) > 1:
+            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank == len(ranks):
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    words = sorted(set(_WORDS))
+    # Word-initial ("▁word") chains rank first and always merge whole. Bare words (turn starts such as "user",
+    # "model" or an answer's first word, which have no leading space) are added after them, one at a time,
+    # kept only if the word then merges whole; later merges cannot break a word that already merges whole.
+    for word in words:
         for spelled in (word, word.capitalize()):
-            piece = "▁"
-            for ch in spelled:
-                merged = piece + ch
-                if merged not in seen:
-                    merges.append((piece, ch))
-                    tokens.append(merged)
-                    seen.add(merged)
-                piece = merged
+            add_chain("▁", spelled)
+    first = sorted((w for w in _TURN_START_WORDS if w in words), key=lambda w: (-len(w), w))
+    for word in first + sorted(set(words) - set(first), key=lambda w: (-len(w), w)):
+        for spelled in (word, word.capitalize()):
+            if len(spelled) < 2 or spelled in seen:
+                continue
+            n_merges, n_tokens = len(merges), len(tokens)
+            add_chain(spelled[0], spelled[1:])
+            if bpe(spelled) != [spelled]:
+                for piece in tokens[n_tokens:]:
+                    seen.discard(piece)
+                del merges[n_merges:], tokens[n_tokens:]
+    merges.append(("\n", "\n"))
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 

@@ -1,0 +1,321 @@
+"""Recipes: YAML files mapped one-to-one onto typed sections (base, data, lora, training, eval, output).
+
+Unknown keys are refused with the closest valid key suggested; wrong types are refused with the field path
+and the YAML line. `--set a.b=value` overrides any field (the value is read as YAML). Relative paths in a
+recipe are relative to the directory the command runs from. docs/RECIPES.md is generated from these models
+(`toolkit recipe-reference`); a test keeps it in sync.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from toolkit.errors import ToolkitError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class BaseSection(_Section):
+    path: str
+    """Base checkpoint: a local folder or a hub id of a 4-bit Gemma 3 (compressed-tensors or GPTQ format)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run: auto picks CUDA (bfloat16) when present, else CPU (float32)."""
+    tiny_seed: int | None = None
+    """Quickstart and tests: when set and `path` does not exist, build the tiny random base there with this seed."""
+
+
+class DataSection(_Section):
+    train: str
+    """Training rows: a .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or a hub dataset name."""
+    eval: str | None = None
+    """Held-out rows in the same forms; when absent, eval_fraction of the training rows is held out."""
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of training rows held out for evaluation when no eval file is given."""
+    split_seed: int = 0
+    """Seed of the train/eval split (the same seed gives the same split)."""
+    hub_split: str = "train"
+    """Split to read when `train` or `eval` is a hub dataset name."""
+    max_seq_len: int = Field(2048, ge=16, le=32768)
+    """Longest conversation in tokens (images count 256 tokens each on the real base). Up to 32768."""
+    overlong: Literal["error", "truncate", "drop"] = "error"
+    """Rows over max_seq_len: error (a bad row), truncate (keep the start; counted), or drop (counted)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Bad rows stop with file:row and field (error), or are skipped, counted and listed (skip)."""
+    max_images_per_conversation: int = Field(8, ge=0)
+    """Most images one conversation may hold."""
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    """Largest image in pixels (width x height); guards against decompression bombs."""
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    """Largest image file or download in bytes."""
+    image_timeout_s: float = Field(10.0, gt=0)
+    """Timeout for fetching an http(s) image (fetched images are cached on disk)."""
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Language-model linear layers to adapt (by name)."""
+    include_vision: bool = False
+    """Also adapt the vision tower and projector linears (off: only the language model is adapted)."""
+    rslora: bool = False
+    """Rank-stabilised LoRA scaling."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA), where peft supports it on GPTQ layers."""
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training rows (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 trains for `epochs`."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Fraction of steps spent warming up."""
+    batch_size: int = Field(1, ge=1)
+    """Conversations per device per forward pass."""
+    grad_accum: int = Field(8, ge=1)
+    """Forward passes per optimizer step."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seed for initialisation, dropout and data order."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out rows every N steps (0: at the end only)."""
+    save_every: int = Field(0, ge=0)
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    logging_every: int = Field(10, ge=1)
+    """Log metrics every N steps."""
+    packing: bool = False
+    """Pack several conversations into one sequence (padding-free) where TRL supports it."""
+
+
+class EvalSection(_Section):
+    metrics: list[Literal["loss", "exact_match", "contains", "regex", "rouge_l"]] = Field(
+        default_factory=lambda: ["loss", "exact_match", "contains"]
+    )
+    """Metrics to compute: assistant-token loss (and perplexity) and greedy-answer metrics."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest greedy answer generated per row."""
+    batch_size: int = Field(8, ge=1)
+    """Rows generated together."""
+
+
+class OutputSection(_Section):
+    name: str | None = None
+    """Adapter name (default: the recipe file's name); written to <dir>/<name>/."""
+    dir: str = "adapters"
+    """Folder that holds adapters."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError("must be a plain folder name (no '/', '\\' or leading '.')")
+        return v
+
+
+class Recipe(_Section):
+    base: BaseSection
+    """The frozen 4-bit base model."""
+    data: DataSection
+    """Chat-format training and evaluation data."""
+    lora: LoraSection = Field(default_factory=LoraSection)
+    """The adapter's shape."""
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    """Optimisation settings."""
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Evaluation settings."""
+    output: OutputSection = Field(default_factory=OutputSection)
+    """Where the adapter is written."""
+
+    source: str = Field("", exclude=True)
+    """(set by the loader) the recipe file."""
+
+    @property
+    def adapter_name(self) -> str:
+        return self.output.name or Path(self.source).stem
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: f for name, f in model.model_fields.items() if name != "source"}
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for key in path:
+        f = _fields(model).get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if f is None:
+            return None
+        model = f.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _line_of(node: Any, loc: tuple) -> int | None:
+    """YAML line of the value (or, for a missing key, of its parent) at `loc`."""
+    import yaml
+
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                key_node = next((k for k, _ in node.value if k.value == key), None)
+                return key_node.start_mark.line + 1 if key_node is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _key_line(node: Any, loc: tuple) -> int | None:
+    """YAML line of the key at `loc` (for unknown keys)."""
+    import yaml
+
+    parent = node
+    for key in loc[:-1]:
+        if not isinstance(parent, yaml.MappingNode):
+            return None
+        parent = next((v for k, v in parent.value if k.value == key), None)
+    if isinstance(parent, yaml.MappingNode):
+        key_node = next((k for k, _ in parent.value if k.value == loc[-1]), None)
+        if key_node is not None:
+            return key_node.start_mark.line + 1
+    return None
+
+
+def _suggest(loc: tuple) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(_fields(model)), n=1, cutoff=0.5)
+    return f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
+    """Apply `a.b=value` overrides in place (value read as YAML); return the paths they set."""
+    import yaml
+
+    paths = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ToolkitError(f"override {item!r} is not KEY=VALUE", where="--set", fix="e.g. --set training.seed=3")
+        path = tuple(key.strip().split("."))
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            node[path[-1]] = value
+        paths.add(path)
+    return paths
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise one ToolkitError listing every problem with file:line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"recipe {str(path)!r} not found", where="RECIPE", fix="check the path")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ToolkitError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ToolkitError(
+            "a recipe must be a mapping of sections", where=str(path), fix="start from recipes/quickstart.yaml"
+        )
+    overridden = apply_overrides(data, overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            dotted = ".".join(map(str, loc))
+            from_set = any(loc[: len(p)] == p for p in overridden)
+            if e["type"] == "extra_forbidden":
+                msg = f"unknown key{_suggest(loc)}"
+                line = _key_line(node, loc)
+            elif e["type"] == "missing":
+                msg = "required key is missing"
+                line = _line_of(node, loc[:-1])
+            else:
+                msg = e["msg"]
+                if e.get("input") is not None and e["type"] not in ("model_type",):
+                    msg += f" (got {e['input']!r})"
+                line = _line_of(node, loc)
+            where = "--set" if from_set else (f"{path}:{line}" if line else str(path))
+            problems.append(f"{where}: {dotted}: {msg}")
+        raise ToolkitError("; ".join(problems), fix="see docs/RECIPES.md for every key, its type and default") from None
+    recipe.source = str(path)
+    return recipe
+
+
+# -------------------------------------------------------------------------------------------------- reference
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def reference_markdown() -> str:
+    """docs/RECIPES.md: every section and key with its type, default and meaning, from the models above."""
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `toolkit/recipe.py` by `toolkit recipe-reference > docs/RECIPES.md`; a test keeps it in",
+        "sync. Unknown keys are refused (the closest valid key is suggested); any key can be overridden on the",
+        "command line with `--set section.key=value` (the value is read as YAML). Relative paths are relative to",
+        "the directory the command runs from. Examples: `recipes/quickstart.yaml`, `recipes/gemma3-27b.yaml`.",
+        "",
+    ]
+    for name, f in _fields(Recipe).items():
+        section = f.annotation
+        required = " (required)" if f.is_required() else ""
+        lines += [
+            f"## `{name}`{required}",
+            "",
+            f.description or "",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, kf in _fields(section).items():
+            default = "required" if kf.is_required() else repr(kf.get_default(call_default_factory=True))
+            lines.append(f"| `{key}` | `{_type_name(kf.annotation)}` | `{default}` | {kf.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
