@@ -15,6 +15,7 @@ from toolkit.base import load_base
 from toolkit.engine import generate_greedy
 from toolkit.errors import ToolkitError
 from toolkit.gptq_backend import is_quantized_linear
+from toolkit.schema import parse_messages
 
 
 def test_language_model_linears_are_4bit_and_vision_tower_is_not(base):
@@ -40,8 +41,10 @@ def test_cpu_dtype_is_float32_and_base_is_frozen(base):
     assert len(base.fingerprint) == 16 and base.context_length == 4096
 
 
-def _reply(base, messages, n=12):
-    inputs = chat.encode_prompt(base.processor, messages)
+def _reply(base, raw, n=12):
+    messages = parse_messages(raw, purpose="request", where="test")
+    inputs = chat.encode_prompt(base.processor, messages, chat.load_images(messages, base_dir=None, policy=None))
+    inputs = inputs.tensors()
     return generate_greedy(base, inputs, max_new_tokens=n), inputs
 
 
@@ -72,7 +75,7 @@ def test_greedy_generation_is_deterministic_for_text_and_image(base, images):
         logits = {}
         for color in ("red", "blue"):
             _, inp = ask(color)
-            logits[color] = base.model(**inp.to(base.device)).logits[0, -1]
+            logits[color] = base.model(**inp).logits[0, -1]
     assert not torch.allclose(logits["red"], logits["blue"])
 
 

@@ -144,7 +144,7 @@ def read_raw_rows(source: str, hub_split: str = "train") -> tuple[list[tuple[str
                     f"split {hub_split!r} not in {list(ds.keys())}", where=str(path), fix="set data.hub_split"
                 )
             ds = ds[hub_split]
-        return [(f"{path}:{i}", _drop_nulls(r)) for i, r in enumerate(ds, start=1)], path
+        return [(f"{path}:{i}", _drop_nulls(r)) for i, r in enumerate(ds, start=1)], path.parent
     if path.suffix in _FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise ToolkitError(f"dataset file {source!r} not found", where="data", fix="check the path")
     return _read_hub(source, hub_split), None

@@ -10,7 +10,10 @@ from typing import Any
 
 
 def generate_greedy(base: Any, inputs: dict, *, max_new_tokens: int = 32) -> list[int]:
-    """Greedy continuation of one encoded prompt (a dict of tensors, batch of one); stops on the base's stop tokens (<end_of_turn>, <eos>)."""
+    """Greedy continuation of one encoded prompt (a dict of tensors, batch of one).
+
+    Stops on the base's stop tokens (<end_of_turn>, <eos>); returns the new token ids without the stop token.
+    """
     import torch
 
     inputs = {k: v.to(base.device) for k, v in inputs.items()}

@@ -173,7 +173,9 @@ def load_image(
                     fix="resize the image",
                 )
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at 2 x its MAX_IMAGE_PIXELS
+        raise ToolkitError(f"image is over the pixel limit ({exc})", where=where, fix="resize the image") from None
+    except (UnidentifiedImageError, OSError) as exc:
         raise ToolkitError(f"cannot read image {label[:120]}: {exc}", where=where, fix="use a PNG or JPEG") from None
 
 

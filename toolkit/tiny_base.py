@@ -97,7 +97,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
         ranks = {m: i for i, m in enumerate(merges)}
         parts = list(word)
         while len(parts) > 1:
-            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
             rank, i = min(pairs)
             if rank == len(ranks):
                 break
