@@ -22,6 +22,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/toolkit make-image build/red-square.png --color red
 	$(BIN)/toolkit chat $(BASE) "What is the capital of France?"
 	$(BIN)/toolkit chat $(BASE) "What colour is the square?" --image build/red-square.png
+	$(BIN)/toolkit validate recipes/quickstart.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
