@@ -112,6 +112,39 @@ def validate(
         typer.echo(f"  skipped {item['where']}: {item['reason']}")
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of an unfinished run.")] = False,
+    output: Annotated[str | None, typer.Option(help="Adapter name (default: the recipe's output.name).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter of that name.")] = False,
+) -> None:
+    """Train a QLoRA adapter on the frozen 4-bit base; write adapters/<name>/ (PEFT files + manifest)."""
+    from toolkit.recipe import load_recipe
+    from toolkit.train import train as run_training
+
+    result = run_training(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite, output_name=output)
+    if result.interrupted:
+        typer.echo(
+            f"interrupted at step {result.step}; checkpoint {result.metrics['checkpoint']}; "
+            f"continue with: toolkit train {recipe} --resume",
+            err=True,
+        )
+        raise typer.Exit(130)
+    if result.adapter_dir is None:
+        return  # not the main process
+    typer.echo(f"adapter written to {result.adapter_dir} ({result.step} steps)")
+    m = result.metrics
+    if "adapter" in m:
+        typer.echo(f"{'held-out':22} {'base':>10} {'adapter':>10}")
+        typer.echo(f"{'assistant-token loss':22} {m['base']['loss']:>10.4f} {m['adapter']['loss']:>10.4f}")
+        for task in ("text", "image", "all"):
+            b, a = m["base"]["exact_match"][task], m["adapter"]["exact_match"][task]
+            if b is not None:
+                typer.echo(f"{'exact match (' + task + ')':22} {b:>10.3f} {a:>10.3f}")
+
+
 @app.command("recipe-reference")
 def recipe_reference() -> None:
     """Print the recipe reference (docs/RECIPES.md) generated from the recipe schema."""

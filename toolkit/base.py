@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def pick_device(device: str | None = None) -> tuple[str, Any]:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under accelerate/torchrun (DDP)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ToolkitError("CUDA was asked for but no GPU is visible", where="--device", fix="use --device cpu")
     return device, (torch.float32 if device == "cpu" else torch.bfloat16)

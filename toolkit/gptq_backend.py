@@ -36,6 +36,11 @@ def load_gptq(folder: Path, device: str, dtype, training: bool):
         # method is exact and fast enough. Removing the instance attribute restores the class method.
         if isinstance(module, BaseQuantLinear) and "dequantize_weight" in vars(module) and device == "cpu":
             del module.dequantize_weight
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) == 1:
+        # Shim: GPTQModel records a per-module device map even when every module is on one device; accelerate
+        # reads any map with more than one entry as device_map="auto" and refuses distributed (DDP) training.
+        model.hf_device_map = {"": devices.pop()}
     if dtype != load_dtype:
         model = model.to(dtype)  # scales are bf16 on disk, so fp32 holds them exactly
     return model

@@ -13,6 +13,7 @@ _NOISY = (
     "tokenicer",
     "tokenicer.tokenicer",
     "accelerate.utils.modeling",  # "weights are not tied" before GPTQModel ties them (checked in tests)
+    "matplotlib.font_manager",  # "generated new fontManager" on first use
 )
 
 

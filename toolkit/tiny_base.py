@@ -270,6 +270,10 @@ def build(
         for name, p in model.named_parameters():
             if "language_model" in name and "norm" in name:
                 p.normal_(0.0, 0.1)
+        # Tied embeddings at transformers' std 0.02 cap every logit margin near 5 behind the final RMSNorm
+        # (|h| ~ sqrt(hidden), |e| ~ 0.02 sqrt(hidden)), so no adapter could make an answer confident; a trained
+        # model's embeddings are far larger.
+        model.model.language_model.embed_tokens.weight.normal_(0.0, 0.1)
         projector = model.model.multi_modal_projector
         projector.mm_input_projection_weight.normal_(0.0, shape.vision_hidden**-0.5)
         projector.mm_soft_emb_norm.weight.normal_(0.0, 0.1)

@@ -1,0 +1,238 @@
+"""`toolkit train` end to end on the tiny base: learning, files, frozen base, peft reload, resume, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.errors import ToolkitError
+from toolkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def recipe(tiny_ct, out_dir, *extra):
+    return load_recipe(QUICKSTART, [f"base.path={tiny_ct}", f"output.dir={out_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ct, tmp_path_factory):
+    from toolkit.train import train
+
+    out = tmp_path_factory.mktemp("adapters")
+    result = train(recipe(tiny_ct, out))
+    result.model.eval()
+    return result
+
+
+def test_quickstart_adapter_clearly_beats_the_base_on_text_and_image(trained):
+    base, adapter = trained.metrics["base"], trained.metrics["adapter"]
+    assert adapter["loss"] < 0.25 * base["loss"], (base["loss"], adapter["loss"])
+    assert base["exact_match"]["text"] <= 0.1 and base["exact_match"]["image"] <= 0.1
+    assert adapter["exact_match"]["text"] >= 0.25, adapter
+    assert adapter["exact_match"]["image"] >= 0.5, adapter
+    assert trained.step == 210  # 84 rows / batch 4 x 10 epochs
+
+
+def test_adapter_folder_holds_peft_files_manifest_curve_and_card(trained):
+    d = trained.adapter_dir
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "toolkit.json",
+        "loss.png",
+        "README.md",
+        "metrics.jsonl",
+    ):
+        assert (d / name).is_file(), name
+    assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((d / "tensorboard").iterdir())
+    manifest = json.loads((d / "toolkit.json").read_text())
+    assert len(manifest["base"]["fingerprint"]) == 16 and manifest["base"]["quantization"]["bits"] == 4
+    assert manifest["recipe"]["lora"]["r"] == 16 and len(manifest["dataset"]["sha256"]) == 16
+    assert manifest["dataset"]["train_rows"] == 84 and manifest["metrics"]["train"]["steps"] == 210
+    assert {"torch", "transformers", "peft", "trl", "gptqmodel"} <= set(manifest["versions"])
+    logs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "loss", "learning_rate", "tokens_per_s"} <= set(r) for r in logs if "loss" in r)
+    assert logs[-1]["tokens_seen"] > 0
+    assert "| assistant-token loss |" in (d / "README.md").read_text()
+    assert not list(d.parent.glob(".quickstart*"))  # run folder and staging are gone
+
+
+def test_only_lora_weights_train_and_the_base_is_unchanged(trained, tiny_ct):
+    from toolkit.base import load_base
+
+    model = trained.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    fresh = load_base(tiny_ct, device="cpu").model.state_dict()
+    after = {
+        k.replace(".base_layer.", "."): v
+        for k, v in model.get_base_model().state_dict().items()
+        if "lora_" not in k and ".quant_linear_module." not in k
+    }  # peft's alias of base_layer
+    assert set(after) == set(fresh)
+    for name, tensor in fresh.items():
+        assert torch.equal(after[name], tensor), name
+    with open(trained.adapter_dir / "adapter_model.safetensors", "rb"):
+        from safetensors import safe_open
+
+        with safe_open(trained.adapter_dir / "adapter_model.safetensors", "pt") as f:
+            keys = list(f.keys())
+    assert keys and all(".language_model.layers." in k and ("lora_A" in k or "lora_B" in k) for k in keys)
+
+
+def test_plain_peft_reload_reproduces_the_trained_logits(trained, tiny_ct):
+    from peft import PeftModel
+
+    from toolkit.base import load_base
+
+    reloaded = PeftModel.from_pretrained(load_base(tiny_ct, device="cpu").model, str(trained.adapter_dir))
+    reloaded.eval()
+    ids = torch.tensor([[2, 105, 400, 500, 600, 106, 105]])
+    with torch.no_grad():
+        a = trained.model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+        b = reloaded(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad(), trained.model.disable_adapter():
+        plain = trained.model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits
+    assert not torch.allclose(a, plain, atol=1e-3)  # the adapter changes the model
+
+
+def test_refuses_to_overwrite_and_writes_atomically(trained, tiny_ct, monkeypatch):
+    from toolkit import adapter_files
+    from toolkit.train import train
+
+    out = trained.adapter_dir.parent
+    with pytest.raises(ToolkitError, match="already exists"):
+        train(recipe(tiny_ct, out))
+    before = {p.name: p.read_bytes() for p in trained.adapter_dir.iterdir() if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(adapter_files, "_plot", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(recipe(tiny_ct, out, "training.max_steps=2"), overwrite=True)
+    after = {p.name: p.read_bytes() for p in trained.adapter_dir.iterdir() if p.is_file()}
+    assert after == before  # the old adapter is whole
+    assert not list(out.glob(".quickstart.tmp-*"))
+
+
+def test_dora_gives_a_clear_error(tiny_ct, tmp_path):
+    from toolkit.train import train
+
+    with pytest.raises(ToolkitError, match="lora.dora: DoRA is not available on 4-bit GPTQ layers"):
+        train(recipe(tiny_ct, tmp_path, "lora.dora=true", "training.max_steps=1"))
+
+
+def _cli(log: Path, *args):
+    """Start `toolkit ARGS` with output to files (an unread pipe could fill up and block the process)."""
+    out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, stdout=out, stderr=err)
+
+
+def _finish(proc, log: Path, timeout: int = 300) -> tuple[int, str]:
+    proc.wait(timeout=timeout)
+    return proc.returncode, log.with_suffix(".err").read_text()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_ct, tmp_path):
+    common = [
+        "--set",
+        f"base.path={tiny_ct}",
+        "--set",
+        "training.max_steps=80",
+        "--set",
+        "training.save_every=20",
+        "--set",
+        "training.logging_every=1",
+    ]
+    interrupted = _cli(tmp_path / "interrupted", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}")
+    checkpoint = tmp_path / "b" / ".quickstart.run" / "checkpoint-20"
+    deadline = time.time() + 180
+    while time.time() < deadline and interrupted.poll() is None:
+        if checkpoint.exists():  # past step 20: press Ctrl-C
+            os.kill(interrupted.pid, signal.SIGINT)
+            break
+        time.sleep(0.02)
+    code, err = _finish(interrupted, tmp_path / "interrupted")
+    assert code == 130, err[-2000:]
+    assert "interrupted at step" in err and "--resume" in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert 20 <= step < 80 and (tmp_path / "b" / ".quickstart.run" / f"checkpoint-{step}").is_dir()
+    assert not (tmp_path / "b" / "quickstart").exists()
+    resumed = _cli(
+        tmp_path / "resumed", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}", "--resume"
+    )
+    code, err = _finish(resumed, tmp_path / "resumed")
+    assert code == 0, err[-2000:]
+    straight = _cli(tmp_path / "straight", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'a'}")
+    code, err = _finish(straight, tmp_path / "straight")
+    assert code == 0, err[-2000:]
+    a = json.loads((tmp_path / "a" / "quickstart" / "toolkit.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "b" / "quickstart" / "toolkit.json").read_text())["metrics"]
+    assert a["train"]["steps"] == b["train"]["steps"] == 80
+    assert b["adapter"]["loss"] == pytest.approx(a["adapter"]["loss"], rel=0.1)
+
+
+def test_two_processes_on_cpu_with_accelerate(tiny_ct, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cli",
+        "train",
+        QUICKSTART,
+        "--set",
+        f"base.path={tiny_ct}",
+        "--set",
+        f"output.dir={tmp_path}",
+        "--set",
+        "training.epochs=2",
+    ]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())
+    assert manifest["metrics"]["train"]["steps"] == 22  # 84 rows split over 2 ranks, batch 4, 2 epochs
+    assert r.stdout.count("adapter written to") == 1  # only the main process writes
+    assert manifest["metrics"]["adapter"]["loss"] < 0.5 * manifest["metrics"]["base"]["loss"]
+
+
+def test_cli_refuses_overwrite_with_exit_2(trained, tiny_ct):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "train",
+            str(QUICKSTART),
+            "--set",
+            f"base.path={tiny_ct}",
+            "--set",
+            f"output.dir={trained.adapter_dir.parent}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
