@@ -23,6 +23,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/toolkit chat $(BASE) "What is the capital of France?"
 	$(BIN)/toolkit chat $(BASE) "What colour is the square?" --image build/red-square.png
 	$(BIN)/toolkit validate recipes/quickstart.yaml
+	$(BIN)/toolkit train recipes/quickstart.yaml --overwrite
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -201,7 +201,9 @@ def train(
     # data
     base_path = prepare_recipe_base(recipe.base)
     processor = load_processor(base_path)
+    t_data = time.monotonic()
     data = load_data(recipe.data, processor)
+    data_s = time.monotonic() - t_data
 
     # model
     device = None if recipe.base.device == "auto" else recipe.base.device
@@ -248,6 +250,7 @@ def train(
             "steps": step,
             "train_loss": output.training_loss,
             "runtime_s": output.metrics.get("train_runtime"),
+            "data_encoding_s": round(data_s, 3),
             "tokens_seen": trainer.state.num_input_tokens_seen,
         }
     }
