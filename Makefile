@@ -24,6 +24,8 @@ quickstart: $(VENV)/.installed
 	$(BIN)/toolkit chat $(BASE) "What colour is the square?" --image build/red-square.png
 	$(BIN)/toolkit validate recipes/quickstart.yaml
 	$(BIN)/toolkit train recipes/quickstart.yaml --overwrite
+	$(BIN)/toolkit chat $(BASE) "Which city is the capital of Japan?" --adapter quickstart
+	$(BIN)/toolkit chat $(BASE) "What color is the square?" --image build/red-square.png --adapter quickstart
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

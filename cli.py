@@ -55,6 +55,7 @@ def chat(
     message: Annotated[str, typer.Argument(help="The user message.")],
     image: Annotated[list[str] | None, typer.Option(help="Image path or data: URI to attach (repeatable).")] = None,
     system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter NAME (in adapters/) or PATH to apply.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
 ) -> None:
@@ -71,12 +72,18 @@ def chat(
     messages = parse_messages(raw, purpose="request", where="message")
     images = chat_mod.load_images(messages, base_dir=Path.cwd(), policy=None, where="--image")
     loaded = load_base(base, device=device)
+    if adapter:
+        import dataclasses
+
+        from toolkit.adapters import attach, resolve_adapter
+
+        loaded = dataclasses.replace(loaded, model=attach(loaded, [resolve_adapter(adapter)]))
     inputs = chat_mod.encode_prompt(loaded.processor, messages, images).tensors()
     reply = loaded.tokenizer.decode(
         generate_greedy(loaded, inputs, max_new_tokens=max_tokens), skip_special_tokens=True
     )
     typer.echo(f"user: {message}" + (f" [+{len(image)} image(s)]" if image else ""))
-    typer.echo(f"model: {reply}")
+    typer.echo(f"model{f' + {adapter}' if adapter else ''}: {json.dumps(reply)}")  # quoted: blank replies show
 
 
 SetOption = Annotated[

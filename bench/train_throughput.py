@@ -136,8 +136,8 @@ def main() -> None:
         [
             "## Training throughput: `toolkit train` vs a hand-written TRL + peft script",
             "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({_cpus()} cores), tiny base, quickstart "
-            f"training rows, {args.steps} optimizer steps of batch 4, {args.repeats} alternating runs each "
+            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({_cpus()} cores), tiny base, "
+            f"quickstart training rows, {args.steps} optimizer steps of batch 4, {args.repeats} alternating runs each "
             "(`bench/train_throughput.py`). Non-padding input tokens per second of training (the toolkit's one-time",
             "row encoding counted in its time; the hand-written script encodes in its collator, every step):",
             "",

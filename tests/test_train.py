@@ -128,11 +128,13 @@ def test_refuses_to_overwrite_and_writes_atomically(trained, tiny_ct, monkeypatc
     assert not list(out.glob(".quickstart.tmp-*"))
 
 
-def test_dora_gives_a_clear_error(tiny_ct, tmp_path):
+def test_dora_and_packing_give_clear_errors(tiny_ct, tmp_path):
     from toolkit.train import train
 
     with pytest.raises(ToolkitError, match="lora.dora: DoRA is not available on 4-bit GPTQ layers"):
         train(recipe(tiny_ct, tmp_path, "lora.dora=true", "training.max_steps=1"))
+    with pytest.raises(ToolkitError, match="training.packing: packing is not supported for Gemma 3"):
+        train(recipe(tiny_ct, tmp_path, "training.packing=true"))
 
 
 def _cli(log: Path, *args):
@@ -236,3 +238,25 @@ def test_cli_refuses_overwrite_with_exit_2(trained, tiny_ct):
         text=True,
     )
     assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_chat_with_the_trained_adapter(trained, tiny_ct):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "chat",
+            str(tiny_ct),
+            "What is the capital of Japan?",
+            "--adapter",
+            f"quickstart={trained.adapter_dir}",
+            "--max-tokens",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == 'model + quickstart: "Tokyo"'

@@ -102,7 +102,8 @@ class TrainingSection(_Section):
     logging_every: int = Field(10, ge=1)
     """Log metrics every N steps."""
     packing: bool = False
-    """Pack several conversations into one sequence (padding-free) where TRL supports it."""
+    """Pack conversations into one sequence: refused for Gemma 3 (needs flash-attention varlen kernels, and image
+    tokens would attend across rows); batches are padded instead."""
 
 
 class EvalSection(_Section):

@@ -189,6 +189,13 @@ def train(
     name = output_name or recipe.adapter_name
     if not name or "/" in name or name.startswith("."):
         raise ToolkitError(f"bad adapter name {name!r}", where="--output", fix="use a plain folder name")
+    if recipe.training.packing:
+        raise ToolkitError(
+            "packing is not supported for Gemma 3 here: TRL's padding-free packing needs flash-attention varlen "
+            "kernels (none on CPU) and would let one row's image tokens attend bidirectionally across rows",
+            where="training.packing",
+            fix="set training.packing: false (batches are padded to their longest row)",
+        )
     out_root = Path(recipe.output.dir)
     final, run_dir = out_root / name, out_root / f".{name}.run"
     checkpoint = _prepare_run_dir(run_dir, final, resume, overwrite)

@@ -1,0 +1,73 @@
+"""Finding trained adapters and attaching them to a loaded base (chat now; the server later).
+
+A name resolves to `<adapters_dir>/<name>/`; an explicit path is taken as is. Names are plain folder names
+(no separators, no leading dot), so a request or flag cannot reach outside the adapters folder. An adapter
+whose manifest names another base (by fingerprint) is refused: it would load but compute nonsense.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from toolkit.adapter_files import read_manifest
+from toolkit.errors import ToolkitError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def resolve_adapter(spec: str, adapters_dir: str | Path = "adapters") -> tuple[str, Path]:
+    """`NAME`, `NAME=PATH` or `PATH` -> (name, folder); checks the name and that the folder is an adapter."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        candidate = Path(spec)
+        if candidate.is_dir() and (candidate / "adapter_config.json").exists() and ("/" in spec or "\\" in spec):
+            name, path = candidate.name, spec
+        else:
+            name, path = spec, ""
+    if not _NAME.match(name) or ".." in name:
+        raise ToolkitError(
+            f"adapter name {name!r} is not allowed",
+            where="--adapter",
+            fix="use letters, digits, '.', '_' or '-' (no path separators, no leading dot)",
+        )
+    folder = Path(path) if path else Path(adapters_dir) / name
+    if not (folder / "adapter_config.json").is_file():
+        raise ToolkitError(
+            f"no adapter at {str(folder)!r} (adapter_config.json missing)",
+            where="--adapter",
+            fix="train one with `toolkit train RECIPE` or pass NAME=PATH",
+        )
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ToolkitError(
+            f"{folder} has no adapter_model.safetensors (only safetensors weights are loaded)", where="--adapter"
+        )
+    return name, folder
+
+
+def check_base_matches(folder: Path, base: Any) -> None:
+    manifest = read_manifest(folder)
+    expected = manifest.get("base", {}).get("fingerprint")
+    if expected != base.fingerprint:
+        raise ToolkitError(
+            f"adapter {folder.name!r} was trained on base {expected} ({manifest.get('base', {}).get('path')}), "
+            f"not on the served base {base.fingerprint} ({base.path})",
+            where="--adapter",
+            fix="serve it with the base it was trained on, or retrain it on this base",
+        )
+
+
+def attach(base: Any, adapters: list[tuple[str, Path]]) -> Any:
+    """The base model with each adapter loaded under its name (peft); the first is active."""
+    from peft import PeftModel
+
+    model = base.model
+    for i, (name, folder) in enumerate(adapters):
+        check_base_matches(folder, base)
+        if i == 0:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    model.eval()
+    return model
