@@ -77,7 +77,9 @@ def chat(
 
         from toolkit.adapters import attach, resolve_adapter
 
-        loaded = dataclasses.replace(loaded, model=attach(loaded, [resolve_adapter(adapter)]))
+        name, folder = resolve_adapter(adapter)
+        loaded = dataclasses.replace(loaded, model=attach(loaded, [(name, folder)]))
+        adapter = name
     inputs = chat_mod.encode_prompt(loaded.processor, messages, images).tensors()
     reply = loaded.tokenizer.decode(
         generate_greedy(loaded, inputs, max_new_tokens=max_tokens), skip_special_tokens=True
