@@ -154,6 +154,41 @@ def train(
                 typer.echo(f"{'exact match (' + task + ')':22} {b:>10.3f} {a:>10.3f}")
 
 
+@app.command()
+def serve(
+    base: Annotated[str | None, typer.Option(help="Base folder or hub id (default: the first adapter's base).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME (in adapters/) or NAME=PATH; repeatable.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")
+    ] = None,
+    allow_private_urls: Annotated[bool, typer.Option(help="Let image URLs reach private addresses.")] = False,
+    allowed_media_dir: Annotated[str | None, typer.Option(help="Serve file: image URLs from this folder.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most waiting requests; beyond it: 429.")] = 64,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+) -> None:
+    """Serve OpenAI-compatible /v1/chat/completions for the base and its adapters."""
+    import uvicorn
+
+    from toolkit.server.app import build_state, create_app
+
+    state = build_state(
+        base=base,
+        adapters=adapter or [],
+        api_key=api_key,
+        device=device,
+        allow_private_urls=allow_private_urls,
+        allowed_media_dir=allowed_media_dir,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
+    names = ", ".join([state.served_name, *state.adapters])
+    typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+
+
 @app.command("recipe-reference")
 def recipe_reference() -> None:
     """Print the recipe reference (docs/RECIPES.md) generated from the recipe schema."""

@@ -58,10 +58,30 @@ def check_base_matches(folder: Path, base: Any) -> None:
         )
 
 
+def _enable_mixed_adapter_batches() -> None:
+    """Shim: peft 0.21's GPTQ LoRA layer (GPTQLoraLinear.forward(x)) takes no `adapter_names`, so peft's
+    mixed-adapter batches fail on 4-bit layers. Its parent LoraLayer already implements the per-row logic
+    (`_mixed_batch_forward`, which calls base_layer and adds each row's LoRA); route to it when asked."""
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    if getattr(GPTQLoraLinear.forward, "_toolkit_mixed", False):
+        return
+    original = GPTQLoraLinear.forward
+
+    def forward(self, x, *args, adapter_names=None, **kwargs):
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, adapter_names=adapter_names)
+        return original(self, x)
+
+    forward._toolkit_mixed = True
+    GPTQLoraLinear.forward = forward
+
+
 def attach(base: Any, adapters: list[tuple[str, Path]]) -> Any:
     """The base model with each adapter loaded under its name (peft); the first is active."""
     from peft import PeftModel
 
+    _enable_mixed_adapter_batches()
     model = base.model
     for i, (name, folder) in enumerate(adapters):
         check_base_matches(folder, base)

@@ -1,0 +1,97 @@
+"""OpenAI-shaped errors, built by one helper: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from toolkit.errors import ToolkitError
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("system-message", "user-message", "assistant-message", "text-part", "image-part", "str") or str(
+            p
+        ).startswith(("list[", "function-", "tagged-union")):
+            continue
+        else:
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        for e in errors:  # tool fields: one clear sentence, named by the validator
+            ctx_error = (e.get("ctx") or {}).get("error")
+            if ctx_error is not None and type(ctx_error).__name__ == "ToolsNotSupported":
+                param = str(ctx_error).split(":")[0]
+                return error_response(400, str(ctx_error), param=param, code="tools_not_supported")
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {first.get('msg')}", param=None)
+        details = "; ".join(f"{_loc_to_param(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
+        return error_response(400, details, param=_loc_to_param(tuple(first["loc"])))
+
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(
+            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
+        )
+
+    @app.exception_handler(ToolkitError)
+    async def _toolkit(request: Request, exc: ToolkitError) -> JSONResponse:
+        return error_response(400, exc.one_line(), param=exc.where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a raw traceback to clients
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def envelope_schema() -> dict[str, Any]:
+    from toolkit.server.protocol import ErrorResponse
+
+    return {"model": ErrorResponse}
