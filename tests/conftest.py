@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,63 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("images")
     return {c: make_square_image(root / f"{c}.png", color=c) for c in ("red", "blue")}
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_ct, tmp_path_factory):
+    """The quickstart adapter trained on the tiny base (the full recipe, about 20 s on 2 cores)."""
+    from toolkit.recipe import load_recipe
+    from toolkit.train import train
+
+    out = tmp_path_factory.mktemp("adapters")
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"base.path={tiny_ct}", f"output.dir={out}"])
+    result = train(recipe)
+    result.model.eval()
+    return result
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, state) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from toolkit.server.app import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.state = state
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(state), host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.state.engine.close()
+
+
+@pytest.fixture(scope="session")
+def make_server(tiny_ct, trained):
+    """Start servers for the tiny base + the quickstart adapter with any build_state options."""
+    from toolkit.server.app import build_state
+
+    servers = []
+
+    def start(**options):
+        options.setdefault("adapters", [f"quickstart={trained.adapter_dir}"])
+        servers.append(LiveServer(build_state(base=str(tiny_ct), device="cpu", **options)))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()

@@ -24,16 +24,6 @@ def recipe(tiny_ct, out_dir, *extra):
     return load_recipe(QUICKSTART, [f"base.path={tiny_ct}", f"output.dir={out_dir}", *extra])
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_ct, tmp_path_factory):
-    from toolkit.train import train
-
-    out = tmp_path_factory.mktemp("adapters")
-    result = train(recipe(tiny_ct, out))
-    result.model.eval()
-    return result
-
-
 def test_quickstart_adapter_clearly_beats_the_base_on_text_and_image(trained):
     base, adapter = trained.metrics["base"], trained.metrics["adapter"]
     assert adapter["loss"] < 0.25 * base["loss"], (base["loss"], adapter["loss"])

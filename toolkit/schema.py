@@ -111,7 +111,7 @@ _BRANCH_LABELS = {"text-part", "image-part", "system-message", "user-message", "
 
 def _path(loc: tuple) -> str:
     out = ""
-    for item in loc:
+    for item in (x for x in loc if x != "body"):  # FastAPI prefixes request-body errors with "body"
         if isinstance(item, int):
             out += f"[{item}]"
         elif item in _BRANCH_LABELS or str(item).startswith(("list[", "function-")):
@@ -121,9 +121,10 @@ def _path(loc: tuple) -> str:
     return out
 
 
-def _pydantic_problems(err: ValidationError) -> list[Problem]:
+def problems_from_errors(errors: list[dict]) -> list[Problem]:
+    """pydantic error dicts -> Problems with user-facing paths (used for rows and for HTTP request bodies)."""
     problems: dict[str, Problem] = {}
-    for e in err.errors():
+    for e in errors:
         path = _path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -212,7 +213,7 @@ def check_messages(
     try:
         parsed = Messages(messages=raw).messages
     except ValidationError as err:
-        return [], _pydantic_problems(err)
+        return [], problems_from_errors(err.errors())
     return parsed, _conversation_problems(parsed, purpose, max_images)
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toolkit.errors import ToolkitError
+from toolkit.schema import Problem, problems_from_errors
 
 
 class APIError(Exception):
@@ -41,21 +42,6 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _loc_to_param(loc: tuple) -> str | None:
-    parts = [p for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p in ("system-message", "user-message", "assistant-message", "text-part", "image-part", "str") or str(
-            p
-        ).startswith(("list[", "function-", "tagged-union")):
-            continue
-        else:
-            out += f".{p}" if out else str(p)
-    return out or None
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,11 +51,10 @@ def install(app: FastAPI) -> None:
             if ctx_error is not None and type(ctx_error).__name__ == "ToolsNotSupported":
                 param = str(ctx_error).split(":")[0]
                 return error_response(400, str(ctx_error), param=param, code="tools_not_supported")
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {first.get('msg')}", param=None)
-        details = "; ".join(f"{_loc_to_param(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
-        return error_response(400, details, param=_loc_to_param(tuple(first["loc"])))
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {errors[0].get('msg')}", param=None)
+        problems = problems_from_errors(errors) or [Problem("body", "invalid request")]
+        return error_response(400, "; ".join(map(str, problems[:5])), param=problems[0].path or None)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
