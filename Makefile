@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 BASE ?= build/tiny-base
+PORT ?= 8000
 
 .PHONY: quickstart test lint clean
 
@@ -26,6 +27,9 @@ quickstart: $(VENV)/.installed
 	$(BIN)/toolkit train recipes/quickstart.yaml --overwrite
 	$(BIN)/toolkit chat $(BASE) "Which city is the capital of Japan?" --adapter quickstart
 	$(BIN)/toolkit chat $(BASE) "What color is the square?" --image build/red-square.png --adapter quickstart
+	@$(BIN)/toolkit serve --adapter quickstart --port $(PORT) & echo $$! > build/serve.pid; \
+	  $(BIN)/python examples/openai_client.py --url http://127.0.0.1:$(PORT)/v1 --wait 120; status=$$?; \
+	  kill $$(cat build/serve.pid); exit $$status
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -15,11 +15,15 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from report import cpus, replace_section  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 
@@ -136,7 +140,7 @@ def main() -> None:
         [
             "## Training throughput: `toolkit train` vs a hand-written TRL + peft script",
             "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({_cpus()} cores), tiny base, "
+            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({cpus()} cores), tiny base, "
             f"quickstart training rows, {args.steps} optimizer steps of batch 4, {args.repeats} alternating runs each "
             "(`bench/train_throughput.py`). Non-padding input tokens per second of training (the toolkit's one-time",
             "row encoding counted in its time; the hand-written script encodes in its collator, every step):",
@@ -149,22 +153,7 @@ def main() -> None:
             "",
         ]
     )
-    _replace_section(Path(args.out), "## Training throughput", section)
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
-
-
-def _replace_section(path: Path, heading: str, section: str) -> None:
-    """Rewrite one `## ...` section of the benchmarks page, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured ratios, re-run with the scripts named.\n\n"
-    parts = text.split("\n## ")
-    others = ["## " + p.rstrip() + "\n" for p in parts[1:] if not ("## " + p).startswith(heading)]
-    kept = [parts[0].rstrip() + "\n", *others]
-    path.write_text("\n".join(kept + [section]))
+    replace_section(Path(args.out), "## Training throughput", section)
 
 
 if __name__ == "__main__":

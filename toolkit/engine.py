@@ -5,7 +5,8 @@ a background thread takes the requests waiting in a bounded queue (up to `max_ba
 them into one batch, runs one prefill and then a shared decode loop in which every row keeps its own adapter
 (peft mixed-adapter batches), temperature, top-p, presence/frequency penalties, seed, token budget and stop
 tokens. Rows that finish or are cancelled leave the batch at once (their KV cache rows are dropped); requests
-that arrive meanwhile wait for the next batch (dynamic batching; step-level continuous batching is future work).
+that arrive meanwhile are prefilled and join the running batch between two decoding steps (step-level
+continuous batching).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +60,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
 
 @dataclass
@@ -91,10 +94,11 @@ class Engine:
         stop_ids: list[int],
         max_batch: int = 16,
         max_queue: int = 64,
+        batch_wait_s: float = 0.01,
     ) -> None:
         self.model, self.device, self.dtype = model, device, dtype
         self.pad_id, self.stop_ids = pad_id, set(stop_ids)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self.stats = {"batches": 0, "requests": 0, "cancelled": 0, "max_batch_seen": 0, "active": 0}
@@ -118,41 +122,76 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ thread
     def _run(self) -> None:
+        running: _Batch | None = None
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch:
+            if running is None:  # idle: block for work, then gather what arrives together
                 try:
-                    batch.append(self._queue.get_nowait())
+                    first = self._queue.get(timeout=0.1)
                 except queue.Empty:
-                    break
-            live = [r for r in batch if not r.cancelled.is_set()]
-            for r in batch:
-                if r.cancelled.is_set():
-                    self.stats["cancelled"] += 1
-                    r.on_event("done", ("cancelled", None))
-            if live:
+                    continue
+                new = self._gather(first)
+            else:  # between decoding steps: whoever waits joins the running batch while there is room
+                new = self._take(self.max_batch - len(running.requests))
+            new = self._drop_cancelled(new)
+            if new:
                 try:
-                    self._generate(live)
-                except Exception as exc:  # a failing batch must not kill the engine; its requests get the error
-                    for r in live:
+                    joined = self._prefill(new)
+                    running = joined if running is None else running.merge(joined)
+                except Exception as exc:  # a failing prefill must not kill the engine; its requests get the error
+                    for r in new:
                         r.on_event("error", exc)
+            if running is not None:
+                try:
+                    running = self._step(running)
+                except Exception as exc:
+                    for r in running.requests:
+                        r.on_event("error", exc)
+                    running = None
+            self.stats["active"] = 0 if running is None else len(running.requests)
 
-    def _generate(self, batch: list[Request]) -> None:
+    def _take(self, room: int) -> list[Request]:
+        taken: list[Request] = []
+        while len(taken) < room:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _gather(self, first: Request) -> list[Request]:
+        """Take what else is waiting, and what keeps arriving within `batch_wait_s` of the last arrival.
+
+        Requests that arrive together share one prefill; the wait is bounded so a lone request starts at once
+        and later arrivals join the running batch between decoding steps anyway.
+        """
+        batch = [first]
+        deadline = time.monotonic() + 5 * self.batch_wait_s
+        while len(batch) < self.max_batch:
+            wait = min(self.batch_wait_s, deadline - time.monotonic())
+            try:
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _drop_cancelled(self, requests: list[Request]) -> list[Request]:
+        for r in requests:
+            if r.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                r.on_event("done", ("cancelled", None))
+        return [r for r in requests if not r.cancelled.is_set()]
+
+    def _prefill(self, batch: list[Request]) -> _Batch:
+        """One forward pass over the new prompts, left-padded so every row's last prompt token is last."""
         import torch
 
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        self.stats["active"] = len(batch)
         n, longest = len(batch), max(len(r.input_ids) for r in batch)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
         types = torch.zeros((n, longest), dtype=torch.long)
         mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's last prompt token is in the last column
+        for i, r in enumerate(batch):
             k = len(r.input_ids)
             ids[i, longest - k :] = torch.tensor(r.input_ids)
             types[i, longest - k :] = torch.tensor(r.token_type_ids)
@@ -167,68 +206,69 @@ class Engine:
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.dtype)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        adapters = [r.adapter or BASE_ADAPTER for r in batch]
-        extra = {"adapter_names": adapters} if self._is_peft() else {}
         gens = []
         for r in batch:
             g = torch.Generator(device="cpu")
             g.manual_seed(r.params.seed if r.params.seed is not None else secrets.randbits(63))
             gens.append(g)
-        counts = [dict() for _ in batch]
-        produced = [0] * n
-        rows = list(range(n))  # positions in `batch` of the rows still in the tensors
         with torch.no_grad():
-            out = self.model(**inputs, use_cache=True, **extra)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
-            positions = inputs["position_ids"][:, -1]
-            attn = inputs["attention_mask"]
-            while rows:
-                next_tokens, keep = [], []
-                for j, b in enumerate(rows):
-                    r = batch[b]
-                    if r.cancelled.is_set():
-                        self.stats["cancelled"] += 1
-                        r.on_event("done", ("cancelled", None))
-                        continue
-                    token = self._sample(logits[j], r.params, counts[b], gens[b])
-                    produced[b] += 1
-                    counts[b][token] = counts[b].get(token, 0) + 1
-                    if token in self.stop_ids:
-                        r.on_event("done", ("stop", token))
-                        continue
-                    r.on_event("token", token)
-                    if produced[b] >= r.params.max_tokens:
-                        r.on_event("done", ("length", None))
-                        continue
-                    next_tokens.append(token)
-                    keep.append(j)
-                if not keep:
-                    break
-                if len(keep) < len(rows):  # drop finished rows from every tensor and the KV cache
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    attn, positions = attn[index], positions[index]
-                    rows = [rows[j] for j in keep]
-                    adapters = [adapters[j] for j in keep]
-                    if extra:
-                        extra = {"adapter_names": adapters}
-                self.stats["active"] = len(rows)
-                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=self.device)], dim=1)
-                positions = positions + 1
-                step = torch.tensor(next_tokens, device=self.device).unsqueeze(1)
-                out = self.model(
-                    input_ids=step,
-                    attention_mask=attn,
-                    position_ids=positions.unsqueeze(1),
-                    past_key_values=cache,
-                    use_cache=True,
-                    **extra,
-                )
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
-        self.stats["active"] = 0
+            out = self.model(**inputs, use_cache=True, **self._adapter_kwargs(batch))
+        return _Batch(
+            requests=list(batch),
+            cache=out.past_key_values,
+            logits=out.logits[:, -1, :],
+            attn=inputs["attention_mask"],
+            positions=inputs["position_ids"][:, -1],
+            gens=gens,
+            counts=[{} for _ in batch],
+            produced=[0] * n,
+        )
 
-    def _is_peft(self) -> bool:
-        return hasattr(self.model, "peft_config")
+    def _step(self, b: _Batch) -> _Batch | None:
+        """Sample one token for every row, report it, drop finished rows, run one decoding forward pass."""
+        import torch
+
+        next_tokens, keep = [], []
+        for j, r in enumerate(b.requests):
+            if r.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                r.on_event("done", ("cancelled", None))
+                continue
+            token = self._sample(b.logits[j], r.params, b.counts[j], b.gens[j])
+            b.produced[j] += 1
+            b.counts[j][token] = b.counts[j].get(token, 0) + 1
+            if token in self.stop_ids and not r.params.ignore_eos:
+                r.on_event("done", ("stop", token))
+                continue
+            r.on_event("token", token)
+            if b.produced[j] >= r.params.max_tokens:
+                r.on_event("done", ("length", None))
+                continue
+            next_tokens.append(token)
+            keep.append(j)
+        if not keep:
+            return None
+        if len(keep) < len(b.requests):
+            b.select(keep)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(b.requests))
+        b.attn = torch.cat([b.attn, torch.ones((len(keep), 1), dtype=b.attn.dtype, device=b.attn.device)], dim=1)
+        b.positions = b.positions + 1
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.tensor(next_tokens, device=b.attn.device).unsqueeze(1),
+                attention_mask=b.attn,
+                position_ids=b.positions.unsqueeze(1),
+                past_key_values=b.cache,
+                use_cache=True,
+                **self._adapter_kwargs(b.requests),
+            )
+        b.cache, b.logits = out.past_key_values, out.logits[:, -1, :]
+        return b
+
+    def _adapter_kwargs(self, requests: list[Request]) -> dict:
+        if not hasattr(self.model, "peft_config"):
+            return {}
+        return {"adapter_names": [r.adapter or BASE_ADAPTER for r in requests]}
 
     @staticmethod
     def _sample(logits: Any, p: SamplingParams, counts: dict, gen: Any) -> int:
@@ -248,3 +288,57 @@ class Engine:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded together: tensors and per-row state, index-aligned with `requests`."""
+
+    requests: list[Request]
+    cache: Any  # transformers DynamicCache
+    logits: Any  # [rows, vocab]: the next token's
+    attn: Any  # [rows, columns]: 0 on left padding
+    positions: Any  # [rows]: the position of each row's last token
+    gens: list
+    counts: list[dict]
+    produced: list[int]
+
+    def select(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, device=self.attn.device)
+        self.cache.batch_select_indices(index)
+        self.attn, self.positions = self.attn[index], self.positions[index]
+        for name in ("requests", "gens", "counts", "produced"):
+            setattr(self, name, [getattr(self, name)[j] for j in keep])
+
+    def merge(self, other: _Batch) -> _Batch:
+        """Append `other`'s rows (fresh from prefill) to this batch.
+
+        Written by hand because transformers has no batch-join for a DynamicCache: both caches are left-padded
+        to a common width, so every row's newest token stays in the last column and the attention mask hides
+        the padding. Sliding-window layers keep at most window-1 columns and count what they have seen.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.attn.shape[1], other.attn.shape[1])
+
+        def pad(t: Any, to: int) -> Any:
+            return F.pad(t, (0, 0, to - t.shape[-2], 0))
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if getattr(mine, "is_sliding", False):
+                seen = max(mine.cumulative_length, theirs.cumulative_length)
+                to = min(seen, mine.sliding_window - 1)
+                mine.cumulative_length = seen
+            else:
+                to = width
+            mine.keys = torch.cat([pad(mine.keys, to), pad(theirs.keys, to)])
+            mine.values = torch.cat([pad(mine.values, to), pad(theirs.values, to)])
+        self.attn = torch.cat([F.pad(a, (width - a.shape[1], 0)) for a in (self.attn, other.attn)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.logits = torch.cat([self.logits, other.logits])
+        for name in ("requests", "gens", "counts", "produced"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self

@@ -41,6 +41,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, strict=True)
     user: str | None = None
+    ignore_eos: bool = Field(False, strict=True, description="vLLM's extension: generate max_tokens, past stop tokens")
 
     @model_validator(mode="before")
     @classmethod

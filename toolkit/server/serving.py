@@ -165,6 +165,7 @@ def _sampling(req: ChatCompletionRequest, max_tokens: int, i: int) -> SamplingPa
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         seed=None if req.seed is None else req.seed + i,  # n choices: independent but reproducible
+        ignore_eos=req.ignore_eos,
     )
 
 
