@@ -30,6 +30,7 @@ quickstart: $(VENV)/.installed
 	@$(BIN)/toolkit serve --adapter quickstart --port $(PORT) & echo $$! > build/serve.pid; \
 	  $(BIN)/python examples/openai_client.py --url http://127.0.0.1:$(PORT)/v1 --wait 120; status=$$?; \
 	  kill $$(cat build/serve.pid); exit $$status
+	$(BIN)/toolkit eval recipes/quickstart.yaml --min exact_match.text=0.25 --min exact_match.image=0.5
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

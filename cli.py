@@ -144,14 +144,60 @@ def train(
     if result.adapter_dir is None:
         return  # not the main process
     typer.echo(f"adapter written to {result.adapter_dir} ({result.step} steps)")
-    m = result.metrics
-    if "adapter" in m:
-        typer.echo(f"{'held-out':22} {'base':>10} {'adapter':>10}")
-        typer.echo(f"{'assistant-token loss':22} {m['base']['loss']:>10.4f} {m['adapter']['loss']:>10.4f}")
-        for task in ("text", "image", "all"):
-            b, a = m["base"]["exact_match"][task], m["adapter"]["exact_match"][task]
-            if b is not None:
-                typer.echo(f"{'exact match (' + task + ')':22} {b:>10.3f} {a:>10.3f}")
+    if "adapter" in result.metrics:
+        from rich.console import Console
+
+        from toolkit.eval_report import rich_table
+
+        m = result.metrics
+        Console().print(rich_table("held-out", {"base": m["base"], "adapter": m["adapter"]}, ["base", "adapter"]))
+
+
+@app.command("eval")
+def evaluate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (its data, base and eval sections).")],
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="NAME or NAME=PATH (or a served model with --url); repeatable.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="A file of messages rows instead of the recipe's held-out rows.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: build/eval/<recipe>).")] = None,
+    minimum: Annotated[
+        list[str] | None, typer.Option("--min", help="METRIC=VALUE an adapter must reach; repeatable.")
+    ] = None,
+    maximum: Annotated[
+        list[str] | None, typer.Option("--max", help="METRIC=VALUE (loss, perplexity) not to exceed.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Evaluate an OpenAI-compatible server (e.g. http://host:8000/v1) instead.")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Bearer key for --url.")] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Compare the base and adapters on held-out rows: table, report files; with --min/--max, exit 1 on a miss."""
+    from rich.console import Console
+
+    from toolkit.eval_report import report_table
+    from toolkit.eval_run import run_eval
+    from toolkit.recipe import load_recipe
+
+    result = run_eval(
+        load_recipe(recipe, overrides),
+        adapters=adapter,
+        data=data,
+        out=out,
+        mins=minimum,
+        maxs=maximum,
+        url=url,
+        api_key=api_key,
+    )
+    Console().print(report_table(result.report))
+    typer.echo(f"report: {result.out_dir}/report.md (report.json, answers.jsonl, chart.png)")
+    for line in result.failures:
+        typer.echo(line, err=True)
+    if result.failures:
+        raise typer.Exit(1)
 
 
 @app.command()

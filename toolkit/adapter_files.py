@@ -85,16 +85,11 @@ def _model_card(name: str, manifest: dict) -> str:
         "",
     ]
     if "adapter" in m:
-        lines += [
-            "| held-out | base | adapter |",
-            "|---|---|---|",
-            f"| assistant-token loss | {_fmt(m['base']['loss'])} | {_fmt(m['adapter']['loss'])} |",
-        ]
-        for task in ("all", "text", "image"):
-            lines.append(
-                f"| exact match ({task}) | {_fmt(m['base']['exact_match'][task])} | "
-                f"{_fmt(m['adapter']['exact_match'][task])} |"
-            )
+        from toolkit.eval_report import headers, table_rows
+
+        cols = ["base", "adapter"]
+        lines += ["| " + " | ".join(headers(cols)) + " |", "|" + "---|" * len(headers(cols))]
+        lines += ["| " + " | ".join(r) + " |" for r in table_rows({c: m[c] for c in cols}, cols)]
         lines.append("")
     lines += [
         "![loss](loss.png)",

@@ -58,7 +58,7 @@ def check_base_matches(folder: Path, base: Any) -> None:
         )
 
 
-def _enable_mixed_adapter_batches() -> None:
+def enable_mixed_adapter_batches() -> None:
     """Shim: peft 0.21's GPTQ LoRA layer (GPTQLoraLinear.forward(x)) takes no `adapter_names`, so peft's
     mixed-adapter batches fail on 4-bit layers. Its parent LoraLayer already implements the per-row logic
     (`_mixed_batch_forward`, which calls base_layer and adds each row's LoRA); route to it when asked."""
@@ -81,7 +81,7 @@ def attach(base: Any, adapters: list[tuple[str, Path]]) -> Any:
     """The base model with each adapter loaded under its name (peft); the first is active."""
     from peft import PeftModel
 
-    _enable_mixed_adapter_batches()
+    enable_mixed_adapter_batches()
     model = base.model
     for i, (name, folder) in enumerate(adapters):
         check_base_matches(folder, base)

@@ -267,3 +267,21 @@ def load_recipe_data(recipe: Any) -> DataReport:
     from toolkit.base import load_processor, prepare_recipe_base
 
     return load_data(recipe.data, load_processor(prepare_recipe_base(recipe.base)))
+
+
+def load_eval_rows(cfg: DataSection, processor: Any, source: str | None = None) -> tuple[list[EncodedRow], dict]:
+    """The rows to evaluate on: `source` (a file of rows), else the recipe's eval file, else its seeded held-out
+    split of the training rows. A bad row always stops with file:row: an evaluation that silently skips rows
+    could pass a gate it should fail. Returns the rows and a description (source, count, hash)."""
+    strict = cfg.model_copy(update={"on_bad_row": "error"})
+    report = DataReport(train=[], eval=[])
+    if source or cfg.eval:
+        label = source or cfg.eval
+        rows = list(iter_rows(label, strict, report.skipped))
+    else:
+        label = f"{cfg.train} (held-out split: {cfg.eval_fraction} with seed {cfg.split_seed})"
+        _, rows = split_rows(list(iter_rows(cfg.train, strict, report.skipped)), cfg.eval_fraction, cfg.split_seed)
+    encoded = encode_rows(rows, processor, strict, report, "encoding eval rows")
+    if not encoded:
+        raise ToolkitError("no rows to evaluate", where=label, fix="give a file of rows with --data")
+    return encoded, {"source": label, "rows": len(encoded), "sha256": _hash_rows(rows)[:16], "dropped": report.dropped}

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolkit import constants as C
+
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
@@ -95,14 +97,37 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         batch_wait_s: float = 0.01,
+        start: bool = True,
     ) -> None:
         self.model, self.device, self.dtype = model, device, dtype
+        if hasattr(model, "peft_config"):  # rows carry their adapter: the 4-bit LoRA layers must accept that
+            from toolkit.adapters import enable_mixed_adapter_batches
+
+            enable_mixed_adapter_batches()
         self.pad_id, self.stop_ids = pad_id, set(stop_ids)
         self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self.stats = {"batches": 0, "requests": 0, "cancelled": 0, "max_batch_seen": 0, "active": 0}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    @classmethod
+    def for_base(cls, base: Any, model: Any = None, **options: Any) -> Engine:
+        """An engine on a loaded base (or `model`, the base with adapters attached), with its stop tokens."""
+        return cls(
+            model if model is not None else base.model,
+            device=base.device,
+            dtype=base.dtype,
+            pad_id=base.tokenizer.pad_token_id,
+            stop_ids=list(base.model.generation_config.eos_token_id or [C.END_OF_TURN_ID, C.EOS_ID]),
+            **options,
+        )
+
+    def start(self) -> None:
+        """Start an engine built with start=False: requests submitted before run in a fixed order (batches
+        do not depend on arrival timing, so evaluation is deterministic)."""
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------------ public

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 
 _NOISY = (
     "torch.utils._pytree",  # torchao (imported by GPTQModel/transformers) warns about enum registration
@@ -19,6 +20,8 @@ _NOISY = (
 
 def quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers 5.23 renamed it; GPTQModel and peft still ask by the old name on every load
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -1,4 +1,4 @@
-"""Scores of a model on encoded held-out rows: assistant-token loss and greedy answers. No files, no HTTP."""
+"""Teacher-forced assistant-token loss of a model on encoded rows. No files, no HTTP, no generation."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from typing import Any
 
 from toolkit import chat
 from toolkit.collate import pad_batch
-from toolkit.engine import generate_greedy
 
 
-def assistant_loss(model: Any, rows: list, pad_id: int, device: str, dtype: Any, batch_size: int = 8) -> dict:
-    """Mean cross-entropy over assistant answer tokens (teacher-forced) and its perplexity."""
+def row_losses(model: Any, rows: list, pad_id: int, device: str, dtype: Any, batch_size: int = 8) -> list[tuple]:
+    """(summed cross-entropy, answer tokens) of each row: position t predicts token t + 1, assistant tokens only."""
     import torch
 
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -24,20 +23,22 @@ def assistant_loss(model: Any, rows: list, pad_id: int, device: str, dtype: Any,
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            # shift: position t predicts token t + 1; sum so rows weigh by their answer length
+            labels = batch.pop("labels")[:, 1:]
+            logits = model(**batch).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1),
-                ignore_index=chat.IGNORE,
-                reduction="sum",
-            )
-            total += loss.item()
-            count += int((labels[:, 1:] != chat.IGNORE).sum())
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=chat.IGNORE, reduction="none"
+            ).view(labels.shape)
+            sums, counts = loss.sum(dim=1), (labels != chat.IGNORE).sum(dim=1)
+            out += [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
     model.train(was_training)
+    return out
+
+
+def mean_loss(pairs: list[tuple[float, int]]) -> dict:
+    """Token-weighted mean loss of some rows, and its perplexity."""
+    total, count = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "answer_tokens": count}
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
 def features(encoded: Any) -> dict:
@@ -47,30 +48,3 @@ def features(encoded: Any) -> dict:
         "token_type_ids": encoded.token_type_ids,
         "pixel_values": encoded.pixel_values,
     }
-
-
-def greedy_answers(runner: Any, processor: Any, rows: list, max_new_tokens: int) -> list[str]:
-    """Greedy answer to each row's prompt (its messages without the final answer)."""
-    out = []
-    for r in rows:
-        messages = r.row.messages[:-1]
-        images = chat.load_images(messages, base_dir=r.row.base_dir, policy=None, where=r.row.where)
-        prompt = chat.encode_prompt(processor, messages, images).tensors()
-        ids = generate_greedy(runner, prompt, max_new_tokens=max_new_tokens)
-        out.append(processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return out
-
-
-def reference_answer(row: Any) -> str:
-    content = row.messages[-1].content
-    return (content if isinstance(content, str) else "".join(p.text for p in content)).strip()
-
-
-def exact_match_by_task(rows: list, answers: list[str]) -> dict:
-    """Exact-match rate of greedy answers, overall and split into text-only and image rows."""
-    groups: dict[str, list[bool]] = {"all": [], "text": [], "image": []}
-    for r, answer in zip(rows, answers, strict=True):
-        ok = answer == reference_answer(r.row)
-        groups["all"].append(ok)
-        groups["image" if r.encoded.num_images else "text"].append(ok)
-    return {k: (sum(v) / len(v) if v else None) for k, v in groups.items()}

@@ -10,7 +10,6 @@ except that only the main process scores and writes the adapter. Never imports t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -176,11 +175,9 @@ def train(
     recipe: Recipe, *, resume: bool = False, overwrite: bool = False, output_name: str | None = None
 ) -> TrainResult:
     """Train the recipe's adapter; return where it was written and the final metrics (main process)."""
-    import torch
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from toolkit import scoring
     from toolkit.base import load_base, load_processor, prepare_recipe_base
     from toolkit.data import load_data
     from toolkit.lora import apply_lora
@@ -261,14 +258,13 @@ def train(
             "tokens_seen": trainer.state.num_input_tokens_seen,
         }
     }
-    if data.eval:
-        runner = dataclasses.replace(base, model=model)
-        pad = processor.tokenizer.pad_token_id
-        for label, ctx in (("base", model.disable_adapter), ("adapter", contextlib.nullcontext)):
-            with ctx(), torch.no_grad():
-                loss = scoring.assistant_loss(model, data.eval, pad, base.device, base.dtype)
-                answers = scoring.greedy_answers(runner, processor, data.eval, recipe.eval.max_new_tokens)
-            metrics[label] = {**loss, "exact_match": scoring.exact_match_by_task(data.eval, answers)}
+    if data.eval:  # the same scoring as `toolkit eval`, on the model in memory
+        from toolkit.evaluation import score_in_process
+
+        outcome = score_in_process(
+            dataclasses.replace(base, model=model), model, data.eval, {"base": None, "adapter": "default"}, recipe.eval
+        )
+        metrics.update(outcome.metrics)
     from toolkit import adapter_files
 
     adapter_files.write_adapter(

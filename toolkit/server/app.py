@@ -99,15 +99,7 @@ def build_state(
     context = loaded.context_length
     if loaded.config.get("text_config", {}).get("hidden_size") == 5376:  # the real 27B: the card's context
         context = min(context, C.REAL_CONTEXT_LEN)
-    engine = Engine(
-        model,
-        device=loaded.device,
-        dtype=loaded.dtype,
-        pad_id=loaded.tokenizer.pad_token_id,
-        stop_ids=list(loaded.model.generation_config.eos_token_id or [C.END_OF_TURN_ID, C.EOS_ID]),
-        max_batch=max_batch,
-        max_queue=max_queue,
-    )
+    engine = Engine.for_base(loaded, model, max_batch=max_batch, max_queue=max_queue)
     policy = ImagePolicy(
         allow_private_urls=allow_private_urls,
         allow_local_files=allowed_media_dir is not None,
