@@ -213,9 +213,33 @@ def serve(
     allowed_media_dir: Annotated[str | None, typer.Option(help="Serve file: image URLs from this folder.")] = None,
     max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Most waiting requests; beyond it: 429.")] = 64,
+    max_tokens_limit: Annotated[
+        int | None, typer.Option(help="Most tokens one request may ask for (default: what the context allows).")
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; beyond it: 413.")] = 32.0,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
+    dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:
     """Serve OpenAI-compatible /v1/chat/completions for the base and its adapters."""
+    if engine not in ("toolkit", "vllm"):
+        raise ToolkitError(f"unknown engine {engine!r}", where="--engine", fix="use toolkit or vllm")
+    if engine == "vllm":
+        from toolkit import vllm_handoff
+
+        command = vllm_handoff.plan(
+            base, adapter or [], host=host, port=port, api_key=api_key, max_images=max_images, max_batch=max_batch
+        )
+        for c in command.checks:
+            typer.echo(f"adapter {c.name}: rank {c.rank}, {c.modules} modules, loadable by vLLM", err=True)
+        if dry_run:
+            typer.echo(command.shell())
+            return
+        vllm_handoff.exec_vllm(command)
+        return
+    if dry_run:
+        raise ToolkitError("--dry-run only applies to --engine vllm", where="--dry-run", fix="add --engine vllm")
     import uvicorn
 
     from toolkit.server.app import build_state, create_app
@@ -229,6 +253,9 @@ def serve(
         allowed_media_dir=allowed_media_dir,
         max_batch=max_batch,
         max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit,
+        max_body_mb=max_body_mb,
+        max_images=max_images,
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")

@@ -12,8 +12,8 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def replace_section(path: Path, heading: str, section: str) -> None:
-    text = path.read_text() if path.exists() else HEADER
+def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:
+    text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")
     others = ["## " + p.rstrip() + "\n" for p in parts[1:] if not ("## " + p).startswith(heading)]
     path.write_text("\n".join([parts[0].rstrip() + "\n", *others, section]))

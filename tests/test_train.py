@@ -139,8 +139,8 @@ def _finish(proc, log: Path, timeout: int = 300) -> tuple[int, str]:
     return proc.returncode, log.with_suffix(".err").read_text()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_ct, tmp_path):
-    common = [
+def _resume_args(tiny_ct) -> list[str]:
+    return [
         "--set",
         f"base.path={tiny_ct}",
         "--set",
@@ -150,14 +150,40 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_
         "--set",
         "training.logging_every=1",
     ]
-    interrupted = _cli(tmp_path / "interrupted", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}")
-    checkpoint = tmp_path / "b" / ".quickstart.run" / "checkpoint-20"
-    deadline = time.time() + 180
-    while time.time() < deadline and interrupted.poll() is None:
-        if checkpoint.exists():  # past step 20: press Ctrl-C
-            os.kill(interrupted.pid, signal.SIGINT)
-            break
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_ct, tmp_path_factory) -> Path:
+    """The 80-step run, uninterrupted: what an interrupted-and-resumed run must reproduce."""
+    d = tmp_path_factory.mktemp("straight")
+    proc = _cli(d / "log", "train", QUICKSTART, *_resume_args(tiny_ct), "--set", f"output.dir={d}")
+    code, err = _finish(proc, d / "log")
+    assert code == 0, err[-2000:]
+    return d / "quickstart"
+
+
+def _wait_for(path: Path, proc, seconds: int = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and not path.exists():
         time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared"
+
+
+def _same_weights(a: Path, b: Path) -> float:
+    """Largest difference between two adapters' tensors, relative to the largest weight."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    scale = max(float(t.abs().max()) for t in wa.values())
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa) / scale
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_ct, tmp_path, straight_run):
+    common = _resume_args(tiny_ct)
+    interrupted = _cli(tmp_path / "interrupted", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}")
+    _wait_for(tmp_path / "b" / ".quickstart.run" / "checkpoint-20", interrupted)
+    os.kill(interrupted.pid, signal.SIGINT)  # past step 20: press Ctrl-C
     code, err = _finish(interrupted, tmp_path / "interrupted")
     assert code == 130, err[-2000:]
     assert "interrupted at step" in err and "--resume" in err
@@ -169,29 +195,109 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_
     )
     code, err = _finish(resumed, tmp_path / "resumed")
     assert code == 0, err[-2000:]
-    straight = _cli(tmp_path / "straight", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'a'}")
-    code, err = _finish(straight, tmp_path / "straight")
-    assert code == 0, err[-2000:]
-    a = json.loads((tmp_path / "a" / "quickstart" / "toolkit.json").read_text())["metrics"]
+    a = json.loads((straight_run / "toolkit.json").read_text())["metrics"]
     b = json.loads((tmp_path / "b" / "quickstart" / "toolkit.json").read_text())["metrics"]
     assert a["train"]["steps"] == b["train"]["steps"] == 80
     assert b["adapter"]["loss"] == pytest.approx(a["adapter"]["loss"], rel=0.1)
+    assert _same_weights(straight_run, tmp_path / "b" / "quickstart") < 0.02
 
 
-def test_two_processes_on_cpu_with_accelerate(tiny_ct, tmp_path):
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint_and_matches(tiny_ct, tmp_path, straight_run):
+    """No handler runs on SIGKILL: the last periodic checkpoint is what survives, and --resume finishes."""
+    common = [*_resume_args(tiny_ct), "--set", f"output.dir={tmp_path}"]
+    killed = _cli(tmp_path / "killed", "train", QUICKSTART, *common)
+    _wait_for(tmp_path / ".quickstart.run" / "checkpoint-40", killed)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "quickstart").exists()  # no adapter under the name, not even a partial one
+    resumed = _cli(tmp_path / "resumed", "train", QUICKSTART, *common, "--resume")
+    code, err = _finish(resumed, tmp_path / "resumed")
+    assert code == 0, err[-2000:]
+    manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())
+    assert manifest["metrics"]["train"]["steps"] == 80
+    assert _same_weights(straight_run, tmp_path / "quickstart") < 0.02
+
+
+_KILL_DURING_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from toolkit import adapter_files
+
+def dying_fill(staging, **kwargs):  # writes part of the new adapter, then the process is killed
+    staging.mkdir(parents=True)
+    (staging / "adapter_config.json").write_text("{}")
+    (staging / "adapter_model.safetensors").write_bytes(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+adapter_files._fill = dying_fill
+adapter_files.write_adapter(Path(sys.argv[1]), model=None, recipe=None, name="quickstart", base=None, data=None,
+                            metrics={}, run_dir=Path(sys.argv[1]).parent, overwrite=True)
+"""
+
+
+def test_a_kill_during_the_adapter_write_leaves_the_old_adapter_or_none(trained, tmp_path):
+    import shutil
+
+    from toolkit.adapters import resolve_adapter
+
+    def kill_while_writing(final: Path) -> None:
+        proc = subprocess.run([sys.executable, "-c", _KILL_DURING_WRITE, str(final)], cwd=ROOT, capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    fresh = tmp_path / "fresh" / "quickstart"
+    kill_while_writing(fresh)
+    assert not fresh.exists()  # none under that name
+    with pytest.raises(ToolkitError):
+        resolve_adapter(f"quickstart={fresh}")
+
+    old = tmp_path / "old" / "quickstart"
+    shutil.copytree(trained.adapter_dir, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    kill_while_writing(old)
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before  # the old one, whole
+    assert resolve_adapter(f"quickstart={old}")[1] == old
+    leftovers = list(old.parent.glob(".quickstart.tmp-*"))
+    assert len(leftovers) == 1  # the dead writer's staging folder (ignored: names never start with a dot)
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path, monkeypatch):
+    from toolkit import adapter_files
+
+    dead = tmp_path / ".quickstart.tmp-999999999"  # no such process
+    dead.mkdir()
+    (dead / "adapter_model.safetensors").write_bytes(b"partial")
+
+    def fill(staging, **kwargs):
+        staging.mkdir()
+        (staging / "adapter_config.json").write_text("{}")
+
+    monkeypatch.setattr(adapter_files, "_fill", fill)
+    final = adapter_files.write_adapter(
+        tmp_path / "quickstart",
+        model=None,
+        recipe=None,
+        name="quickstart",
+        base=None,
+        data=None,
+        metrics={},
+        run_dir=tmp_path,
+        overwrite=False,
+    )
+    assert not dead.exists() and (final / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"]
+
+
+def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_path):
+    """The documented multi-GPU command, with 2 processes: on a machine without GPUs DDP runs on CPU (gloo)."""
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        "--config_file",
+        ROOT / "recipes" / "accelerate" / "ddp.yaml",
         "--num_processes",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "-m",
         "cli",
         "train",

@@ -138,6 +138,16 @@ def _fill(
         )
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_adapter(
     final: Path,
     *,
@@ -153,9 +163,10 @@ def write_adapter(
     """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{name}.tmp-*"):  # left by a writer that was killed: never a real adapter
+        if not _alive(stale.name.rsplit("-", 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = final.parent / f".{name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
     try:
         _fill(staging, model=model, recipe=recipe, name=name, base=base, data=data, metrics=metrics, run_dir=run_dir)
     except BaseException:

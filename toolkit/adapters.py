@@ -46,6 +46,20 @@ def resolve_adapter(spec: str, adapters_dir: str | Path = "adapters") -> tuple[s
     return name, folder
 
 
+def resolve_serving(
+    base: str | None, specs: list[str], adapters_dir: str | Path = "adapters"
+) -> tuple[str, list[tuple[str, Path]]]:
+    """The base to serve (given, or the one the first adapter was trained on) and the adapters, checked."""
+    resolved = [resolve_adapter(spec, adapters_dir) for spec in specs]
+    if len({name for name, _ in resolved}) != len(resolved):
+        raise ToolkitError("two adapters have the same name", where="--adapter", fix="use NAME=PATH to rename one")
+    if base is None:
+        if not resolved:
+            raise ToolkitError("no base to serve", where="--base", fix="pass --base DIR (or --adapter NAME)")
+        base = read_manifest(resolved[0][1])["base"]["path"]
+    return str(base), resolved
+
+
 def check_base_matches(folder: Path, base: Any) -> None:
     manifest = read_manifest(folder)
     expected = manifest.get("base", {}).get("fingerprint")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit import constants as C
 from toolkit import quant_format
 from toolkit.errors import ToolkitError
 from toolkit.quant_format import QuantSpec
@@ -42,7 +43,19 @@ class Base:
 
     @property
     def context_length(self) -> int:
-        return int(self.config.get("text_config", {}).get("max_position_embeddings", 0))
+        return context_length(self.config)
+
+
+def context_length(config: dict) -> int:
+    """The context a base is served with: its config's, capped at the card's 32k for the real 27B."""
+    text = config.get("text_config", {})
+    n = int(text.get("max_position_embeddings", 0))
+    return min(n, C.REAL_CONTEXT_LEN) if text.get("hidden_size") == C.REAL_HIDDEN_SIZE else n
+
+
+def served_name(base: str | Path) -> str:
+    """The model name clients use for a base: a hub id as given, a folder by its name."""
+    return str(base) if "/" in str(base) and not Path(base).exists() else Path(base).name
 
 
 def resolve_path(path_or_id: str | Path) -> Path:

@@ -5,7 +5,8 @@ ISTA-DASLab/gemma-3-27b-it-GPTQ-4b-128g, and transformers' gemma3 code.
 """
 
 REAL_BASE_ID = "ISTA-DASLab/gemma-3-27b-it-GPTQ-4b-128g"
-REAL_CONTEXT_LEN = 32768  # the model card's context length
+REAL_CONTEXT_LEN = 32768  # the model card's context length (its config.json says 131072)
+REAL_HIDDEN_SIZE = 5376  # identifies the 27B text model
 
 # Special tokens. The tiny base keeps <pad>/<eos>/<bos> and the turn markers at the real ids, so the stop ids
 # below hold for both; the image tokens sit at other ids in the tiny vocabulary and are always looked up by text.
@@ -15,6 +16,7 @@ START_OF_IMAGE, END_OF_IMAGE, IMAGE_SOFT_TOKEN = "<start_of_image>", "<end_of_im
 EOS_ID, END_OF_TURN_ID = 1, 106
 STOP_TOKEN_IDS = (END_OF_TURN_ID, EOS_ID)  # generation stops on <end_of_turn> (106) or <eos> (1)
 
+MAX_IMAGES_PER_REQUEST = 8  # serving default (ours and vLLM's --limit-mm-per-prompt); --max-images changes it
 REAL_TOKENS_PER_IMAGE = 256  # 896x896 SigLIP input pooled to 16x16 soft tokens
 SLIDING_WINDOW = 1024
 

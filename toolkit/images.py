@@ -104,7 +104,9 @@ def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
         if declared > policy.max_bytes:
             raise ToolkitError(f"image is larger than {policy.max_bytes} bytes ({declared})", where=where)
         chunks, size = [], 0
-        for chunk in resp.iter_content(64 * 1024):
+        # read1 returns whatever has arrived (iter_content would wait to fill its chunk), so a server that drips
+        # bytes meets the overall deadline instead of a per-read timeout it never trips
+        while chunk := resp.raw.read1(64 * 1024, decode_content=True):
             size += len(chunk)
             if size > policy.max_bytes:
                 raise ToolkitError(f"image is larger than {policy.max_bytes} bytes", where=where)

@@ -64,7 +64,7 @@ def describe(path_or_id: str | Path) -> dict:
         "vocab_size": text.get("vocab_size"),
         "vision": bool(config.get("vision_config")),
         "tokens_per_image": config.get("mm_tokens_per_image"),
-        "context_length": text.get("max_position_embeddings"),
+        "context_length": base_mod.context_length(config),
         "special_tokens": {n: vocab.get(n) for n in names},
         "chat_template": bool(tok_cfg.get("chat_template")) or (path / "chat_template.jinja").exists(),
         "fingerprint": base_mod.fingerprint(config),

@@ -38,7 +38,7 @@ class ImagePart(_Strict):
 
 def _part_tag(v: Any) -> str | None:
     kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return {"text": "text-part", "image_url": "image-part"}.get(kind)
+    return {"text": "text-part", "image_url": "image-part"}.get(kind) if isinstance(kind, str) else None
 
 
 UserPart = Annotated[
@@ -71,7 +71,8 @@ class AssistantMessage(_Strict):
 
 def _role_tag(v: Any) -> str | None:
     role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
-    return {"system": "system-message", "user": "user-message", "assistant": "assistant-message"}.get(role)
+    tags = {"system": "system-message", "user": "user-message", "assistant": "assistant-message"}
+    return tags.get(role) if isinstance(role, str) else None  # found by fuzzing: {"role": {}} is unhashable
 
 
 Message = Annotated[

@@ -53,8 +53,16 @@ def _index_dataset(start: int, n: int):
     return Dataset.from_dict({"row": list(range(start, start + n))})
 
 
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: without a readable one, the save was cut short (SIGKILL)."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

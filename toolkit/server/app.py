@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from toolkit.server import errors
 from toolkit.server.errors import APIError
+from toolkit.server.limits import BodyLimit
 from toolkit.server.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelList
 from toolkit.server.serving import ServerState, complete, stream
 
@@ -26,6 +27,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.toolkit = state
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
 
     def require_key(request: Request) -> None:
         if state.api_key is None:
@@ -74,31 +76,24 @@ def build_state(
     max_queue: int = 64,
     adapters_dir: str = "adapters",
     served_name: str | None = None,
+    max_tokens_limit: int | None = None,
+    max_body_mb: float = 32.0,
+    max_images: int | None = None,
 ) -> ServerState:
     """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine."""
-    from toolkit import constants as C
-    from toolkit.adapter_files import read_manifest
-    from toolkit.adapters import attach, resolve_adapter
+    from toolkit.adapters import attach, resolve_serving
     from toolkit.base import load_base
+    from toolkit.base import served_name as default_served_name
     from toolkit.engine import Engine
     from toolkit.errors import ToolkitError
     from toolkit.images import ImagePolicy
 
-    resolved = [resolve_adapter(spec, adapters_dir) for spec in adapters]
-    if len({name for name, _ in resolved}) != len(resolved):
-        raise ToolkitError("two adapters have the same name", where="--adapter", fix="use NAME=PATH to rename one")
-    if base is None:
-        if not resolved:
-            raise ToolkitError("no base to serve", where="--base", fix="pass --base DIR (or --adapter NAME)")
-        base = read_manifest(resolved[0][1])["base"]["path"]
+    base, resolved = resolve_serving(base, adapters, adapters_dir)
     loaded = load_base(base, device=device)
     model = attach(loaded, resolved) if resolved else loaded.model
-    served = served_name or (base if "/" in str(base) and not Path(base).exists() else Path(base).name)
+    served = served_name or default_served_name(base)
     if served in {name for name, _ in resolved}:
         raise ToolkitError(f"adapter name {served!r} is the base's name", where="--adapter", fix="rename it")
-    context = loaded.context_length
-    if loaded.config.get("text_config", {}).get("hidden_size") == 5376:  # the real 27B: the card's context
-        context = min(context, C.REAL_CONTEXT_LEN)
     engine = Engine.for_base(loaded, model, max_batch=max_batch, max_queue=max_queue)
     policy = ImagePolicy(
         allow_private_urls=allow_private_urls,
@@ -111,6 +106,9 @@ def build_state(
         served_name=served,
         adapters=dict(resolved),
         image_policy=policy,
-        context_length=context,
+        context_length=loaded.context_length,
         api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_body_bytes=int(max_body_mb * 2**20),
+        **({"max_images": max_images} if max_images is not None else {}),
     )

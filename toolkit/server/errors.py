@@ -42,15 +42,27 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+NOT_AN_OBJECT = ("model_attributes_type", "dict_type", "model_type")  # pydantic's words for "not an object"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and not ctype.split(";")[0].strip().lower().endswith("json"):
+            return error_response(
+                415,
+                f"Content-Type is {ctype or 'missing'!r}; send the body as JSON with 'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
         for e in errors:  # tool fields: one clear sentence, named by the validator
             ctx_error = (e.get("ctx") or {}).get("error")
             if ctx_error is not None and type(ctx_error).__name__ == "ToolsNotSupported":
                 param = str(ctx_error).split(":")[0]
                 return error_response(400, str(ctx_error), param=param, code="tools_not_supported")
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and errors[0].get("type") in NOT_AN_OBJECT:
+            return error_response(400, 'the request body must be a JSON object with a "messages" list')
         if errors and errors[0].get("type") == "json_invalid":
             return error_response(400, f"request body is not valid JSON: {errors[0].get('msg')}", param=None)
         problems = problems_from_errors(errors) or [Problem("body", "invalid request")]
@@ -69,7 +81,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type=kind, headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes, deep nesting
+            message = "request body is not valid JSON (it must be UTF-8 JSON, nested at most a few hundred levels)"
+        return error_response(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a raw traceback to clients

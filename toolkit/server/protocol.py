@@ -15,6 +15,9 @@ MAX_N = 16
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 
 
+INTEGER_FIELDS = ("n", "max_tokens", "max_completion_tokens", "seed")
+
+
 class ToolsNotSupported(ValueError):
     pass
 
@@ -47,6 +50,10 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _no_tools(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for name in INTEGER_FIELDS:  # JSON Schema's "integer" includes 2.0 (fuzzers send it); "2" and true do not
+                v = data.get(name)
+                if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+                    data = {**data, name: int(v)}
             for name in TOOL_FIELDS:
                 if data.get(name) not in (None, [], ""):
                     raise ToolsNotSupported(f"{name}: {TOOLS_UNSUPPORTED}")

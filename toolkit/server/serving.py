@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import chat
+from toolkit import constants as C
 from toolkit.engine import Engine, QueueFull, Request, SamplingParams
 from toolkit.errors import ToolkitError
 from toolkit.images import ImagePolicy
@@ -43,6 +44,9 @@ class ServerState:
     image_policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(allow_local_files=False))
     context_length: int = 0
     api_key: str | None = None
+    max_tokens_limit: int | None = None  # most tokens one choice may ask for (default: what the context allows)
+    max_body_bytes: int = 32 * 2**20
+    max_images: int = C.MAX_IMAGES_PER_REQUEST
     started: int = field(default_factory=lambda: int(time.time()))
 
     def models(self) -> ModelList:
@@ -71,7 +75,7 @@ def _select_adapter(state: ServerState, model: str | None) -> str | None:
 def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encoded, int]:
     """Check messages, load images, encode the prompt, and fit max_tokens into the context (blocking: a thread)."""
     raw = [m.model_dump(exclude_none=True) for m in req.messages]
-    messages, problems = check_messages(raw, purpose="request")
+    messages, problems = check_messages(raw, purpose="request", max_images=state.max_images)
     if problems:
         raise APIError(400, "; ".join(map(str, problems)), param=problems[0].path)
     try:
@@ -82,6 +86,11 @@ def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encod
     n_prompt = len(prompt.input_ids)
     asked = req.max_completion_tokens or req.max_tokens
     room = state.context_length - n_prompt
+    limit = state.max_tokens_limit
+    if asked is not None and limit is not None and asked > limit:
+        raise APIError(
+            400, f"max_tokens is {asked}; this server allows at most {limit}", param="max_tokens", code="max_tokens"
+        )
     if asked is not None and n_prompt + asked > state.context_length:
         raise APIError(
             400,
@@ -97,7 +106,7 @@ def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encod
             param="messages",
             code="context_length_exceeded",
         )
-    return prompt, asked or min(DEFAULT_MAX_TOKENS, room)
+    return prompt, asked or min(DEFAULT_MAX_TOKENS, room, limit or room)
 
 
 class _Stream:
