@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -113,18 +114,39 @@ class _Stream:
     """One choice: tokens arrive from the engine thread; text is decoded incrementally (never half a UTF-8
     character) and cut at the first stop string."""
 
-    def __init__(self, index: int, tokenizer: Any, stops: list[str], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, index: int, tokenizer: Any, stops: list[str], loop: asyncio.AbstractEventLoop, incremental: bool
+    ) -> None:
         self.index, self.tokenizer, self.stops = index, tokenizer, stops
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.incremental = incremental or bool(stops)  # else text is decoded once, at the end
+        self.queue: asyncio.Queue = asyncio.Queue()  # lists of events
         self.loop = loop
         self.ids: list[int] = []
         self.emitted = ""
         self.finish: tuple[str, Any] | None = None
         self.request: Request | None = None
         self.generated = 0
+        self._buffer: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
 
     def on_event(self, kind: str, value: Any) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        # Events are buffered and the event loop woken once per batch of them: a wake-up per token per row
+        # costs the model CPU time on small machines.
+        with self._lock:
+            self._buffer.append((kind, value))
+            wake = len(self._buffer) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            events, self._buffer = self._buffer, []
+        if events:
+            self.queue.put_nowait(events)
+
+    def feed_all(self, events: list[tuple[str, Any]]) -> str:
+        """Apply a batch of engine events; return the new text that may be shown."""
+        return "".join(self.feed(kind, value) for kind, value in events if not self.done)
 
     def _text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -136,6 +158,8 @@ class _Stream:
         if kind == "token":
             self.generated += 1
             self.ids.append(value)
+            if not self.incremental:
+                return ""
         text = self._text()
         for s in self.stops:
             at = text.find(s, max(0, len(self.emitted) - len(s)))
@@ -182,7 +206,7 @@ async def _start(state: ServerState, req: ChatCompletionRequest) -> tuple[list[_
     adapter = _select_adapter(state, req.model)
     prompt, max_tokens = await asyncio.to_thread(_prepare, state, req)
     loop = asyncio.get_running_loop()
-    streams = [_Stream(i, state.base.tokenizer, req.stop_list(), loop) for i in range(req.n)]
+    streams = [_Stream(i, state.base.tokenizer, req.stop_list(), loop, bool(req.stream)) for i in range(req.n)]
     try:
         for i, s in enumerate(streams):
             s.request = state.engine.submit(
@@ -218,12 +242,12 @@ def _cancel(streams: list[_Stream]) -> None:
 async def _drain(s: _Stream, is_disconnected: Any) -> None:
     while not s.done:
         try:
-            kind, value = await asyncio.wait_for(s.queue.get(), timeout=0.5)
+            events = await asyncio.wait_for(s.queue.get(), timeout=0.5)
         except TimeoutError:
             if await is_disconnected():
                 raise asyncio.CancelledError from None
             continue
-        s.feed(kind, value)
+        s.feed_all(events)
 
 
 async def complete(state: ServerState, req: ChatCompletionRequest, is_disconnected: Any) -> ChatCompletionResponse:
@@ -287,7 +311,7 @@ async def stream(state: ServerState, req: ChatCompletionRequest, is_disconnected
                     break
                 for fut in done:
                     s = pending.pop(fut)
-                    delta = s.feed(*fut.result())
+                    delta = s.feed_all(fut.result())
                     if delta:
                         yield chunk(
                             [{"index": s.index, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}]
