@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def run_eval(
         "thresholds": [{"metric": t.metric, t.kind: t.value, "models": gated} for t in thresholds],
         "failures": failures,
         "passed": not failures,
-        "versions": library_versions(),
+        "versions": {**library_versions(), "rouge-score": metadata.version("rouge-score")},
     }
     out_dir = Path(out) if out else Path("build") / "eval" / Path(recipe.source).stem
     eval_report.write(out_dir, report, rows, outcome.rows)
