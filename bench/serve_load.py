@@ -196,8 +196,11 @@ def main() -> None:
             "join the running batch), so 16 clients share forward passes. The in-process figure submits all "
             "requests at once (two full prefills); over HTTP the clients arrive staggered, so joiners take "
             "extra small prefills and the event loop's JSON and tokenizer work competes with the model for the "
-            "same 2 cores (the engine ran 65 decoding steps and 4 prefills for the HTTP load against 64 and 2 "
-            "in-process, in one traced run: the gap is CPU contention more than batching). Mixed adapters cost "
+            "same 2 cores. One traced run: over HTTP the engine ran 65 decoding steps averaging 50 ms and 4 prefills "
+            "(0.41 s) in 3.89 s of wall time; in-process 64 steps of 43 ms and 2 prefills (0.20 s) in 2.94 s. So "
+            "of the 0.95 s gap, 0.54 s is slower steps (HTTP and tokenizer work running beside the model), 0.21 s "
+            "extra prefills for staggered joiners, 0.2 s the engine idle while clients send their next request. "
+            "Mixed adapters cost "
             "one LoRA matmul per adapter present in the batch (peft splits the rows by adapter), which weighs "
             "more on the tiny base than it would on the 27B, where the base matmuls dominate.",
             "",
