@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from toolkit import constants as C
 from toolkit.errors import ToolkitError
 
 app = typer.Typer(
@@ -217,7 +218,7 @@ def serve(
         int | None, typer.Option(help="Most tokens one request may ask for (default: what the context allows).")
     ] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; beyond it: 413.")] = 32.0,
-    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 8,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = C.MAX_IMAGES_PER_REQUEST,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,

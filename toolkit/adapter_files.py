@@ -85,12 +85,9 @@ def _model_card(name: str, manifest: dict) -> str:
         "",
     ]
     if "adapter" in m:
-        from toolkit.eval_report import headers, table_rows
+        from toolkit.eval_report import markdown_table
 
-        cols = ["base", "adapter"]
-        lines += ["| " + " | ".join(headers(cols)) + " |", "|" + "---|" * len(headers(cols))]
-        lines += ["| " + " | ".join(r) + " |" for r in table_rows({c: m[c] for c in cols}, cols)]
-        lines.append("")
+        lines += [*markdown_table({c: m[c] for c in ("base", "adapter")}, ["base", "adapter"]), ""]
     lines += [
         "![loss](loss.png)",
         "",
@@ -144,7 +141,7 @@ def _alive(pid: str) -> bool:
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True
+        pass  # it exists, owned by someone else
     return True
 
 

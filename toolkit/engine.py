@@ -121,7 +121,7 @@ class Engine:
             device=base.device,
             dtype=base.dtype,
             pad_id=base.tokenizer.pad_token_id,
-            stop_ids=list(base.model.generation_config.eos_token_id or [C.END_OF_TURN_ID, C.EOS_ID]),
+            stop_ids=list(base.model.generation_config.eos_token_id or C.STOP_TOKEN_IDS),
             **options,
         )
 
@@ -199,12 +199,15 @@ class Engine:
                 break
         return batch
 
+    def _finish_if_cancelled(self, r: Request) -> bool:
+        cancelled = r.cancelled.is_set()  # read once: it may be set from another thread at any moment
+        if cancelled:
+            self.stats["cancelled"] += 1
+            r.on_event("done", ("cancelled", None))
+        return cancelled
+
     def _drop_cancelled(self, requests: list[Request]) -> list[Request]:
-        for r in requests:
-            if r.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                r.on_event("done", ("cancelled", None))
-        return [r for r in requests if not r.cancelled.is_set()]
+        return [r for r in requests if not self._finish_if_cancelled(r)]
 
     def _prefill(self, batch: list[Request]) -> _Batch:
         """One forward pass over the new prompts, left-padded so every row's last prompt token is last."""
@@ -255,9 +258,7 @@ class Engine:
 
         next_tokens, keep = [], []
         for j, r in enumerate(b.requests):
-            if r.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                r.on_event("done", ("cancelled", None))
+            if self._finish_if_cancelled(r):
                 continue
             token = self._sample(b.logits[j], r.params, b.counts[j], b.gens[j])
             b.produced[j] += 1

@@ -28,6 +28,13 @@ def table_rows(metrics: dict[str, dict], labels: list[str]) -> list[list[str]]:
     return rows
 
 
+def markdown_table(metrics: dict[str, dict], labels: list[str]) -> list[str]:
+    """The metrics table as markdown lines (report.md, the adapter's model card)."""
+    head = headers(labels)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(r) + " |" for r in table_rows(metrics, labels)]
+
+
 def headers(labels: list[str]) -> list[str]:
     others = [lab for lab in labels if lab != "base"]
     return ["metric", *labels, *([f"Δ {lab}" for lab in others] if "base" in labels else [])]
@@ -64,7 +71,6 @@ def report_table(report: dict) -> Any:
 
 def markdown(report: dict) -> str:
     labels = list(report["models"])
-    head = headers(labels)
     lines = [
         "# Evaluation report",
         "",
@@ -74,8 +80,7 @@ def markdown(report: dict) -> str:
     ]
     for label, m in report["models"].items():
         lines.append(f"- {label}: " + ", ".join(f"{k} `{v}`" for k, v in m.items()))
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report["metrics"], labels)]
+    lines += ["", *markdown_table(report["metrics"], labels)]
     if report["thresholds"]:
         lines += ["", "Gate: " + ("passed" if report["passed"] else "FAILED"), ""]
         lines += [f"- {t}" for t in report["failures"]] or ["- every threshold met"]

@@ -53,14 +53,13 @@ def run_eval(
 
     if url:
         served = evaluation.served_models(url, api_key)
+        ids = [m["id"] for m in served]
         base_name = next((m["id"] for m in served if not m.get("parent")), None)
-        names = adapters or [n for n in [recipe.adapter_name] if any(m["id"] == n for m in served)]
-        unknown = [n for n in names if not any(m["id"] == n for m in served)]
+        names = adapters or [n for n in [recipe.adapter_name] if n in ids]
+        unknown = [n for n in names if n not in ids]
         if unknown or base_name is None:
             raise ToolkitError(
-                f"{url} does not serve {unknown or 'a base model'}",
-                where="--adapter",
-                fix=f"served models: {[m['id'] for m in served]}",
+                f"{url} does not serve {unknown or 'a base model'}", where="--adapter", fix=f"served models: {ids}"
             )
         labels = {"base": base_name, **{n: n for n in names}}
         models = {label: {"served_as": name} for label, name in labels.items()}

@@ -47,9 +47,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def generation_metrics(rows: list, answers: list[str], selected: list[str]) -> tuple[dict, list[dict]]:
-    """Summary over groups and per-row scores of the selected generation metrics."""
+    """Summary over groups, and per row the answer and its scores, of the selected generation metrics."""
     per_row = [
-        metrics.score_answer(selected, a, reference(r.row), r.row.regex) for r, a in zip(rows, answers, strict=True)
+        {"answer": a, **metrics.score_answer(selected, a, reference(r.row), r.row.regex)}
+        for r, a in zip(rows, answers, strict=True)
     ]
     names = [m for m in selected if m in metrics.GENERATION_METRICS]
     summary = {
@@ -144,7 +145,6 @@ def score_in_process(base: Any, model: Any, rows: list, models: dict[str, str | 
         if gen_names:
             summary, per_row = generation_metrics(rows, answers[adapter], gen_names)
             values.update(summary)
-            per_row = [{"answer": a, **d} for d, a in zip(per_row, answers[adapter], strict=True)]
         if "loss" in selected:
             for d, (s, c) in zip(per_row, losses, strict=True):
                 d["loss"] = s / c if c else None
@@ -239,8 +239,7 @@ def score_http(url: str, api_key: str | None, rows: list, models: dict[str, str]
     answers = generate_http(url, api_key, rows, list(models.values()), cfg.max_new_tokens, cfg.batch_size)
     out = Outcome()
     for label, name in models.items():
-        out.metrics[label], per_row = generation_metrics(rows, answers[name], gen_names)
-        out.rows[label] = [{"answer": a, **d} for d, a in zip(per_row, answers[name], strict=True)]
+        out.metrics[label], out.rows[label] = generation_metrics(rows, answers[name], gen_names)
     return out
 
 

@@ -79,7 +79,7 @@ def check_adapter(name: str, folder: Path, num_layers: int) -> AdapterCheck:
         p.append(f"rank {check.rank} is outside what vLLM supports (1..{VLLM_LORA_RANKS[-1]})")
     pairs: dict[str, set[str]] = {}
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        for tensor in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
+        for tensor in f.keys():
             parsed = vllm_module_name(tensor)
             if parsed is None:
                 p.append(f"{tensor}: not a LoRA A/B weight")

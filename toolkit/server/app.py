@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from toolkit import constants as C
 from toolkit.server import errors
 from toolkit.server.errors import APIError
 from toolkit.server.limits import BodyLimit
@@ -78,7 +79,7 @@ def build_state(
     served_name: str | None = None,
     max_tokens_limit: int | None = None,
     max_body_mb: float = 32.0,
-    max_images: int | None = None,
+    max_images: int = C.MAX_IMAGES_PER_REQUEST,
 ) -> ServerState:
     """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine."""
     from toolkit.adapters import attach, resolve_serving
@@ -110,5 +111,5 @@ def build_state(
         api_key=api_key,
         max_tokens_limit=max_tokens_limit,
         max_body_bytes=int(max_body_mb * 2**20),
-        **({"max_images": max_images} if max_images is not None else {}),
+        max_images=max_images,
     )

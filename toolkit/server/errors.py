@@ -28,18 +28,14 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+
+def error_response(status: int, message: str, **fields: Any) -> JSONResponse:
+    """The envelope for `status` and `message`; fields as APIError takes them (type, param, code, headers)."""
+    return APIError(status, message, **fields).response()
 
 
 NOT_AN_OBJECT = ("model_attributes_type", "dict_type", "model_type")  # pydantic's words for "not an object"
@@ -70,9 +66,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(
-            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
-        )
+        return exc.response()
 
     @app.exception_handler(ToolkitError)
     async def _toolkit(request: Request, exc: ToolkitError) -> JSONResponse:

@@ -8,36 +8,26 @@ beyond the limit the client gets 413 in the OpenAI error envelope.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from toolkit.server.errors import error_response
 
 
 class BodyLimit:
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    async def _refuse(self, send: Any) -> None:
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
         mib = self.max_bytes / 2**20
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"request body exceeds the limit of {self.max_bytes} bytes ({mib:.3g} MiB)",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "request_too_large",
-                }
-            }
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body exceeds the limit of {self.max_bytes} bytes ({mib:.3g} MiB)"
+        await error_response(413, message, code="request_too_large")(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, receive, send)
         # Read the whole body here (FastAPI buffers it for JSON anyway), refusing as soon as it is too long;
         # then replay it, and hand later receive() calls (disconnect detection) to the server.
         chunks, seen = [], 0
@@ -48,7 +38,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             seen += len(chunk)
             if seen > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
