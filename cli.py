@@ -26,15 +26,36 @@ def tiny_base(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical tensors.")] = 0,
     size: Annotated[str, typer.Option(help="Shape preset: tiny, small or 27b-shapes.")] = "tiny",
     layers: Annotated[int | None, typer.Option(help="Override the preset's number of text layers.")] = None,
+    context: Annotated[
+        int | None, typer.Option(help="Override the preset's positions (32768: the 27B's context).")
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="compressed-tensors (as the real base) or gptq.")] = (
         "compressed-tensors"
     ),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="random (seeded) or gemma-3-270m: the real 270M language model from the `real` extra "
+            "(Gemma terms of use), GPTQ-quantised once per machine and cached."
+        ),
+    ] = "random",
 ) -> None:
-    """Build a small random-weight 4-bit Gemma 3 in the real checkpoint's on-disk format."""
-    from toolkit import tiny_base as tb
+    """Build a small 4-bit Gemma 3 (random weights, or the real 270M) in the real checkpoint's on-disk format."""
+    if weights != "random":
+        from toolkit.base import real_weights
 
-    out = tb.build(dir, seed=seed, size=size, layers=layers, fmt=format, overwrite=overwrite)
+        if weights != real_weights.WEIGHTS_NAME:
+            raise ToolkitError(
+                f"unknown weights {weights!r}", where="--weights", fix=f"use random or {real_weights.WEIGHTS_NAME}"
+            )
+        out = real_weights.build(dir, fmt=format, overwrite=overwrite, progress=typer.echo)
+        typer.echo(f"built {weights} Gemma 3 base ({format}; random vision tower) in {out}")
+        typer.echo(f"  weights: {real_weights.WEIGHTS_SOURCE}; {real_weights.WEIGHTS_TERMS}")
+        return
+    from toolkit.base import builder as tb
+
+    out = tb.build(dir, seed=seed, size=size, layers=layers, context=context, fmt=format, overwrite=overwrite)
     typer.echo(f"built {size} Gemma 3 base ({format}, seed {seed}) in {out}")
 
 
@@ -42,11 +63,14 @@ def tiny_base(
 def info(
     dir: Annotated[str, typer.Argument(help="Base folder (or hub id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    kernel: Annotated[str, typer.Option(help="GPTQ kernel to report on: auto (measured choice) or a name.")] = "auto",
 ) -> None:
-    """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, special tokens."""
-    from toolkit.info import describe, summary_lines
+    """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, tokens, kernel and dtype."""
+    from toolkit.base.info import describe, kernel_choice, summary_lines
 
     data = describe(dir)
+    data["kernel"] = kernel_choice(device, kernel)
     typer.echo(json.dumps(data, indent=2) if as_json else "\n".join(summary_lines(data)))
 
 
@@ -59,12 +83,15 @@ def chat(
     adapter: Annotated[str | None, typer.Option(help="Adapter NAME (in adapters/) or PATH to apply.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
+        "auto"
+    ),
 ) -> None:
     """Send one message (optionally with images) to the base and print its greedy reply."""
-    from toolkit import chat as chat_mod
-    from toolkit.base import load_base
-    from toolkit.engine import generate_greedy
-    from toolkit.schema import parse_messages
+    from toolkit.base.loader import load_base
+    from toolkit.data import template as chat_mod
+    from toolkit.data.schema import parse_messages
+    from toolkit.engine.engine import generate_greedy
 
     content = [{"type": "text", "text": message}] + [
         {"type": "image_url", "image_url": {"url": src}} for src in image or []
@@ -72,11 +99,11 @@ def chat(
     raw = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     messages = parse_messages(raw, purpose="request", where="message")
     images = chat_mod.load_images(messages, base_dir=Path.cwd(), policy=None, where="--image")
-    loaded = load_base(base, device=device)
+    loaded = load_base(base, device=device, kernel=kernel)
     if adapter:
         import dataclasses
 
-        from toolkit.adapters import attach, resolve_adapter
+        from toolkit.lora.registry import attach, resolve_adapter
 
         name, folder = resolve_adapter(adapter)
         loaded = dataclasses.replace(loaded, model=attach(loaded, [(name, folder)]))
@@ -99,17 +126,33 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     overrides: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    dump: Annotated[
+        Path | None, typer.Option(help="Write each encoded row's input_ids and labels (-100: not trained) as JSONL.")
+    ] = None,
+    show: Annotated[int, typer.Option(help="Print N encoded rows with the trained tokens between [[ and ]].")] = 0,
 ) -> None:
     """Check a recipe and read and encode its whole dataset; print rows, tokens, images, skipped, longest row."""
-    from toolkit.data import load_recipe_data
+    from toolkit.data.datasets import load_recipe_data
     from toolkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    summary = load_recipe_data(loaded).summary()
+    report = load_recipe_data(loaded)
+    summary = report.summary()
+    if dump or show:
+        from toolkit.base.loader import load_processor
+        from toolkit.data.dump import dump_rows, show_rows
+
+        if dump:
+            typer.echo(f"wrote {dump_rows(report, dump)} encoded rows to {dump}", err=as_json)
+        if show:
+            tokenizer = load_processor(loaded.base.path).tokenizer
+            typer.echo("\n".join(show_rows(report, tokenizer, show)), err=as_json)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"recipe {recipe}: ok (adapter {loaded.adapter_name!r}, base {loaded.base.path})")
+    how = "detected from the first row" if loaded.data.format == "auto" else "data.format"
+    typer.echo("  format " + ", ".join(f"{k} {v}" for k, v in summary["format"].items()) + f" ({how})")
     for split in ("train", "eval"):
         s = summary[split]
         longest = f", longest {s['longest_row']['tokens']} tokens ({s['longest_row']['where']})" if s["rows"] else ""
@@ -132,7 +175,7 @@ def train(
 ) -> None:
     """Train a QLoRA adapter on the frozen 4-bit base; write adapters/<name>/ (PEFT files + manifest)."""
     from toolkit.recipe import load_recipe
-    from toolkit.train import train as run_training
+    from toolkit.train.trainer import train as run_training
 
     result = run_training(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite, output_name=output)
     if result.interrupted:
@@ -148,7 +191,7 @@ def train(
     if "adapter" in result.metrics:
         from rich.console import Console
 
-        from toolkit.eval_report import rich_table
+        from toolkit.eval.report import rich_table
 
         m = result.metrics
         Console().print(rich_table("held-out", {"base": m["base"], "adapter": m["adapter"]}, ["base", "adapter"]))
@@ -179,8 +222,8 @@ def evaluate(
     """Compare the base and adapters on held-out rows: table, report files; with --min/--max, exit 1 on a miss."""
     from rich.console import Console
 
-    from toolkit.eval_report import report_table
-    from toolkit.eval_run import run_eval
+    from toolkit.eval.report import report_table
+    from toolkit.eval.run import run_eval
     from toolkit.recipe import load_recipe
 
     result = run_eval(
@@ -217,9 +260,22 @@ def serve(
     max_tokens_limit: Annotated[
         int | None, typer.Option(help="Most tokens one request may ask for (default: what the context allows).")
     ] = None,
+    kv_cache_gb: Annotated[
+        float | None,
+        typer.Option(help="KV cache budget in GB: a request that can never fit gets a 400, others wait for room."),
+    ] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="Prompt tokens per prefill pass, between decoding steps (0: whole prompts).")
+    ] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; beyond it: 413.")] = 32.0,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = C.MAX_IMAGES_PER_REQUEST,
+    allow_runtime_adapters: Annotated[
+        bool, typer.Option(help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (adapters folder only).")
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
+    kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
+        "auto"
+    ),
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:
@@ -227,7 +283,7 @@ def serve(
     if engine not in ("toolkit", "vllm"):
         raise ToolkitError(f"unknown engine {engine!r}", where="--engine", fix="use toolkit or vllm")
     if engine == "vllm":
-        from toolkit import vllm_handoff
+        from toolkit.serve import vllm_handoff
 
         command = vllm_handoff.plan(
             base, adapter or [], host=host, port=port, api_key=api_key, max_images=max_images, max_batch=max_batch
@@ -243,13 +299,14 @@ def serve(
         raise ToolkitError("--dry-run only applies to --engine vllm", where="--dry-run", fix="add --engine vllm")
     import uvicorn
 
-    from toolkit.server.app import build_state, create_app
+    from toolkit.serve.app import build_state, create_app
 
     state = build_state(
         base=base,
         adapters=adapter or [],
         api_key=api_key,
         device=device,
+        kernel=kernel,
         allow_private_urls=allow_private_urls,
         allowed_media_dir=allowed_media_dir,
         max_batch=max_batch,
@@ -257,6 +314,9 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         max_body_mb=max_body_mb,
         max_images=max_images,
+        kv_cache_gb=kv_cache_gb,
+        prefill_chunk=prefill_chunk,
+        allow_runtime_adapters=allow_runtime_adapters,
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
@@ -278,7 +338,7 @@ def make_image(
     size: Annotated[int, typer.Option(help="Width and height in pixels.")] = 64,
 ) -> None:
     """Write a small test image (a coloured square on white) for trying image input offline."""
-    from toolkit.images import make_square_image
+    from toolkit.data.images import make_square_image
 
     make_square_image(path, color=color, size=size)
     typer.echo(f"wrote {path}")

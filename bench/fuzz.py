@@ -131,7 +131,7 @@ def main() -> None:
     from report import replace_section
     from serve_load import start_server
 
-    from toolkit.server.app import build_state
+    from toolkit.serve.app import build_state
 
     state = build_state(base=None, adapters=[f"quickstart={args.adapter}"], device="cpu", max_tokens_limit=8)
     server, url = start_server(state)

@@ -9,7 +9,9 @@ Shapes from the checkpoint's config.json (google/gemma-3-27b-it text and SigLIP 
   LoRA        the adapter in fp32 (peft upcasts it), its gradients, and AdamW's two moments
   activations with gradient checkpointing: each layer's bf16 input is kept; one layer's internals are
               rebuilt during backward (attention by SDPA/flash, so linear in tokens)
-  logits      fp32 logits over the 262k vocabulary for every position: the largest term at long context
+  masks       attention masks at long context ([tokens x tokens], boolean, and SDPA's bf16 bias)
+  loss        the model's own loss holds fp32 logits over the 262k vocabulary (and copies): the largest term at
+              long context; the chunked loss `toolkit train` uses holds one tile and the hidden states' gradient
 """
 
 from __future__ import annotations
@@ -63,7 +65,25 @@ def per_token_gb() -> dict[str, float]:
         "checkpointed_inputs": TEXT["layers"] * h * 2 / GB,
         "one_layer_rebuilt": (6 * h + 3 * i + 2 * TEXT["heads"] * TEXT["head_dim"]) * 2 / GB,
         "logits_fp32": VOCAB * 4 / GB,
+        # TRL's fused LM head: the label positions' bf16 hidden states and their fp32 gradient
+        "chunked_loss": h * (2 + 4) / GB,
     }
+
+
+# The model's own loss holds bf16 logits, their fp32 copy, the fp32 log-softmax and its gradient: measured
+# 30.27 GB for 8,192 tokens x 262,208 vocabulary on an H100 (bench/long_row_memory.py), 3.5x the fp32 logits.
+FULL_LOGITS_FACTOR = 3.5
+# TRL's fused LM head projects one [4096 tokens x 32768 vocabulary] bf16 tile at a time.
+LOSS_TILE_GB = 4096 * 32768 * 2 / GB
+# One step of one 27B-shape layer (the builder's `27b-shapes`, 1 layer, 262,208 vocabulary) on 16,384 tokens with
+# gradient checkpointing and the chunked loss, measured on an H100 by bench/long_row_memory.py (2026-11-25).
+MEASURED_ONE_LAYER = {"tokens": 16384, "peak_gb": 11.91}
+
+
+def masks_gb(n: int) -> float:
+    """Attention masks at n tokens: the sliding and the full layers' boolean [n, n] masks and, while one layer
+    runs, SDPA's bf16 bias made from one of them. Text-only rows skip the full layers' mask (trainer.py)."""
+    return n * n * (1 + 1 + 2) / GB
 
 
 def plan(rank: int, contexts: tuple[int, ...] = (4096, 8192, 32768), overhead_gb: float = 2.0) -> list[dict]:
@@ -71,19 +91,27 @@ def plan(rank: int, contexts: tuple[int, ...] = (4096, 8192, 32768), overhead_gb
     fixed = (
         w["language_model_int4"] + w["embeddings_bf16"] + w["vision_and_projector_bf16"] + lo["weights_grads_adam_fp32"]
     )
+    m = MEASURED_ONE_LAYER
     rows = []
     for n in contexts:
         acts = n * (t["checkpointed_inputs"] + t["one_layer_rebuilt"])
-        logits = n * t["logits_fp32"]
-        chunked = min(n, 1024) * t["logits_fp32"]  # loss computed over 1024-token chunks
+        full_loss = n * t["logits_fp32"] * FULL_LOGITS_FACTOR
+        chunked = LOSS_TILE_GB + n * t["chunked_loss"]
+        # calibrated: the measured one-layer step scaled to n tokens (its masks grow as n^2, the rest as n) on top
+        # of the other 61 layers' checkpointed inputs
+        step = (m["peak_gb"] - masks_gb(m["tokens"])) * n / m["tokens"] + masks_gb(n)
+        calibrated = fixed + (TEXT["layers"] - 1) * n * TEXT["hidden"] * 2 / GB + step + overhead_gb
         rows.append(
             {
                 "tokens": n,
                 "fixed": fixed,
                 "activations": acts,
-                "logits": logits,
-                "total": fixed + acts + logits + overhead_gb,
-                "total_chunked_loss": fixed + acts + chunked + overhead_gb,
+                "masks": masks_gb(n),
+                "full_logits_loss": full_loss,
+                "chunked_loss": chunked,
+                "total_full_logits": fixed + acts + masks_gb(n) + full_loss + overhead_gb,
+                "total_chunked_loss": fixed + acts + masks_gb(n) + chunked + overhead_gb,
+                "total_chunked_calibrated": calibrated,
             }
         )
     return rows
@@ -114,25 +142,34 @@ def section(rank: int) -> str:
         f"| LoRA: {lo['params_million']:.0f} M parameters, fp32 weights + gradients + 2 Adam moments "
         f"| {lo['weights_grads_adam_fp32']:.1f} |",
         f"| per token: checkpointed layer inputs {t['checkpointed_inputs'] * 1e6:.0f} KB, one rebuilt layer "
-        f"{t['one_layer_rebuilt'] * 1e6:.0f} KB, fp32 logits {t['logits_fp32'] * 1e6:.0f} KB | |",
+        f"{t['one_layer_rebuilt'] * 1e6:.0f} KB; full-logits loss {FULL_LOGITS_FACTOR} x {t['logits_fp32'] * 1e6:.0f} "
+        f"KB fp32 logits; chunked loss {t['chunked_loss'] * 1e6:.0f} KB + one {LOSS_TILE_GB:.2f} GB tile | |",
         "",
-        "| context | activations | logits | total | total, loss in 1024-token chunks |",
-        "|---|---|---|---|---|",
+        "| context | activations | masks | loss: full logits / chunked | total, full logits | total, chunked loss "
+        "| total, chunked, calibrated on the H100 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokens'] // 1024}k | {r['activations']:.1f} | {r['logits']:.1f} | {r['total']:.1f} | "
-            f"{r['total_chunked_loss']:.1f} |"
+            f"| {r['tokens'] // 1024}k | {r['activations']:.1f} | {r['masks']:.1f} | {r['full_logits_loss']:.1f} / "
+            f"{r['chunked_loss']:.1f} | {r['total_full_logits']:.1f} | **{r['total_chunked_loss']:.1f}** | "
+            f"{r['total_chunked_calibrated']:.1f} |"
         )
+    last = rows[-1]
     lines += [
         "",
-        "Reading: the smallest GPU that holds a run is "
-        + "; ".join(f"{r['tokens'] // 1024}k: {_smallest(r['total'])}" for r in rows)
-        + ". At 32k the full-vocabulary logits (fp32, 262k entries per position) are the largest term; computing "
-        f"the loss in chunks would bring 32k to {_smallest(rows[-1]['total_chunked_loss'])} (not done by the "
-        "toolkit today: a known item for 32k recipes). Without gradient checkpointing each layer keeps roughly "
-        "10x its input in MLP and attention intermediates: off the table for 27B beyond short rows. These are "
-        "estimates by arithmetic; measured GPU figures go to docs/BENCHMARKS.md when a GPU run has been made.",
+        "Reading: with the model's own loss over the full logits the smallest GPU is "
+        + "; ".join(f"{r['tokens'] // 1024}k: {_smallest(r['total_full_logits'])}" for r in rows)
+        + ". `toolkit train` computes the loss in chunks (TRL's fused LM head, `training.chunked_loss`, on by "
+        "default from max_seq_len 4096; toolkit/train/loss.py): "
+        + "; ".join(f"{r['tokens'] // 1024}k: {_smallest(r['total_chunked_loss'])}" for r in rows)
+        + f". At 32k that is {last['total_chunked_loss']:.0f} GB by arithmetic and "
+        f"{last['total_chunked_calibrated']:.0f} GB calibrated on a measured step (one 27B-shape layer, 262k "
+        f"vocabulary, {MEASURED_ONE_LAYER['tokens']} tokens: {MEASURED_ONE_LAYER['peak_gb']} GB on an H100, about "
+        "twice the arithmetic for one rebuilt layer, since backward holds gradients of the MLP intermediates too): "
+        "under 80 GB either way, with gradient checkpointing on (without it each layer keeps roughly 10x its "
+        "input: off the table for 27B beyond short rows). Image rows add a [tokens x tokens] mask for the full "
+        "layers too (counted). Estimates; the whole 27B has not been trained here.",
         "",
     ]
     return "\n".join(lines)

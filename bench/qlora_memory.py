@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from toolkit import tiny_base
-from toolkit.base import load_base
-from toolkit.memory import dense_bf16_bytes, model_tensor_bytes
+from toolkit.base import builder as tiny_base
+from toolkit.base.loader import load_base
+from toolkit.base.memory import dense_bf16_bytes, model_tensor_bytes
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 

@@ -38,7 +38,7 @@ FULL_LENGTH = {"temperature": 0, "ignore_eos": True}  # every request generates 
 def start_server(state):
     import uvicorn
 
-    from toolkit.server.app import create_app
+    from toolkit.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,9 +69,9 @@ def http_load(url: str, models: list[str], n: int, clients: int, max_tokens: int
 
 
 def engine_load(state, adapter: str, n: int, max_tokens: int) -> float:
-    from toolkit import chat
-    from toolkit.engine import Request, SamplingParams
-    from toolkit.schema import parse_messages
+    from toolkit.data import template as chat
+    from toolkit.data.schema import parse_messages
+    from toolkit.engine.engine import Request, SamplingParams
 
     prompt = chat.encode_prompt(state.base.processor, parse_messages(PROMPT, purpose="request", where="bench"), [])
     done, tokens = threading.Semaphore(0), [0]
@@ -125,8 +125,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = ap.parse_args()
 
-    from toolkit.adapter_files import read_manifest
-    from toolkit.server.app import build_state
+    from toolkit.lora.folder import read_manifest
+    from toolkit.serve.app import build_state
 
     source = Path(args.adapter)
     base = read_manifest(source)["base"]["path"]

@@ -1,11 +1,13 @@
-"""Training throughput: `toolkit train` vs a minimal hand-written TRL + peft script, same base, data and steps.
+"""Training throughput: `toolkit train` vs the script a user writes from the transformers, peft and TRL docs.
 
-    .venv/bin/python bench/train_throughput.py [--steps 120] [--repeats 2] [--out docs/BENCHMARKS.md]
+    .venv/bin/python bench/train_throughput.py [--steps 120] [--repeats 2] [--sizes tiny,small] [--out FILE]
 
-Both sides train the quickstart recipe's LoRA (r 16 on the 7 projections) on the tiny base for the same number
-of optimizer steps with the same batch size, and report non-padding input tokens per second of training
-(Trainer's own `num_input_tokens_seen` / `train_runtime`; the toolkit's one-time encoding of the rows is added
-to its time). The ratio (toolkit / hand-written) is written to
+Both sides train the quickstart recipe's LoRA (r 16 on the 7 projections) on the same GPTQ-layout base
+(`toolkit tiny-base DIR --format gptq`, at each `--sizes` shape: kernels behave differently on bigger layers) for
+the same number of optimizer steps with the same batch size, and report non-padding input tokens per second of
+training (Trainer's own `num_input_tokens_seen` / `train_runtime`; the toolkit's one-time encoding of the rows is
+added to its time). The baseline loads the folder with `AutoModelForImageTextToText.from_pretrained`, whatever
+kernel and dtype transformers and GPTQModel pick. The ratio (toolkit / baseline; goal >= 1.2) is written to
 docs/BENCHMARKS.md. Not part of the test suite.
 """
 
@@ -29,7 +31,7 @@ RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 def run_toolkit(base: Path, steps: int, out: Path) -> float:
     from toolkit.recipe import load_recipe
-    from toolkit.train import train
+    from toolkit.train.trainer import train
 
     recipe = load_recipe(
         RECIPE,
@@ -49,15 +51,17 @@ def run_toolkit(base: Path, steps: int, out: Path) -> float:
 
 
 def run_hand_written(base: Path, steps: int, out: Path) -> float:
-    """What a user would write from TRL's docs: conversational rows with images, the processor, a LoraConfig."""
+    """What a user writes from the transformers, peft and TRL docs: the GPTQ folder loaded with `from_pretrained`
+    (transformers and GPTQModel pick the kernel and dtype), conversational rows with images, the processor, a
+    LoraConfig of the same shape; SFTTrainer does the rest. Nothing from the toolkit."""
     from datasets import Dataset
     from peft import LoraConfig
     from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    from toolkit.base import load_base
-
-    loaded = load_base(base, device="cpu", training=True)  # the same 4-bit model object as the toolkit trains
+    model = AutoModelForImageTextToText.from_pretrained(str(base))
+    processor = AutoProcessor.from_pretrained(str(base))
     rows = []
     data_dir = ROOT / "recipes" / "data" / "quickstart"
     for line in (data_dir / "train.jsonl").read_text().splitlines():
@@ -84,6 +88,7 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
         learning_rate=2e-3,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
+        gradient_checkpointing=False,  # as the quickstart recipe: same work on both sides
         logging_steps=1000,
         save_strategy="no",
         report_to=[],
@@ -94,66 +99,85 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
         seed=0,
     )
     trainer = SFTTrainer(
-        model=loaded.model,
+        model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
-        processing_class=loaded.processor,
+        processing_class=processor,
         peft_config=LoraConfig(
             r=16,
             lora_alpha=32,
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|"
-            r"gate_proj|up_proj|down_proj)",
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         ),
     )
+    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    _KERNELS["hand-written"] = f"{', '.join(kernels)} {str(model.dtype).replace('torch.', '')}"
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
+
+
+_KERNELS: dict[str, str] = {}  # side -> the 4-bit kernel class and model dtype it trained with
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sizes", default="tiny,small", help="base shapes to measure (builder sizes), comma-separated")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = ap.parse_args()
 
-    from toolkit import tiny_base
+    from toolkit.base import builder as tiny_base
+    from toolkit.base.kernels import training_choice
 
-    results: dict[str, list[float]] = {"toolkit": [], "hand-written": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = tiny_base.build(Path(tmp) / "base", seed=0)
-        for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
-            results["toolkit"].append(run_toolkit(base, args.steps, Path(tmp) / f"tk{i}"))
-            results["hand-written"].append(run_hand_written(base, args.steps, Path(tmp) / f"hw{i}"))
-    med = {k: statistics.median(v) for k, v in results.items()}
-    ratio = med["toolkit"] / med["hand-written"]
-    report = {
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "tokens_per_s": results,
-        "median": med,
-        "ratio_toolkit_over_hand_written": round(ratio, 3),
-    }
-    print(json.dumps(report, indent=2))
-    section = "\n".join(
-        [
-            "## Training throughput: `toolkit train` vs a hand-written TRL + peft script",
-            "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({cpus()} cores), tiny base, "
-            f"quickstart training rows, {args.steps} optimizer steps of batch 4, {args.repeats} alternating runs each "
-            "(`bench/train_throughput.py`). Non-padding input tokens per second of training (the toolkit's one-time",
-            "row encoding counted in its time; the hand-written script encodes in its collator, every step):",
-            "",
-            "| | median tokens/s | runs |",
-            "|---|---|---|",
-            *(f"| {k} | {med[k]:.0f} | {', '.join(f'{x:.0f}' for x in v)} |" for k, v in results.items()),
-            "",
-            f"**Ratio toolkit / hand-written: {ratio:.2f}** (goal >= 1.0).",
-            "",
-        ]
-    )
-    replace_section(Path(args.out), "## Training throughput", section)
+    choice = training_choice("cpu")
+    _KERNELS["toolkit"] = f"{choice.kernel.name} {choice.kernel.dtype}"
+    report: dict[str, dict] = {}
+    for size in args.sizes.split(","):
+        results: dict[str, list[float]] = {"toolkit": [], "hand-written": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            # the GPTQ layout, which `from_pretrained` reads; the toolkit trains the same folder
+            base = tiny_base.build(Path(tmp) / "base", seed=0, size=size, fmt="gptq")
+            for i in range(args.repeats):  # alternate, so drift on the machine hits both sides alike
+                results["toolkit"].append(run_toolkit(base, args.steps, Path(tmp) / f"tk{i}"))
+                results["hand-written"].append(run_hand_written(base, args.steps, Path(tmp) / f"hw{i}"))
+        med = {k: statistics.median(v) for k, v in results.items()}
+        report[size] = {
+            "tokens_per_s": results,
+            "median": med,
+            "kernels": dict(_KERNELS),
+            "ratio_toolkit_over_hand_written": round(med["toolkit"] / med["hand-written"], 3),
+        }
+    print(json.dumps({"steps": args.steps, "repeats": args.repeats, **report}, indent=2))
+    lines = [
+        "## Training throughput: `toolkit train` vs a plain transformers + peft + TRL script",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({cpus()} cores, shared with other jobs: "
+        f"noisy), quickstart training rows, {args.steps} optimizer steps of batch 4, LoRA r 16 on the 7 projections, "
+        f"no gradient checkpointing, {args.repeats} alternating runs each (`bench/train_throughput.py`). The baseline "
+        "loads the GPTQ-layout folder with `AutoModelForImageTextToText.from_pretrained` (the kernel transformers "
+        "and GPTQModel pick), wraps it with peft through SFTTrainer's `peft_config` and trains on conversational rows "
+        "with the processor; the toolkit trains the same folder. Non-padding input tokens per second of training (the "
+        "toolkit's one-time row encoding counted in its time):",
+        "",
+        "| base | side | kernel, dtype | median tokens/s | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for size, r in report.items():
+        for side, runs in r["tokens_per_s"].items():
+            lines.append(
+                f"| {size} | {side} | {r['kernels'].get(side, '?')} | {r['median'][side]:.0f} | "
+                f"{', '.join(f'{x:.0f}' for x in runs)} |"
+            )
+    lines += [
+        "",
+        "Ratio toolkit / baseline: "
+        + "; ".join(f"**{size} {r['ratio_toolkit_over_hand_written']:.2f}**" for size, r in report.items())
+        + " (goal >= 1.2).",
+        "",
+    ]
+    replace_section(Path(args.out), "## Training throughput", "\n".join(lines))
 
 
 if __name__ == "__main__":

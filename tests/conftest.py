@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_ct(tmp_path_factory) -> Path:
     """The default tiny base in the real checkpoint's format (compressed-tensors), seed 0."""
-    from toolkit import tiny_base
+    from toolkit.base import builder as tiny_base
 
     return tiny_base.build(tmp_path_factory.mktemp("bases") / "tiny-ct", seed=0)
 
@@ -23,7 +23,7 @@ def tiny_ct(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gptq(tmp_path_factory) -> Path:
     """The same weights written in GPTQ (GPTQModel) layout."""
-    from toolkit import tiny_base
+    from toolkit.base import builder as tiny_base
 
     return tiny_base.build(tmp_path_factory.mktemp("bases") / "tiny-gptq", seed=0, fmt="gptq")
 
@@ -31,14 +31,14 @@ def tiny_gptq(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base(tiny_ct):
     """The tiny base loaded for inference on CPU (shared: tests must not modify it)."""
-    from toolkit.base import load_base
+    from toolkit.base.loader import load_base
 
     return load_base(tiny_ct, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> dict[str, Path]:
-    from toolkit.images import make_square_image
+    from toolkit.data.images import make_square_image
 
     root = tmp_path_factory.mktemp("images")
     return {c: make_square_image(root / f"{c}.png", color=c) for c in ("red", "blue")}
@@ -48,7 +48,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 def trained(tiny_ct, tmp_path_factory):
     """The quickstart adapter trained on the tiny base (the full recipe, about 20 s on 2 cores)."""
     from toolkit.recipe import load_recipe
-    from toolkit.train import train
+    from toolkit.train.trainer import train
 
     out = tmp_path_factory.mktemp("adapters")
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"base.path={tiny_ct}", f"output.dir={out}"])
@@ -66,7 +66,7 @@ class LiveServer:
 
         import uvicorn
 
-        from toolkit.server.app import create_app
+        from toolkit.serve.app import create_app
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -90,7 +90,7 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def make_server(tiny_ct, trained):
     """Start servers for the tiny base + the quickstart adapter with any build_state options."""
-    from toolkit.server.app import build_state
+    from toolkit.serve.app import build_state
 
     servers = []
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_cli
 
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe, reference_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
@@ -88,8 +85,7 @@ def test_recipes_doc_is_generated_from_the_schema():
         assert f"`{key}`" in reference_markdown()
 
 
-def toolkit(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+toolkit = run_cli
 
 
 def test_validate_quickstart_prints_the_summary(tiny_ct):

@@ -27,9 +27,30 @@ class BaseSection(_Section):
     path: str
     """Base checkpoint: a local folder or a hub id of a 4-bit Gemma 3 (compressed-tensors or GPTQ format)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run: auto picks CUDA (bfloat16) when present, else CPU (float32)."""
+    """Where to run: auto picks CUDA when present, else CPU (the kernel picks the dtype: bfloat16 or float32)."""
     tiny_seed: int | None = None
     """Quickstart and tests: when set and `path` does not exist, build the tiny random base there with this seed."""
+    kernel: Literal[
+        "auto", "torch", "torch_aten", "torch_fused", "cpu_avx512", "marlin", "exllama_v2", "machete", "triton"
+    ] = "auto"
+    """GPTQ kernel for the 4-bit layers: auto (measured per device and phase; `toolkit info` shows it) or one."""
+
+
+# the fields a dataset format reads (toolkit/data/formats.py), which data.columns may rename
+DataColumn = Literal[
+    "messages",
+    "role",
+    "content",
+    "images",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "prompt",
+    "completion",
+    "regex",
+]
 
 
 class DataSection(_Section):
@@ -37,6 +58,12 @@ class DataSection(_Section):
     """Training rows: a .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or a hub dataset name."""
     eval: str | None = None
     """Held-out rows in the same forms; when absent, eval_fraction of the training rows is held out."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """Row shape of train/eval files (docs/DATA.md); auto: from the first row's fields (`toolkit validate` says)."""
+    columns: dict[DataColumn, str] = Field(default_factory=dict)
+    """Your field names for the format's fields, e.g. {messages: dialog, role: speaker, content: text, images: pics}."""
+    roles: dict[str, Literal["system", "developer", "user", "assistant"]] = Field(default_factory=dict)
+    """Your role names -> the schema's roles, e.g. {human: user, bot: assistant} (ShareGPT's human/gpt are known)."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of training rows held out for evaluation when no eval file is given."""
     split_seed: int = 0
@@ -93,6 +120,9 @@ class TrainingSection(_Section):
     """Forward passes per optimizer step."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass to save memory."""
+    chunked_loss: Literal["auto", "on", "off"] = "auto"
+    """Loss over the 262k vocabulary in chunks (TRL's fused LM head), never the full fp32 logits of a row: needed
+    for long rows (32k tokens would hold 31 GB of logits). auto: on when data.max_seq_len >= 4096."""
     seed: int = 0
     """Seed for initialisation, dropout and data order."""
     eval_every: int = Field(0, ge=0)
@@ -104,6 +134,11 @@ class TrainingSection(_Section):
     packing: bool = False
     """Pack conversations into one sequence: refused for Gemma 3 (needs flash-attention varlen kernels, and image
     tokens would attend across rows); batches are padded instead."""
+
+    @field_validator("chunked_loss", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class EvalSection(_Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from anywhere in the repo
 
-from toolkit.images import make_square_image  # noqa: E402
+from toolkit.data.images import make_square_image  # noqa: E402
 
 CAPITALS = {
     "France": "Paris",

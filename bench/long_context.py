@@ -1,0 +1,188 @@
+"""32k context: KV memory under a mixed load, stream gaps while a long prompt joins, training memory of a long row.
+
+    .venv/bin/python bench/long_context.py [--long 30000] [--chunk 256] [--base DIR] [--no-write]
+
+On the tiny base with 32,768 positions (built in a temporary folder unless --base is given), in-process engine:
+  1. KV bytes held / KV bytes needed with 15 short rows decoding and one --long-token prompt among them, read
+     from the engine's stats when all 16 rows are held (goal <= 1.25). Also printed: what one left-padded batch
+     (the former DynamicCache) would hold for the same rows.
+  2. Longest inter-token gap of a running stream while the long prompt is prefilled (from its submission to its
+     first token) / the stream's median gap before it arrived (goal <= 3), with --chunk tokens per prefill pass;
+     the same with the whole prompt in one pass (--chunk 0) for contrast.
+  3. Peak training memory of one long row with the chunked loss / without: the last line of
+     bench/long_row_memory.py (the training helper's; "not available" when it is missing or fails).
+Results go to docs/BENCHMARKS.md (section "Long context"). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from report import cpus, replace_section  # noqa: E402
+
+SHORTS = 15
+
+
+def ids(n: int, rng: random.Random) -> list[int]:
+    return [2] + [rng.randrange(200, 1700) for _ in range(n - 1)]
+
+
+class Stream:
+    def __init__(self, probe=None) -> None:
+        self.times: list[float] = []
+        self.probe, self.seen = probe, []
+        self.done = threading.Event()
+        self.finish = None
+
+    def __call__(self, kind, value) -> None:
+        if kind == "token":
+            self.times.append(time.perf_counter())
+            if self.probe:
+                self.seen.append(self.probe())
+        elif kind in ("done", "error"):
+            self.finish = value
+            self.done.set()
+
+
+def mixed_load(base, long_tokens: int, chunk: int, seed: int = 0) -> dict:
+    """15 short rows decode; once they run, the long prompt is submitted. Gaps of stream 0 and KV use."""
+    from toolkit.engine.engine import Engine, Request, SamplingParams
+
+    rng = random.Random(seed)
+    engine = Engine.for_base(base, max_batch=SHORTS + 1, prefill_chunk=chunk)
+    s = engine.stats
+    probe = lambda: (s["running"], s["kv_bytes_used"], s["kv_bytes_needed"])  # noqa: E731
+    shorts = [ids(rng.randrange(20, 60), rng) for _ in range(SHORTS)]
+    long = ids(long_tokens, rng)
+    streams = [Stream(probe) for _ in shorts]
+    try:
+        requests = []
+        for p, st in zip(shorts, streams, strict=True):  # the short rows run until the long one is done
+            params = SamplingParams(100_000, 0, ignore_eos=True)
+            requests.append(engine.submit(Request(p, [0] * len(p), None, None, params, st)))
+        while len(streams[0].times) < 12:
+            time.sleep(0.01)
+        joined = time.perf_counter()
+        lg = Stream(probe)
+        engine.submit(Request(long, [0] * len(long), None, None, SamplingParams(4, 0, ignore_eos=True), lg))
+        assert lg.done.wait(3600) and not isinstance(lg.finish, Exception), lg.finish
+        for r in requests:
+            r.cancel()
+        for st in streams:
+            assert st.done.wait(60)
+    finally:
+        engine.close()
+    first_long = lg.times[0]
+    t = streams[0].times
+    before = [b - a for a, b in zip(t, t[1:], strict=False) if b <= joined]
+    during = [b - a for a, b in zip(t, t[1:], strict=False) if b > joined and a < first_long]
+    # memory: when all 16 rows are held, the long one fully prefilled (its own first token events)
+    full = [(used, needed) for running, used, needed in lg.seen if running == SHORTS + 1]
+    used, needed = max(full, key=lambda x: x[1])
+    lengths = [len(p) + len(st.times) for p, st in zip(shorts, streams, strict=True)]
+    layout = engine.layout
+    widest = len(long) + 1
+    padded = (SHORTS + 1) * layout.needed_bytes(widest)  # one left-padded batch: every row as wide as the widest
+    return {
+        "long_tokens": long_tokens,
+        "chunk": chunk,
+        "median_gap_before_s": statistics.median(before),
+        "longest_gap_joining_s": max(during),
+        "gap_ratio": max(during) / statistics.median(before),
+        "prefill_s": first_long - joined,
+        "gaps_joining_s": sorted(during),
+        "kv_used": used,
+        "kv_needed": needed,
+        "kv_ratio": used / needed,
+        "padded_ratio": padded / needed,
+        "short_lengths": [min(lengths), max(lengths)],
+    }
+
+
+def training_ratio() -> tuple[str, dict | None]:
+    script = ROOT / "bench" / "long_row_memory.py"
+    if not script.exists():
+        return "not available (bench/long_row_memory.py is missing)", None
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in r.stdout.strip().splitlines() if line.startswith("{")]
+    try:
+        report = json.loads(lines[-1])
+        return f"{report['ratio']:.2f}", report
+    except (IndexError, KeyError, TypeError, ValueError):
+        return f"not available (bench/long_row_memory.py exited {r.returncode})", None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--long", type=int, default=30000, help="tokens of the long prompt")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens) for the gap measurement")
+    ap.add_argument("--base", help="a base folder with at least --long + 64 positions (default: build one)")
+    ap.add_argument("--skip-training", action="store_true", help="do not run bench/long_row_memory.py")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = ap.parse_args()
+
+    from toolkit.base import builder
+    from toolkit.base.loader import load_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.base or builder.build(Path(tmp) / "tiny-32k", seed=0, context=32768)
+        base = load_base(path, device="cpu")
+        chunked = mixed_load(base, args.long, args.chunk)
+        whole = mixed_load(base, args.long, 0)
+    train, train_report = ("skipped", None) if args.skip_training else training_ratio()
+
+    print(
+        f"KV bytes held / needed, 1 x {args.long}-token prompt + {SHORTS} short rows: {chunked['kv_ratio']:.2f} "
+        f"(goal <= 1.25; one left-padded batch would hold {chunked['padded_ratio']:.1f}x)"
+    )
+    print(
+        f"longest inter-token gap while the long prompt joins / median gap: {chunked['gap_ratio']:.2f} "
+        f"(goal <= 3; prefill chunk {args.chunk}; whole prompt in one pass: {whole['gap_ratio']:.1f})"
+    )
+    print(f"peak training memory of one long row, chunked loss / plain: {train} (goal <= 0.5)")
+    print(json.dumps({"chunked": chunked, "whole": whole, "training": train_report}))
+    if args.no_write:
+        return
+
+    when = time.strftime("%Y-%m-%d")
+    c, w = chunked, whole
+    ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731
+    section = f"""## Long context (`bench/long_context.py`)
+
+Measured {when} on {platform.machine()} CPU ({cpus()} cores, shared with other jobs: timings are noisy), tiny base
+with 32,768 positions (4 layers: 3 sliding-window layers of 1,024, 1 global), in-process engine, greedy. Load: {SHORTS}
+short rows ({c['short_lengths'][0]}-{c['short_lengths'][1]} tokens when measured) decoding, then one prompt of
+{args.long:,} tokens submitted among them.
+
+| ratio | measured | goal |
+|---|---|---|
+| KV bytes held / KV bytes needed (all 16 rows held) | {c['kv_ratio']:.2f} | <= 1.25 |
+| (for contrast: one left-padded batch, the former DynamicCache) | {c['padded_ratio']:.1f} | |
+| longest inter-token gap while the long prompt joins / median gap, chunk {args.chunk} | {c['gap_ratio']:.2f} | <= 3 |
+| (for contrast: the whole prompt in one prefill pass) | {w['gap_ratio']:.1f} | |
+| peak training memory of one long row, chunked loss / plain | {train} | <= 0.5 |
+
+Gaps of one running stream: median {ms(c['median_gap_before_s'])} before the long prompt arrived; longest
+{ms(c['longest_gap_joining_s'])} while it was prefilled in chunks of {args.chunk} ({c['prefill_s']:.1f} s to its first
+token); {ms(w['longest_gap_joining_s'])} when prefilled in one pass ({w['prefill_s']:.1f} s). KV bytes: held
+{c['kv_used'] / 2**20:.1f} MiB, needed {c['kv_needed'] / 2**20:.1f} MiB (each row's own tokens in global layers, its
+last 1,023 in sliding ones).
+"""
+    replace_section(ROOT / "docs" / "BENCHMARKS.md", "## Long context", section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""On the real Gemma 3 270M base (the `real` extra): things a random-weight base cannot show.
+
+The base is GPTQ-built once per machine (minutes; CI's first run builds it) and cached by real_weights.py under
+~/.cache/gemma3-lora-toolkit (or $TOOLKIT_CACHE); these tests read the cached folder.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.real_base
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def real_base() -> Path:
+    from toolkit.base import real_weights
+
+    return real_weights.cached_base()
+
+
+@pytest.fixture(scope="module")
+def processor(real_base):
+    from toolkit.base.loader import load_processor
+
+    return load_processor(real_base)
+
+
+@pytest.fixture(scope="module")
+def capitals(real_base, tmp_path_factory):
+    """A LoRA trained on 24 countries' capitals (one-word answers), evaluated on 8 held-out countries."""
+    from toolkit.recipe import load_recipe
+    from toolkit.train.trainer import train
+
+    out = tmp_path_factory.mktemp("real-adapters")
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart-270m.yaml",
+        [
+            f"base.path={real_base}",
+            f"output.dir={out}",
+            "output.name=capitals",
+            f"data.train={DATA / 'capitals-train.jsonl'}",
+            f"data.eval={DATA / 'capitals-heldout.jsonl'}",
+            "eval.metrics=[exact_match]",
+        ],
+    )
+    return train(recipe)
+
+
+def test_the_base_is_the_real_270m_in_the_27b_format(real_base, processor):
+    config = json.loads((real_base / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    weights = q["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, True)
+    text = config["text_config"]
+    assert (text["num_hidden_layers"], text["hidden_size"], text["vocab_size"], text["sliding_window"]) == (
+        18,
+        640,
+        262208,
+        512,
+    )
+    assert config["image_token_index"] == 262144
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>", "<start_of_image>"]) == [105, 106, 255999]
+    assert len(tok) == 262145
+    r = run_cli("info", real_base)
+    assert r.returncode == 0, r.stderr
+    assert "vision tower   RANDOM" in r.stdout and "Gemma terms of use" in r.stdout
+    assert "RANDOM" in (real_base / "README.md").read_text()
+
+
+def test_training_ids_equal_the_processors_ids_for_the_whole_conversation(real_base, processor):
+    """Every quickstart row (text, images, system turns), encoded turn by turn for training, is token for token
+    what Gemma3Processor gives for the whole rendered conversation with the real 262k vocabulary."""
+    from toolkit.data.datasets import load_data
+    from toolkit.data.template import load_images, to_template_messages
+    from toolkit.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart-270m.yaml", [f"base.path={real_base}"])
+    report = load_data(recipe.data, processor)
+    rows = report.train + report.eval
+    assert len(rows) == 112
+    for item in rows:
+        row = item.row
+        images = load_images(row.messages, base_dir=row.base_dir, policy=None)
+        text = processor.apply_chat_template(to_template_messages(row.messages), tokenize=False)
+        want = processor(text=text, images=images or None, add_special_tokens=False)["input_ids"][0]
+        assert item.encoded.input_ids == list(want), row.where
+        answer = [t for t, label in zip(item.encoded.input_ids, item.encoded.labels, strict=True) if label != -100]
+        assert processor.tokenizer.decode(answer) == row.messages[-1].content + "<end_of_turn>", row.where
+
+
+def test_a_lora_on_some_capitals_answers_held_out_countries(capitals):
+    """Held-out countries' capitals are knowledge only the real weights hold; the adapter teaches the answer format."""
+    adapter = capitals.metrics["adapter"]
+    score = adapter.get("exact_match", adapter.get("exact_match.text"))
+    assert score >= 0.75, capitals.metrics
+
+
+def _ask(url: str, messages: list, max_tokens: int = 12, model: str = "capitals") -> str:
+    import httpx
+
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def server(real_base, capitals):
+    from conftest import LiveServer
+
+    from toolkit.serve.app import build_state
+
+    live = LiveServer(build_state(base=str(real_base), device="cpu", adapters=[f"capitals={capitals.adapter_dir}"]))
+    yield live
+    live.stop()
+
+
+def test_served_greedy_answer_equals_toolkit_chat(server, real_base, capitals):
+    question = "What is the capital of Finland?"
+    served = _ask(server.url, [{"role": "user", "content": question}])
+    r = run_cli("chat", real_base, question, "--adapter", f"capitals={capitals.adapter_dir}", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"model + capitals: {json.dumps(served)}"
+    assert served == "Helsinki"
+
+
+def test_long_prompts_past_the_sliding_window_answer_the_same_alone_and_batched(server, processor):
+    from toolkit.base import real_weights
+
+    words = real_weights.heldout_text().split()
+    prompts = [" ".join(words[i * 900 : (i + 1) * 900]) + "\n\nWhat is the capital of Hungary?" for i in range(3)]
+    lengths = [len(processor.tokenizer(p)["input_ids"]) for p in prompts]
+    assert min(lengths) > 2 * 512, lengths  # the 512-token sliding window is crossed at least twice
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    alone = [_ask(server.url, m, max_tokens=8) for m in messages]
+    batched: list[str | None] = [None] * len(messages)
+
+    def ask(i: int) -> None:
+        batched[i] = _ask(server.url, messages[i], max_tokens=8)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(messages))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert batched == alone
+    assert all(a for a in alone)

@@ -1,0 +1,38 @@
+"""Per-row KV storage without a model: what a row shows attention and what it holds."""
+
+from __future__ import annotations
+
+import torch
+
+from toolkit.engine.kv_cache import KVLayout, RowKV
+
+
+def test_rows_keep_their_own_tokens_sliding_layers_the_last_window_and_hold_little_more():
+    layout = KVLayout(windows=(8, None), kv_heads=1, head_dim=2, elem_bytes=4)
+    row = RowKV(layout, limit=None)
+    tokens = torch.arange(300, dtype=torch.float32)
+    fed = 0
+    for n in [5, 1, 1, 30, 1, 7, 1, 1, 100, 1, 1, 1, 1, 50]:  # chunks and decoding steps, crossing the window
+        new = tokens[fed : fed + n].view(1, n, 1).expand(1, n, 2)
+        for layer in (0, 1):
+            row.append(layer, new, -new)
+        fed += n
+        row.seen = fed
+        sliding, _ = row.view(0)
+        full, values = row.view(1)
+        assert sliding[0, :, 0].tolist() == tokens[max(0, fed - 7) : fed].tolist()  # window - 1 newest
+        assert full[0, :, 0].tolist() == tokens[:fed].tolist() and values[0, :, 0].tolist() == (-tokens[:fed]).tolist()
+        if fed > 100:  # growth by 1/8 (full layer), window-1 + 64 slack at most (sliding layer)
+            assert row.held_bytes() <= 1.25 * row.needed_bytes() + layout.token_bytes * (7 + 64)
+
+
+def test_storage_never_grows_past_the_rows_limit_so_the_reservation_holds():
+    layout = KVLayout(windows=(1024, None), kv_heads=2, head_dim=4, elem_bytes=2)
+    row = RowKV(layout, limit=1000)
+    for _ in range(1000):
+        k = torch.zeros((2, 1, 4), dtype=torch.bfloat16)
+        for layer in (0, 1):
+            row.append(layer, k, k)
+        row.seen += 1
+    assert row.held_bytes() <= layout.reserve_bytes(1000)
+    assert row.held_bytes() == layout.needed_bytes(1000)  # a row at its limit holds exactly what it needs

@@ -1,0 +1,129 @@
+"""The one module that imports GPTQModel (the GPTQ backend) and the shims it needs here.
+
+Why GPTQModel and not auto-gptq (named by the model card): see docs/DEPENDENCIES.md. Only loader.py loads through
+this; kernels.py names the kernels and asks `unavailable` which of them this machine runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from toolkit.quiet import quiet_third_party
+
+# Compute capability each CUDA kernel needs (GPTQModel checks it late, at load; asking first lets `auto` move on).
+_MIN_CAPABILITY = {"gptq_marlin": (8, 0), "gptq_machete": (9, 0)}
+
+
+def kernel_class(backend: str):
+    """GPTQModel's layer class for a GPTQ int4 backend name."""
+    quiet_third_party()
+    from gptqmodel.quantization import FORMAT, METHOD
+    from gptqmodel.utils.backend import BACKEND
+    from gptqmodel.utils.importer import get_kernel_for_backend
+
+    return get_kernel_for_backend(BACKEND(backend), METHOD.GPTQ, FORMAT.GPTQ)
+
+
+def unavailable(kernel) -> str | None:
+    """Why `kernel` (a kernels.Kernel) cannot run on this machine, or None when it can."""
+    import torch
+
+    if kernel.device == "cuda":
+        if not torch.cuda.is_available():
+            return "no GPU visible"
+        need = _MIN_CAPABILITY.get(kernel.backend)
+        if need and torch.cuda.get_device_capability() < need:
+            return f"needs compute capability {need[0]}.{need[1]}"
+    try:
+        cls = kernel_class(kernel.backend)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ok, err = cls.cached_validate_once()
+    except Exception as exc:  # a kernel whose extension is missing or fails to import is just not available
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return None if ok else (str(err).splitlines()[0][:160] if err else "not supported here")
+
+
+def load_gptq(folder: Path, device: str, kernel, training: bool):
+    """Load a GPTQ-layout Gemma 3 folder with GPTQModel on `kernel`; return the transformers model inside it."""
+    import torch
+
+    quiet_third_party()
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    dtype = getattr(torch, kernel.dtype)
+    # GPTQModel's kernels accept only fp16/bf16 at load; a float32 model is loaded bf16 and cast below.
+    load_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+    with contextlib.redirect_stdout(io.StringIO()):  # GPTQModel print()s its adapter setting on every load
+        wrapper = GPTQModel.load(str(folder), device=device, backend=BACKEND(kernel.backend), dtype=load_dtype)
+    model = wrapper.model
+    for module in model.modules():
+        if not isinstance(module, BaseQuantLinear):
+            continue
+        # Shim: TorchLinear.post_init wraps dequantize_weight in torch.compile. On CPU that compile costs ~20 s
+        # and recompiles per layer shape (a 2-layer forward took 2.8 s instead of 17 ms, measured); the eager
+        # method is exact and fast enough. Removing the instance attribute restores the class method.
+        if "dequantize_weight" in vars(module) and device == "cpu":
+            del module.dequantize_weight
+        # Shim: the aten int4 kernels pick their mode (packed inference or dequantise-and-train) at the first
+        # forward and keep it; a training load pins "train" so an eval pass before training cannot repack the
+        # weights into the inference-only layout (whose matmul runs under no_grad: no gradient to the input).
+        if training and hasattr(module, "linear_mode"):
+            module.linear_mode = "train"
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) == 1:
+        # Shim: GPTQModel records a per-module device map even when every module is on one device; accelerate
+        # reads any map with more than one entry as device_map="auto" and refuses distributed (DDP) training.
+        model.hf_device_map = {"": devices.pop()}
+    if dtype != load_dtype:
+        model = model.to(dtype)  # scales are bf16 on disk, so fp32 holds them exactly
+    return model
+
+
+def layer_kernels(model) -> list[str]:
+    """The class names of the 4-bit layers in `model` (what actually runs)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)})
+
+
+def is_quantized_linear(module) -> bool:
+    """True for GPTQModel's packed 4-bit linear layers (what peft's GPTQ LoRA dispatcher wraps)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return isinstance(module, BaseQuantLinear)
+
+
+def quantize_gptq(dense_dir: Path, out_dir: Path, calibration: list[list[int]], settings: dict) -> None:
+    """GPTQ-quantise a dense Gemma 3 text checkpoint with GPTQModel's own quantizer (CPU is fine); save GPTQ layout.
+
+    `settings`: group_size, act_group_aware, true_sequential, mse, damp_percent (real_weights.GptqSettings).
+    Symmetric int4, static contiguous groups (desc_act off): what compressed-tensors' pack-quantized format holds.
+    """
+    import os
+
+    # GPTQModel sizes its CPU worker pool from this variable, else to half the cores; on a 2-core machine its
+    # quantizer was found to need GPTQMODEL_CPU_WORKERS=2 (issue 18).
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    quiet_third_party()
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    config = QuantizeConfig(
+        bits=4,
+        group_size=settings["group_size"],
+        sym=True,
+        desc_act=False,
+        act_group_aware=settings["act_group_aware"],
+        true_sequential=settings["true_sequential"],
+        mse=settings["mse"],
+        damp_percent=settings["damp_percent"],
+        device="cpu",
+    )
+    model = GPTQModel.load(str(dense_dir), config)
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
+    # Batches of equal-length rows (no padding) give the same Hessians as one row at a time; on a CPU the
+    # per-batch overhead dominates at batch 1 (GPTQModel's own estimate: 68 min vs minutes for the 270M).
+    model.quantize(rows, batch_size=settings.get("batch_size", 16))
+    model.save(str(out_dir))

@@ -1,0 +1,132 @@
+"""Which GPTQ kernel (and model dtype) runs the 4-bit layers, per device and per phase (inference, training).
+
+The candidates are GPTQModel's kernels for GPTQ int4, group 128. Each was measured side by side on the tiny base
+and on bigger shapes (bench/kernels.py on CPU, bench/gpu_path.py on CUDA; figures and reasons in
+docs/DEPENDENCIES.md): tokens/s, whether peft LoRA wraps it, whether gradients reach the LoRA weights and the
+layer input as on the dequantised reference, and the logits' largest difference from that reference. `auto`
+takes the first available kernel of the measured preference list; `--kernel` / `base.kernel` names one.
+This module knows names, dtypes and the choice; only gptq_backend.py talks to GPTQModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from toolkit.errors import ToolkitError
+
+PHASES = ("inference", "training")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One candidate: the toolkit's name for it, GPTQModel's backend and layer class, and how it is loaded."""
+
+    name: str
+    device: str  # "cpu" or "cuda"
+    backend: str  # GPTQModel BACKEND value
+    layer: str  # the GPTQModel class that replaces each 4-bit linear
+    dtype: str  # the model's dtype with this kernel: never float16 (Gemma 3 overflows it)
+    trains: bool  # back-propagates to the layer input like the dequantised reference (tests/base/test_kernels.py)
+    note: str
+
+
+KERNELS: tuple[Kernel, ...] = (
+    # float32: the reference. Dequantises each weight on every forward; exact, and the fastest to train on a CPU
+    # without AVX512-BF16, where bfloat16 dense matmuls are emulated (slower than float32).
+    Kernel("torch", "cpu", "gptq_torch", "TorchLinear", "float32", True, "dequantise + matmul (the reference)"),
+    # aten's packed int4 matmul; needs bfloat16 activations, so the whole model runs in bfloat16.
+    Kernel("torch_aten", "cpu", "gptq_torch_aten", "TorchAtenLinear", "bfloat16", True, "aten int4pack matmul"),
+    # The same aten int4 matmul, but the layer casts float32 activations to bfloat16 and back itself, so the rest
+    # of the model (attention, norms, the 262k-row LM head) stays float32.
+    Kernel("torch_fused", "cpu", "gptq_torch_fused", "TorchFusedLinear", "float32", True, "aten int4pack matmul"),
+    # Needs AVX512-BF16 (Sapphire Rapids, Zen 4 and later); inference only (no backward).
+    Kernel("cpu_avx512", "cpu", "gptq_torch_cpu_avx512", "TorchCpuAvx512Linear", "bfloat16", False, "AVX512-BF16"),
+    Kernel("marlin", "cuda", "gptq_marlin", "MarlinLinear", "bfloat16", False, "Marlin (SM80+), inference only"),
+    Kernel("exllama_v2", "cuda", "gptq_exllama_v2", "ExllamaV2Linear", "bfloat16", False, "inference only"),
+    Kernel("machete", "cuda", "gptq_machete", "MacheteLinear", "bfloat16", False, "CUTLASS (SM90+), inference only"),
+    Kernel("triton", "cuda", "gptq_triton", "TritonV2Linear", "bfloat16", True, "Triton dequantise + matmul"),
+    Kernel("torch", "cuda", "gptq_torch", "TorchLinear", "bfloat16", True, "dequantise + matmul"),
+)
+
+# `auto`: the measured preference per (device, phase); the first kernel this machine offers wins.
+AUTO: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cpu", "inference"): ("cpu_avx512", "torch_fused", "torch"),
+    ("cpu", "training"): ("torch",),
+    ("cuda", "inference"): ("marlin", "exllama_v2", "torch"),
+    ("cuda", "training"): ("triton", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel a load will use, the model dtype that goes with it, and why it was picked."""
+
+    kernel: Kernel
+    phase: str
+    reason: str
+
+    @property
+    def dtype(self) -> str:
+        return self.kernel.dtype
+
+    def describe(self) -> str:
+        return f"{self.kernel.name} ({self.kernel.layer}), {self.dtype}, {self.reason}"
+
+
+def device_type(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def names(device: str | None = None) -> list[str]:
+    """Kernel names a user may pass (for one device type, or all)."""
+    return sorted({k.name for k in KERNELS if device is None or k.device == device_type(device)})
+
+
+def get(name: str, device: str) -> Kernel:
+    for k in KERNELS:
+        if k.name == name and k.device == device_type(device):
+            return k
+    raise ToolkitError(
+        f"unknown kernel {name!r} for {device_type(device)}",
+        where="kernel",
+        fix=f"use auto or one of: {', '.join(names(device))}",
+    )
+
+
+def choose(device: str, phase: str = "inference", requested: str = "auto", *, available=None) -> Choice:
+    """The kernel for `device` and `phase`: the one `requested`, or auto's first available one.
+
+    `available(kernel) -> str | None` says why a kernel cannot run here (None: it can); the default asks
+    GPTQModel (gptq_backend.unavailable). The training helper and `toolkit train` call this with phase
+    "training"; serve, chat and eval with "inference".
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+    if available is None:
+        from toolkit.base.gptq_backend import unavailable as available
+    if requested and requested != "auto":
+        kernel = get(requested, device)
+        if phase == "training" and not kernel.trains:
+            trainable = [k.name for k in KERNELS if k.trains and k.device == kernel.device]
+            raise ToolkitError(
+                f"kernel {kernel.name} cannot train: it has no backward pass to the layer input",
+                where="kernel",
+                fix=f"use auto or one of: {', '.join(trainable)}",
+            )
+        why = available(kernel)
+        if why:
+            raise ToolkitError(f"kernel {kernel.name} is not available here: {why}", where="kernel", fix="use auto")
+        return Choice(kernel, phase, "asked for")
+    skipped = []
+    for name in AUTO[(device_type(device), phase)]:
+        kernel = get(name, device)
+        why = available(kernel)
+        if not why:
+            return Choice(kernel, phase, "auto" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        skipped.append(f"{name}: {why}")
+    raise ToolkitError(f"no GPTQ kernel runs here: {'; '.join(skipped)}", where="kernel", fix="install GPTQModel")
+
+
+def training_choice(device: str, requested: str = "auto") -> Choice:
+    """The kernel and dtype `toolkit train` (and a hand-written baseline that wants the same) loads with."""
+    return choose(device, "training", requested)

@@ -1,0 +1,195 @@
+"""Loads the frozen 4-bit Gemma 3 base (tiny or the real 27B) with its processor. Nothing else does.
+
+Accepted: a local folder or a hub id (downloaded where the network allows) holding a Gemma 3 checkpoint
+quantised to 4 bits in compressed-tensors pack-quantized format (the real checkpoint) or GPTQ (GPTQModel)
+format. A compressed-tensors folder is repacked once, losslessly, to GPTQ layout (quant_format.py) and loaded
+through GPTQModel so the weights stay packed 4-bit in memory, also while LoRA trains on top.
+Device: CUDA when present, else CPU. Kernel and dtype: per device and phase (inference or training) as measured
+(kernels.py); bfloat16 or float32, never float16 (Gemma 3 overflows it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit import constants as C
+from toolkit.base import quant_format
+from toolkit.base.quant_format import QuantSpec
+from toolkit.errors import ToolkitError
+
+GEMMA3_MODEL_TYPE = "gemma3"
+
+
+@dataclass
+class Base:
+    """A loaded base: the transformers model (eval mode, frozen), its processor and what was checked."""
+
+    model: Any
+    processor: Any
+    path: Path
+    spec: QuantSpec
+    device: str
+    dtype: Any
+    fingerprint: str
+    config: dict = field(repr=False, default_factory=dict)
+    kernel: str = "torch"
+    """The GPTQ kernel running the 4-bit layers (kernels.py name), chosen per device and phase."""
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.config)
+
+
+def context_length(config: dict) -> int:
+    """The context a base is served with: its config's, capped at the card's 32k for the real 27B."""
+    text = config.get("text_config", {})
+    n = int(text.get("max_position_embeddings", 0))
+    return min(n, C.REAL_CONTEXT_LEN) if text.get("hidden_size") == C.REAL_HIDDEN_SIZE else n
+
+
+def served_name(base: str | Path) -> str:
+    """The model name clients use for a base: a hub id as given, a folder by its name."""
+    return str(base) if "/" in str(base) and not Path(base).exists() else Path(base).name
+
+
+def resolve_path(path_or_id: str | Path) -> Path:
+    """A local folder as is; `org/name` not present locally is fetched from the hub (clear error offline)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text))
+        except Exception as exc:  # any hub failure (offline, gated, missing) is the same user problem
+            raise ToolkitError(
+                f"base {text!r} is not a local folder and could not be fetched from the hub "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                where="base",
+                fix="download it where the network allows (`hf download ID --local-dir DIR`) and point at DIR",
+            ) from None
+    raise ToolkitError(
+        f"base folder {str(path)!r} does not exist",
+        where="base",
+        fix="build a tiny base with `toolkit tiny-base DIR` or point at a downloaded checkpoint folder",
+    )
+
+
+def check_base(path: Path) -> tuple[dict, QuantSpec]:
+    """Check that `path` holds a 4-bit Gemma 3 checkpoint; return its config and quantisation spec."""
+    if not path.is_dir():
+        raise ToolkitError(f"{path} is not a folder", where="base", fix="point at a checkpoint folder")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ToolkitError(f"no config.json in {path}", where="base", fix="point at a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"config.json is not valid JSON ({exc})", where=str(cfg_file)) from None
+    model_type = config.get("model_type")
+    if model_type != GEMMA3_MODEL_TYPE:
+        raise ToolkitError(
+            f"expected a Gemma 3 model (model_type 'gemma3'), found model_type {model_type!r}",
+            where=str(cfg_file),
+            fix="this toolkit serves Gemma 3 (Gemma3ForConditionalGeneration) checkpoints only",
+        )
+    spec = quant_format.read_quant_spec(config, where=str(cfg_file))
+    files = quant_format.weight_files(path)
+    if not files:
+        raise ToolkitError(
+            f"no *.safetensors weight files in {path}",
+            where="base",
+            fix="download the complete checkpoint (only safetensors weights are loaded)",
+        )
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(wanted - {f.name for f in files})
+        if missing:
+            raise ToolkitError(
+                f"weight files listed in model.safetensors.index.json are missing: {', '.join(missing[:3])}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+                where=str(path),
+                fix="finish downloading the checkpoint",
+            )
+    return config, spec
+
+
+def fingerprint(config: dict) -> str:
+    """Identity of a base for adapter manifests: hash of its config including the quantisation config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pick_device(device: str | None = None) -> str:
+    """The device to load on: CUDA when present (one GPU per process under accelerate/torchrun), else CPU."""
+    import torch
+
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under accelerate/torchrun (DDP)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ToolkitError("CUDA was asked for but no GPU is visible", where="--device", fix="use --device cpu")
+    return device
+
+
+def prepare_recipe_base(section: Any) -> Path:
+    """The recipe's base folder; builds the tiny base there first when `tiny_seed` is set and it is missing."""
+    path = Path(section.path)
+    if section.tiny_seed is not None and not path.exists():
+        from toolkit.base import builder as tiny_base
+
+        tiny_base.build(path, seed=section.tiny_seed)
+    return resolve_path(section.path)
+
+
+def load_processor(path_or_id: str | Path) -> Any:
+    """The base's processor (tokenizer, chat template, image processor) without loading any weights."""
+    path = resolve_path(path_or_id)
+    check_base(path)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_base(
+    path_or_id: str | Path, *, device: str | None = None, training: bool = False, kernel: str = "auto"
+) -> Base:
+    """Load a 4-bit Gemma 3 base and its processor, frozen, on `device` (default: CUDA if present, else CPU).
+
+    `kernel`: auto (the measured choice for this device and phase, kernels.py) or a kernel name.
+    """
+    path = resolve_path(path_or_id)
+    config, spec = check_base(path)  # before any heavy import: a bad base fails in milliseconds
+    import torch
+    from transformers import AutoProcessor
+
+    from toolkit.base import gptq_backend, kernels
+
+    device = pick_device(device)
+    choice = kernels.choose(device, "training" if training else "inference", kernel)
+    gptq_dir = quant_format.ensure_gptq(path)
+    try:
+        model = gptq_backend.load_gptq(gptq_dir, device=device, kernel=choice.kernel, training=training)
+    except (ValueError, KeyError, OSError) as exc:  # GPTQModel reports bad checkpoints as these
+        raise ToolkitError(
+            f"could not load the quantised weights: {str(exc).splitlines()[0][:300]}",
+            where=str(path),
+            fix="check that the checkpoint is complete and is a 4-bit Gemma 3 (re-download or rebuild it)",
+        ) from None
+    model.eval()
+    model.requires_grad_(False)  # the base is frozen; LoRA adds the only trainable weights
+    processor = AutoProcessor.from_pretrained(path)
+    dtype = getattr(torch, choice.dtype)
+    return Base(model, processor, path, spec, device, dtype, fingerprint(config), config, kernel=choice.kernel.name)

@@ -1,0 +1,270 @@
+"""The one message schema: the model card's chat `messages`, for training rows, eval rows and HTTP requests.
+
+system / developer / user / assistant messages; user content is a string or a list of `{"type": "text", "text"}`
+and `{"type": "image_url", "image_url": {"url"}}` parts; system, developer and assistant content is text only.
+`developer` is OpenAI's newer name for `system`: it is accepted wherever system is (the leading instruction
+messages, any mix and order), and the template merges them, in order, into Gemma 3's one system turn. No tool calls.
+`check_messages` parses and checks a raw list and returns every problem with its field path
+(`messages[1].content[0].type`), so callers can report them as rows (file:row) or as HTTP errors (param).
+This module does not know the chat template (template.py), how images are fetched (images.py) or which file
+format a row came in (formats.py converts every format into this schema before it is checked here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from toolkit.errors import ToolkitError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="data: URI, http(s) URL, or a path (training data: relative to the file)")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted for OpenAI clients; ignored")
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def _part_tag(v: Any) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return {"text": "text-part", "image_url": "image-part"}.get(kind) if isinstance(kind, str) else None
+
+
+UserPart = Annotated[
+    Annotated[TextPart, Tag("text-part")] | Annotated[ImagePart, Tag("image-part")],
+    Discriminator(
+        _part_tag,
+        custom_error_type="part_type",
+        custom_error_message="content part type must be 'text' or 'image_url'",
+    ),
+]
+
+
+class SystemMessage(_Strict):
+    role: Literal["system"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class DeveloperMessage(_Strict):
+    role: Literal["developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+INSTRUCTION_ROLES = ("system", "developer")  # the leading messages that become Gemma 3's system turn
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+def _role_tag(v: Any) -> str | None:
+    role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
+    tags = {
+        "system": "system-message",
+        "developer": "developer-message",
+        "user": "user-message",
+        "assistant": "assistant-message",
+    }
+    return tags.get(role) if isinstance(role, str) else None  # found by fuzzing: {"role": {}} is unhashable
+
+
+Message = Annotated[
+    Annotated[SystemMessage, Tag("system-message")]
+    | Annotated[DeveloperMessage, Tag("developer-message")]
+    | Annotated[UserMessage, Tag("user-message")]
+    | Annotated[AssistantMessage, Tag("assistant-message")],
+    Discriminator(
+        _role_tag,
+        custom_error_type="role",
+        custom_error_message="role must be 'system', 'developer', 'user' or 'assistant'",
+    ),
+]
+
+
+class Messages(BaseModel):
+    """The `messages` array, parsed."""
+
+    messages: list[Message]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a messages array: where (a field path) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+TOOLS_UNSUPPORTED = "tool calling is not supported by this model (no tools, tool messages or tool_calls)"
+
+# pydantic puts union-branch labels into error locations; they are not fields a user wrote.
+_BRANCH_LABELS = {
+    "text-part",
+    "image-part",
+    "system-message",
+    "developer-message",
+    "user-message",
+    "assistant-message",
+    "str",
+}
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for item in (x for x in loc if x != "body"):  # FastAPI prefixes request-body errors with "body"
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif item in _BRANCH_LABELS or str(item).startswith(("list[", "function-")):
+            continue
+        else:
+            out += f".{item}" if out else str(item)
+    return out
+
+
+def problems_from_errors(errors: list[dict]) -> list[Problem]:
+    """pydantic error dicts -> Problems with user-facing paths (used for rows and for HTTP request bodies)."""
+    problems: dict[str, Problem] = {}
+    for e in errors:
+        path = _path(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        # `str | list` unions report both branches; keep the first problem per path (the list branch's
+        # detail comes with a deeper path) and say what the union accepts.
+        if e["type"] in ("string_type", "list_type") and path.endswith("content"):
+            msg = "content must be a string or a list of content parts"
+        problems.setdefault(path, Problem(path, msg))
+    # A list with a bad part also fails the string branch; the part's own problem is the useful one.
+    return [p for p in problems.values() if not any(q.path.startswith(p.path + "[") for q in problems.values())]
+
+
+def _text_of(content: str | list) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content if isinstance(p, TextPart))
+
+
+def image_urls(messages: list) -> list[tuple[str, str]]:
+    """(field path, url) of every image part, in order."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            out += [
+                (f"messages[{i}].content[{j}]", p.image_url.url)
+                for j, p in enumerate(m.content)
+                if isinstance(p, ImagePart)
+            ]
+    return out
+
+
+def leading_instructions(messages: list) -> int:
+    """How many system / developer messages open the conversation (they form one system turn)."""
+    n = 0
+    while n < len(messages) and messages[n].role in INSTRUCTION_ROLES:
+        n += 1
+    return n
+
+
+def _conversation_problems(messages: list, purpose: str, max_images: int | None) -> list[Problem]:
+    problems = []
+    if not messages:
+        return [Problem("messages", "must contain at least one message")]
+    offset = leading_instructions(messages)
+    turns = messages[offset:]
+    for i, m in enumerate(turns, start=offset):
+        if m.role in INSTRUCTION_ROLES:
+            problems.append(
+                Problem(f"messages[{i}].role", f"a {m.role} message may only come first (before the first user turn)")
+            )
+    for k, m in enumerate(turns):
+        want = "user" if k % 2 == 0 else "assistant"
+        if m.role not in INSTRUCTION_ROLES and m.role != want:
+            problems.append(
+                Problem(
+                    f"messages[{k + offset}].role",
+                    f"expected {want!r} here: after an optional system message, roles alternate user, assistant, "
+                    f"user, ... (got {m.role!r})",
+                )
+            )
+            break
+    for i, m in enumerate(messages):
+        has_image = isinstance(m.content, list) and any(isinstance(p, ImagePart) for p in m.content)
+        if not _text_of(m.content).strip() and not has_image:
+            problems.append(Problem(f"messages[{i}].content", "is empty"))
+    if turns and not problems:
+        last = turns[-1].role
+        if purpose == "train" and last != "assistant":
+            problems.append(
+                Problem(f"messages[{len(messages) - 1}]", "the last message must be the assistant answer to train on")
+            )
+        if purpose == "request" and last != "user":
+            problems.append(Problem(f"messages[{len(messages) - 1}].role", "the last message must be from the user"))
+    if not turns:
+        problems.append(Problem("messages", "needs a user message"))
+    n_images = len(image_urls(messages))
+    if max_images is not None and n_images > max_images:
+        problems.append(Problem("messages", f"has {n_images} images; at most {max_images} per conversation"))
+    return problems
+
+
+def check_messages(
+    raw: Any, *, purpose: Literal["train", "request"], max_images: int | None = None
+) -> tuple[list, list[Problem]]:
+    """Parse a raw `messages` value; return (messages, problems). `purpose`: training/eval row or request."""
+    if not isinstance(raw, list):
+        return [], [Problem("messages", "must be a list of messages")]
+    tool_problems = [
+        Problem(f"messages[{i}]", TOOLS_UNSUPPORTED)
+        for i, m in enumerate(raw)
+        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or "tool_calls" in m or "function_call" in m)
+    ]
+    if tool_problems:
+        return [], tool_problems
+    try:
+        parsed = Messages(messages=raw).messages
+    except ValidationError as err:
+        return [], problems_from_errors(err.errors())
+    return parsed, _conversation_problems(parsed, purpose, max_images)
+
+
+def parse_messages(
+    raw: Any, *, purpose: Literal["train", "request"], where: str, max_images: int | None = None
+) -> list:
+    """Like check_messages, but raise one ToolkitError listing every problem."""
+    messages, problems = check_messages(raw, purpose=purpose, max_images=max_images)
+    if problems:
+        raise ToolkitError("; ".join(map(str, problems)), where=where, fix=FIX_HINT)
+    return messages
+
+
+FIX_HINT = (
+    'a row is {"messages": [{"role": "system"|"developer"|"user"|"assistant", "content": "..." or '
+    '[{"type": "text", "text": ...}, {"type": "image_url", "image_url": {"url": ...}}]}, ...]}'
+)

@@ -1,0 +1,531 @@
+"""Generation on a loaded base: token ids in, token ids out. No HTTP and no chat template here.
+
+`generate_greedy` runs one prompt through transformers' `generate` (the reference). `Engine` serves many:
+a background thread admits the requests waiting in a bounded queue (up to `max_batch` running rows, and
+within the KV budget `kv_cache_gb`), prefills their prompts in chunks of `prefill_chunk` tokens between
+decoding steps of the rows already running (so a long prompt never stalls the streams), and decodes every
+running row in one shared forward per step. Each row keeps its own adapter (peft mixed-adapter batches), its
+own sampling state (sampling.py: penalties, temperature, top-k/p, min-p, seed, logprobs, constraint), token
+budget and stop tokens, and its own KV storage at its own length (kv_cache.py), so rows never pad each other
+in memory. Rows that finish or are cancelled leave at once and free their storage; requests that arrive
+meanwhile join between two decoding steps (step-level continuous batching).
+
+Prefill asks the model for the logits it uses only: the last position of each prompt (`logits_to_keep=1`),
+and every prompt position only for a request that wants `prompt_logprobs`, then in chunks.
+
+Events, from the engine thread (`Request.on_event(kind, value)`): ("prompt_logprobs", list) once after the
+prefill when asked; ("logprobs", TokenLogprob) right before each ("token", id) when asked; then
+("done", (finish_reason, stop_token_or_None)) with "stop" | "length" | "cancelled", or ("error", exc).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolkit import constants as C
+from toolkit.engine.sampling import RowState, SamplingParams, TokenLogprob  # noqa: F401  (re-exported)
+from toolkit.errors import ToolkitError
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: a decoding step of the running rows in between
+PROMPT_LOGPROBS_CHUNK = 128  # a prompt_logprobs prefill keeps every position's logits: 128 x vocab at a time
+PREFILL_STEP_RATIO = 1.5  # while rows decode, a prefill chunk takes at most this many decoding steps' time
+MIN_CHUNK = 16
+
+__all__ = [
+    "BASE_ADAPTER",
+    "Engine",
+    "QueueFull",
+    "Request",
+    "RequestTooLarge",
+    "SamplingParams",
+    "generate_greedy",
+]
+
+
+def generate_greedy(base: Any, inputs: dict, *, max_new_tokens: int = 32) -> list[int]:
+    """Greedy continuation of one encoded prompt (a dict of tensors, batch of one).
+
+    Stops on the base's stop tokens (<end_of_turn>, <eos>); returns the new token ids without the stop token.
+    transformers' `generate` computes only the last position's logits in its prefill (it passes
+    `logits_to_keep=1` to models that accept it, as Gemma 3 does).
+    """
+    import torch
+
+    inputs = {k: v.to(base.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(base.dtype)
+    with torch.no_grad():
+        out = base.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            top_p=None,
+            top_k=None,
+            eos_token_id=base.model.generation_config.eos_token_id,
+            pad_token_id=base.tokenizer.pad_token_id,
+        )
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    stops = set(base.model.generation_config.eos_token_id or [])
+    return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine's queue holds."""
+
+
+class RequestTooLarge(ToolkitError):
+    """The request's prompt + max_tokens can never fit the engine's KV budget (the server answers 400)."""
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `on_event(kind, value)` is called from the engine thread (see the module
+    docstring for the events)."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    pixel_values: Any
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[str, Any], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = field(default_factory=itertools.count().__next__)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    """A running request: its sampling state, its KV storage and how far its prompt is prefilled."""
+
+    request: Request
+    state: Any  # sampling.RowState
+    kv: Any  # kv_cache.RowKV
+    reserved: int  # bytes of KV budget set aside for it at admission
+    fed: int = 0  # prompt tokens already through the model
+    logits: Any = None  # the next token's logits [vocab], once the prompt is done
+    prompt_lp: list = field(default_factory=list)  # prompt_logprobs entries so far
+    last_logits: Any = None  # the previous chunk's last position (prompt_logprobs across chunks)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.input_ids) - self.fed
+
+
+class Engine:
+    """Batches concurrent requests into shared forward passes on one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str,
+        dtype: Any,
+        pad_id: int,
+        stop_ids: list[int],
+        max_batch: int = 16,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.01,
+        kv_cache_gb: float | None = None,
+        prefill_chunk: int | None = None,
+        prefill_step_ratio: float | None = PREFILL_STEP_RATIO,
+        start: bool = True,
+    ) -> None:
+        from toolkit.engine.kv_cache import KVLayout
+
+        self.model, self.device, self.dtype = model, device, dtype
+        if hasattr(model, "peft_config"):  # rows carry their adapter: the 4-bit LoRA layers must accept that
+            from toolkit.lora.registry import enable_mixed_adapter_batches
+
+            enable_mixed_adapter_batches()
+        self.pad_id, self.stop_ids = pad_id, set(stop_ids)
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        if kv_cache_gb is not None and kv_cache_gb <= 0:
+            raise ToolkitError(f"KV budget {kv_cache_gb} GB is not positive", where="--kv-cache-gb")
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise ToolkitError(f"prefill chunk {prefill_chunk} is negative", where="--prefill-chunk")
+        self.kv_budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
+        # None: the default chunk; 0: whole prompts in one forward
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        # Attention makes a chunk's cost grow with the prompt already cached (n x past): a fixed chunk that is cheap
+        # at the start of a 30k prompt stalls the streams near its end. While rows decode, the chunk is resized
+        # after each pass so that it takes about `prefill_step_ratio` decoding steps (measured, smoothed): each
+        # stream's gap stays within (1 + ratio) steps and the prompt still gets ratio / (1 + ratio) of the time.
+        # None: fixed chunks of `prefill_chunk` (the same pass boundaries in every run, for exact comparisons).
+        self.prefill_step_ratio = prefill_step_ratio
+        self._step_s: float | None = None  # smoothed seconds of one decoding step
+        self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
+        self.layout = KVLayout.of(model, dtype)
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._pending: deque[Request] = deque()  # taken from the queue, waiting for room or KV budget
+        self._rows: list[_Row] = []
+        self._reserved = 0
+        self._stop = threading.Event()
+        self.stats: dict[str, Any] = {
+            "batches": 0,  # prefill forward passes
+            "requests": 0,
+            "cancelled": 0,
+            "max_batch_seen": 0,
+            "active": 0,
+            "waiting": 0,
+            "running": 0,
+            "kv_bytes_used": 0,
+            "kv_bytes_needed": 0,
+            "kv_bytes_budget": self.kv_budget,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    @classmethod
+    def for_base(cls, base: Any, model: Any = None, **options: Any) -> Engine:
+        """An engine on a loaded base (or `model`, the base with adapters attached), with its stop tokens."""
+        return cls(
+            model if model is not None else base.model,
+            device=base.device,
+            dtype=base.dtype,
+            pad_id=base.tokenizer.pad_token_id,
+            stop_ids=list(base.model.generation_config.eos_token_id or C.STOP_TOKEN_IDS),
+            **options,
+        )
+
+    def start(self) -> None:
+        """Start an engine built with start=False: requests submitted before run in a fixed order (batches
+        do not depend on arrival timing, so evaluation is deterministic)."""
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------ public
+    def submit(self, request: Request) -> Request:
+        """Queue a request. Raises RequestTooLarge if it can never fit the KV budget, QueueFull if the queue is
+        full; a request that fits the budget but not right now waits for running rows to finish."""
+        if not request.input_ids:
+            raise ToolkitError("the prompt has no tokens", where="prompt", fix="send at least one token")
+        need = self._reserve_bytes(request)
+        if self.kv_budget is not None and need > self.kv_budget:
+            tokens = len(request.input_ids) + request.params.max_tokens
+            raise RequestTooLarge(
+                f"the prompt ({len(request.input_ids)} tokens) plus max_tokens ({request.params.max_tokens}) needs "
+                f"{need / 2**30:.3f} GB of KV cache ({tokens} tokens); the engine's budget is "
+                f"{self.kv_budget / 2**30:.3f} GB",
+                where="messages/max_tokens",
+                fix="send a shorter prompt or a smaller max_tokens, or start the server with a larger --kv-cache-gb",
+            )
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"{self.waiting} requests are already waiting")
+        self._queue.put(request)
+        return request
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------------------------------------ thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._rows and not self._pending:  # idle: block for work, then gather what arrives together
+                try:
+                    first = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self._pending.extend(self._gather(first))
+            self._admit()
+            prefilling = [r for r in self._rows if r.prompt_left > 0]
+            if prefilling:
+                self._prefill_some(prefilling)
+            decoding = [r for r in self._rows if r.logits is not None]
+            if decoding:
+                self._step(decoding)
+            self._update_stats()
+
+    def _gather(self, first: Request) -> list[Request]:
+        """Take what else is waiting, and what keeps arriving within `batch_wait_s` of the last arrival.
+
+        Requests that arrive together share one prefill; the wait is bounded so a lone request starts at once
+        and later arrivals join the running batch between decoding steps anyway.
+        """
+        batch = [first]
+        deadline = time.monotonic() + 5 * self.batch_wait_s
+        while len(batch) < self.max_batch:
+            wait = min(self.batch_wait_s, deadline - time.monotonic())
+            try:
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _admit(self) -> None:
+        """Start waiting requests, oldest first, while there is room in the batch and in the KV budget."""
+        from toolkit.engine.kv_cache import RowKV
+
+        while True:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        while self._pending and len(self._rows) < self.max_batch:
+            r = self._pending[0]
+            if self._finish_if_cancelled(r):
+                self._pending.popleft()
+                continue
+            need = self._reserve_bytes(r)
+            if self.kv_budget is not None and self._reserved + need > self.kv_budget:
+                break  # the oldest waits for room (first come, first served: no overtaking by smaller ones)
+            self._pending.popleft()
+            limit = len(r.input_ids) + max(r.params.max_tokens, 0)
+            self._rows.append(_Row(r, RowState.new(r.params, r.input_ids), RowKV(self.layout, limit), need))
+            self._reserved += need
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += len(r.input_ids)
+
+    def _reserve_bytes(self, r: Request) -> int:
+        return self.layout.reserve_bytes(len(r.input_ids) + max(r.params.max_tokens, 0))
+
+    def _release(self, row: _Row) -> None:
+        if row in self._rows:  # idempotent: a failing forward may release rows that already finished
+            self._rows.remove(row)
+            self._reserved -= row.reserved
+
+    def _finish_if_cancelled(self, r: Request) -> bool:
+        cancelled = r.cancelled.is_set()  # read once: it may be set from another thread at any moment
+        if cancelled:
+            self.stats["cancelled"] += 1
+            r.on_event("done", ("cancelled", None))
+        return cancelled
+
+    def _fail(self, rows: list[_Row], exc: Exception) -> None:
+        """A failing forward must not kill the engine: its rows get the error and leave."""
+        for row in rows:
+            row.request.on_event("error", exc)
+            self._release(row)
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s["active"] = s["running"] = len(self._rows)
+        s["waiting"] = self.waiting
+        s["kv_bytes_used"] = sum(r.kv.held_bytes() for r in self._rows)
+        s["kv_bytes_needed"] = sum(r.kv.needed_bytes() for r in self._rows)
+
+    # ------------------------------------------------------------------------------------------------ prefill
+    def _prefill_some(self, prefilling: list[_Row]) -> None:
+        """One prefill forward: fresh prompts that fit `prefill_chunk` tokens together go whole (left-padded,
+        before a long prompt's next chunk, so short requests do not queue behind it); otherwise the next chunk
+        of the oldest prompt. A prompt with images goes whole (an image is not split across passes)."""
+        for row in list(prefilling):
+            if self._finish_if_cancelled(row.request):
+                self._release(row)
+                prefilling.remove(row)
+        if not prefilling:
+            return
+        chunk = self.prefill_chunk or 1 << 62
+        group, total = [], 0
+        for row in prefilling:
+            if row.fed or row.request.params.prompt_logprobs is not None or row.prompt_left > chunk:
+                continue
+            if total + row.prompt_left > chunk:
+                break
+            group.append(row)
+            total += row.prompt_left
+        head = prefilling[0]
+        if not group and head.request.pixel_values is not None:
+            group = [head]
+        if group:
+            try:
+                self._prefill_fresh(group)
+            except Exception as exc:
+                self._fail(group, exc)
+            return
+        n = min(head.prompt_left, chunk)
+        if head.request.params.prompt_logprobs is not None:
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        paced = self.prefill_step_ratio is not None and self._step_s is not None and self.prefill_chunk > 0
+        paced = paced and any(r.logits is not None for r in self._rows)  # only while streams wait on us
+        if paced:
+            n = min(n, self._chunk_n)
+        started = time.perf_counter()
+        try:
+            self._prefill_chunk(head, n)
+        except Exception as exc:
+            self._fail([head], exc)
+            return
+        if paced:
+            took = max(time.perf_counter() - started, 1e-6)
+            scale = min(2.0, self.prefill_step_ratio * self._step_s / took)
+            self._chunk_n = max(MIN_CHUNK, min(self.prefill_chunk, int(n * scale)))
+
+    def _prefill_fresh(self, group: list[_Row]) -> None:
+        """Whole prompts of rows with nothing cached yet, left-padded so every row's last token is last."""
+        import torch
+
+        n, longest = len(group), max(r.prompt_left for r in group)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
+        types = torch.zeros((n, longest), dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, row in enumerate(group):
+            k = len(row.request.input_ids)
+            ids[i, longest - k :] = torch.tensor(row.request.input_ids)
+            types[i, longest - k :] = torch.tensor(row.request.token_type_ids)
+            mask[i, longest - k :] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        pixels = [r.request.pixel_values for r in group if r.request.pixel_values is not None]
+        if pixels:  # token_type_ids give the image tokens their bidirectional block mask
+            inputs["pixel_values"] = torch.cat(pixels).to(self.dtype)
+            inputs["token_type_ids"] = types
+        keep_all = any(r.request.params.prompt_logprobs is not None for r in group)  # (an image prompt asking)
+        logits = self._forward(inputs, group, [r.prompt_left for r in group], keep_all)
+        self.stats["batches"] += 1
+        for i, row in enumerate(group):
+            row.fed = len(row.request.input_ids)
+            if keep_all and row.request.params.prompt_logprobs is not None:
+                k = len(row.request.input_ids)
+                self._prompt_logprobs(row, logits[i, longest - k :])
+            self._prompt_done(row, logits[i, -1])
+
+    def _prefill_chunk(self, row: _Row, n: int) -> None:
+        """The next `n` prompt tokens of one row, on top of what it has cached."""
+        import torch
+
+        start = row.fed
+        ids = torch.tensor([row.request.input_ids[start : start + n]])
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones((1, row.kv.seen + n), dtype=torch.long),
+            "position_ids": torch.arange(start, start + n).unsqueeze(0),
+        }
+        keep_all = row.request.params.prompt_logprobs is not None
+        logits = self._forward(inputs, [row], [n], keep_all)
+        self.stats["batches"] += 1
+        row.fed += n
+        if keep_all:
+            self._prompt_logprobs(row, logits[0])
+        if row.prompt_left == 0:
+            self._prompt_done(row, logits[0, -1])
+
+    def _forward(self, inputs: dict, rows: list[_Row], new: list[int], keep_all: bool) -> Any:
+        """One model forward over `rows` (their new tokens are the last `new[i]` positions); returns the logits
+        kept: every position's if `keep_all`, else the last one's ([rows, 1, vocab])."""
+        import torch
+
+        from toolkit.engine.kv_cache import RaggedCache
+
+        cache = RaggedCache([r.kv for r in rows], new)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with torch.no_grad():
+            out = self.model(
+                **inputs,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+                **self._adapter_kwargs([r.request for r in rows]),
+            )
+        cache.finish()
+        return out.logits
+
+    def _prompt_logprobs(self, row: _Row, logits: Any) -> None:
+        """Entries for the prompt tokens just prefilled (`logits` [n, vocab] of their positions)."""
+        import torch
+
+        from toolkit.engine.sampling import prompt_logprobs
+
+        ids, k = row.request.input_ids, row.request.params.prompt_logprobs or 0
+        n = logits.shape[0]
+        start = row.fed - n
+        if start == 0:
+            row.prompt_lp += prompt_logprobs(logits, ids[:n], k)
+        else:  # the first new token is predicted by the previous chunk's last position
+            both = torch.cat([row.last_logits, logits])
+            row.prompt_lp += prompt_logprobs(both, ids[start - 1 : start + n], k)[1:]
+        row.last_logits = logits[-1:]
+
+    def _prompt_done(self, row: _Row, last: Any) -> None:
+        r = row.request
+        row.last_logits = None
+        if r.params.prompt_logprobs is not None:
+            r.on_event("prompt_logprobs", row.prompt_lp)
+            row.prompt_lp = []
+        if r.params.max_tokens <= 0:  # echo-only: the prompt's logprobs were the answer
+            r.on_event("done", ("length", None))
+            self._release(row)
+            return
+        row.logits = last
+
+    # ------------------------------------------------------------------------------------------------ decode
+    def _step(self, rows: list[_Row]) -> None:
+        """Sample one token for every decoding row, report it, drop finished rows, run one decoding forward."""
+        import torch
+
+        from toolkit.engine.sampling import sample
+
+        started = time.perf_counter()
+        live = []
+        for row in rows:
+            if self._finish_if_cancelled(row.request):
+                self._release(row)
+            else:
+                live.append(row)
+        if not live:
+            return
+        try:
+            tokens, logprobs = sample(torch.stack([r.logits for r in live]), [r.state for r in live], self.stop_ids)
+        except Exception as exc:  # e.g. a constraint that fails: its rows get the error, the engine goes on
+            self._fail(live, exc)
+            return
+        keep = []
+        for row, token, lp in zip(live, tokens, logprobs, strict=True):
+            r = row.request
+            if token in row.state.stop_ids(self.stop_ids):
+                r.on_event("done", ("stop", token))
+                self._release(row)
+                continue
+            if lp is not None:
+                r.on_event("logprobs", lp)
+            r.on_event("token", token)
+            self.stats["completion_tokens"] += 1
+            if r.params.constraint is not None and r.params.constraint.is_done():
+                r.on_event("done", ("stop", None))
+                self._release(row)
+            elif row.state.produced >= r.params.max_tokens:
+                r.on_event("done", ("length", None))
+                self._release(row)
+            else:
+                keep.append((row, token))
+        if not keep:
+            return
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(keep))
+        past = max(row.kv.seen for row, _ in keep)
+        seen = torch.tensor([row.kv.seen for row, _ in keep])
+        inputs = {
+            "input_ids": torch.tensor([[t] for _, t in keep]),
+            # left padding: row i's tokens are the last seen_i of the `past` columns, then the new one
+            "attention_mask": (torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
+            "position_ids": seen.unsqueeze(1),
+        }
+        batch = [row for row, _ in keep]
+        try:
+            logits = self._forward(inputs, batch, [1] * len(batch), False)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        for i, row in enumerate(batch):
+            row.logits = logits[i, -1]
+        took = time.perf_counter() - started
+        self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+
+    def _adapter_kwargs(self, requests: list[Request]) -> dict:
+        if not hasattr(self.model, "peft_config"):
+            return {}
+        return {"adapter_names": [r.adapter or BASE_ADAPTER for r in requests]}

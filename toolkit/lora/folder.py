@@ -1,0 +1,201 @@
+"""An adapter folder: plain PEFT files plus the toolkit's manifest, loss curve, metrics and model card.
+
+    adapter_config.json, adapter_model.safetensors   what peft.PeftModel.from_pretrained and vLLM load
+    toolkit.json                                     base fingerprint, resolved recipe, dataset hash, metrics,
+                                                     library versions
+    metrics.jsonl, loss.png, tensorboard/, README.md training log, loss curve, model card
+
+Written in a temporary folder beside the target and renamed into place, so the name holds either the old
+adapter or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+
+MANIFEST = "toolkit.json"
+VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "gptqmodel", "compressed-tensors")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("gemma3-lora-toolkit", *VERSIONED):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def read_manifest(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / MANIFEST
+    if not path.is_file():
+        raise ToolkitError(f"{path} not found: not an adapter written by toolkit train", where=str(adapter_dir))
+    return json.loads(path.read_text())
+
+
+def _plot(metrics_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("assistant-token loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _model_card(name: str, manifest: dict, metrics_table: list[str] | None) -> str:
+    m, recipe = manifest["metrics"], manifest["recipe"]
+    lines = [
+        f"# {name}",
+        "",
+        f"LoRA adapter for `{manifest['base']['path']}` (4-bit Gemma 3, base fingerprint "
+        f"`{manifest['base']['fingerprint']}`), trained with `toolkit train`.",
+        "",
+        f"- LoRA: r {recipe['lora']['r']}, alpha {recipe['lora']['alpha']}, targets "
+        f"{', '.join(recipe['lora']['target_modules'])}",
+        f"- Data: {manifest['dataset']['train_rows']} training rows, {manifest['dataset']['eval_rows']} held-out rows "
+        f"(sha256 {manifest['dataset']['sha256']})",
+        f"- Steps: {m['train']['steps']}, final train loss {_fmt(m['train']['train_loss'])}",
+        "",
+    ]
+    if metrics_table:  # rendered by the caller (eval owns the table): the folder writer knows no metrics
+        lines += [*metrics_table, ""]
+    lines += [
+        "![loss](loss.png)",
+        "",
+        "Use:",
+        "",
+        "    toolkit serve --adapter " + name,
+        "",
+        "or with plain peft: `PeftModel.from_pretrained(base_model, path)` on the base loaded by "
+        "`toolkit.base.loader.load_base`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fill(
+    staging: Path,
+    *,
+    model: Any,
+    recipe: Any,
+    name: str,
+    base: Any,
+    data: Any,
+    metrics: dict,
+    run_dir: Path,
+    metrics_table: list[str] | None,
+) -> None:
+    model.save_pretrained(str(staging), safe_serialization=True)
+    manifest = {
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "quantization": base.spec.as_dict()},
+        "recipe": recipe.model_dump(mode="json"),
+        "dataset": {
+            "sha256": data.sha256,
+            "train_rows": len(data.train),
+            "eval_rows": len(data.eval),
+            "skipped": len(data.skipped),
+            "truncated": len(data.truncated),
+            "dropped": len(data.dropped),
+        },
+        "metrics": metrics,
+        "versions": library_versions(),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if (run_dir / "metrics.jsonl").exists():
+        shutil.copy2(run_dir / "metrics.jsonl", staging / "metrics.jsonl")
+    if (run_dir / "tensorboard").exists():
+        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
+    _plot(staging / "metrics.jsonl", staging / "loss.png")
+    (staging / "README.md").write_text(_model_card(name, manifest, metrics_table))
+    if data.skipped:
+        (staging / "skipped_rows.json").write_text(
+            json.dumps([{"where": s.where, "reason": s.reason} for s in data.skipped], indent=2) + "\n"
+        )
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return True
+
+
+def write_adapter(
+    final: Path,
+    *,
+    model: Any,
+    recipe: Any,
+    name: str,
+    base: Any,
+    data: Any,
+    metrics: dict,
+    run_dir: Path,
+    overwrite: bool,
+    metrics_table: list[str] | None = None,
+) -> Path:
+    """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step.
+
+    `metrics_table` is the held-out table (markdown lines) for the model card, rendered by the caller."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{name}.tmp-*"):  # left by a writer that was killed: never a real adapter
+        if not _alive(stale.name.rsplit("-", 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = final.parent / f".{name}.tmp-{os.getpid()}"
+    try:
+        _fill(
+            staging,
+            model=model,
+            recipe=recipe,
+            name=name,
+            base=base,
+            data=data,
+            metrics=metrics,
+            run_dir=run_dir,
+            metrics_table=metrics_table,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the target name was never touched
+        raise
+    old = None
+    if final.exists():
+        if not overwrite:
+            raise ToolkitError(f"adapter {str(final)!r} already exists", where="output", fix="pass --overwrite")
+        old = final.parent / f".{name}.old-{os.getpid()}"
+        os.replace(final, old)  # the old adapter stays whole until the new one is in place
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,185 @@
+"""Routes of the OpenAI-compatible server and how it is built from a base and adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from toolkit import constants as C
+from toolkit.serve import completions, errors
+from toolkit.serve.errors import APIError
+from toolkit.serve.limits import BodyLimit
+from toolkit.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    LoadLoraRequest,
+    ModelList,
+    UnloadLoraRequest,
+)
+from toolkit.serve.serving import ServerState, complete, stream
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+ERRORS = {code: errors.envelope_schema() for code in (400, 401, 404, 429)}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(
+        title="Gemma 3 GPTQ LoRA toolkit",
+        version="0.1.0",
+        description="OpenAI-compatible chat and text completions for the 4-bit Gemma 3 base and its LoRA adapters.",
+    )
+    app.state.toolkit = state
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
+    if state.metrics is not None:
+        from toolkit.serve.metrics import RequestCounter
+
+        app.add_middleware(RequestCounter, metrics=state.metrics)
+
+    def require_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+            raise APIError(
+                401, "Missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "engine": dict(state.engine.stats), "waiting": state.engine.waiting}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(require_key)])
+    async def models() -> ModelList:
+        return state.models()
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=ERRORS,
+        dependencies=[Depends(require_key)],
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = body.model or state.served_name
+        if body.stream:
+            events = await stream(state, body, request.is_disconnected)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await complete(state, body, request.is_disconnected)
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=ERRORS,
+        dependencies=[Depends(require_key)],
+    )
+    async def text_completions(body: CompletionRequest, request: Request) -> Any:
+        request.state.model = body.model or state.served_name
+        if body.stream:
+            events = await completions.stream(state, body, request.is_disconnected)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await completions.complete(state, body, request.is_disconnected)
+
+    from toolkit.serve import responses  # the Responses door: /v1/responses (+ GET/DELETE by id)
+
+    app.state.responses = responses.add_routes(app, state, dependencies=[Depends(require_key)])
+
+    @app.post("/v1/load_lora_adapter", responses=ERRORS, dependencies=[Depends(require_key)])
+    async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:
+        """vLLM's runtime adapter loading (only with --allow-runtime-adapters; folders inside the adapters folder)."""
+        return PlainTextResponse(await asyncio.to_thread(state.runtime.load, body.lora_name, body.lora_path))
+
+    @app.post("/v1/unload_lora_adapter", responses=ERRORS, dependencies=[Depends(require_key)])
+    async def unload_lora_adapter(body: UnloadLoraRequest) -> PlainTextResponse:
+        return PlainTextResponse(await asyncio.to_thread(state.runtime.unload, body.lora_name))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text format (open like /health: scrapers rarely send keys; it holds no request content)."""
+        if state.metrics is None:
+            raise APIError(404, "metrics are off", type="not_found_error")
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def build_state(
+    *,
+    base: str | None,
+    adapters: list[str],
+    api_key: str | None = None,
+    device: str | None = None,
+    kernel: str = "auto",
+    allow_private_urls: bool = False,
+    allowed_media_dir: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    adapters_dir: str = "adapters",
+    served_name: str | None = None,
+    max_tokens_limit: int | None = None,
+    max_body_mb: float = 32.0,
+    max_images: int = C.MAX_IMAGES_PER_REQUEST,
+    allow_runtime_adapters: bool = False,
+    metrics: bool = True,
+    kv_cache_gb: float | None = None,
+    prefill_chunk: int | None = None,
+) -> ServerState:
+    """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine."""
+    from toolkit.base.loader import load_base
+    from toolkit.base.loader import served_name as default_served_name
+    from toolkit.data.images import ImagePolicy
+    from toolkit.engine.engine import Engine
+    from toolkit.errors import ToolkitError
+    from toolkit.lora.registry import attach, resolve_serving
+
+    base, resolved = resolve_serving(base, adapters, adapters_dir)
+    loaded = load_base(base, device=device, kernel=kernel)
+    model = attach(loaded, resolved) if resolved else loaded.model
+    served = served_name or default_served_name(base)
+    if served in {name for name, _ in resolved}:
+        raise ToolkitError(f"adapter name {served!r} is the base's name", where="--adapter", fix="rename it")
+    if allow_runtime_adapters:  # adapters change only between forward passes (see serve/adapters.py)
+        from toolkit.serve.adapters import LockedModel
+
+        model = LockedModel(model)
+    engine = Engine.for_base(
+        loaded, model, max_batch=max_batch, max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk
+    )
+    policy = ImagePolicy(
+        allow_private_urls=allow_private_urls,
+        allow_local_files=allowed_media_dir is not None,
+        media_dir=Path(allowed_media_dir) if allowed_media_dir else None,
+    )
+    state = ServerState(
+        base=dataclasses.replace(loaded, model=getattr(model, "inner", model)),
+        engine=engine,
+        served_name=served,
+        adapters=dict(resolved),
+        image_policy=policy,
+        context_length=loaded.context_length,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_images=max_images,
+        adapters_dir=Path(adapters_dir),
+    )
+    from toolkit.serve import structured
+    from toolkit.serve.adapters import AdapterSet
+
+    state.runtime = AdapterSet(state, allow_runtime=allow_runtime_adapters)
+    if metrics:
+        from toolkit.serve.metrics import Metrics
+
+        state.metrics = Metrics(engine)
+    structured.warm_up(loaded.tokenizer, state.stop_ids)  # 262k vocabularies take seconds: not on a request
+    return state

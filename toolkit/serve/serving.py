@@ -1,0 +1,540 @@
+"""Serving core shared by every endpoint, and /v1/chat/completions: request -> engine rows -> body or SSE chunks.
+
+A door (chat here, completions.py, later responses) turns its request into prompt token ids and one
+`SamplingParams` per choice, then `submit()` hands the rows to the engine and returns one `ChoiceStream` per
+choice. A ChoiceStream applies the engine's events (prompt_logprobs, logprobs, token, done, error): text is
+decoded incrementally (never half a UTF-8 character), cut at the first stop string, and log probabilities are
+kept beside the tokens. No routes here (app.py).
+
+Messages are checked by the same schema module as training data and encoded by the same chat module, so
+a served prompt is token for token the prompt part of a training row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit import constants as C
+from toolkit.data import template as chat
+from toolkit.data.images import ImagePolicy
+from toolkit.data.schema import check_messages
+from toolkit.engine.engine import Engine, QueueFull, Request, RequestTooLarge
+from toolkit.engine.sampling import SamplingParams
+from toolkit.errors import ToolkitError
+from toolkit.serve import logprobs as lp
+from toolkit.serve import structured
+from toolkit.serve.errors import APIError
+from toolkit.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    SamplingFields,
+    Usage,
+    completion_id,
+)
+
+DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
+
+
+@dataclass
+class ServerState:
+    base: Any
+    engine: Engine
+    served_name: str
+    adapters: dict[str, Path] = field(default_factory=dict)  # served adapter name -> folder (GET /v1/models)
+    image_policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(allow_local_files=False))
+    context_length: int = 0
+    api_key: str | None = None
+    max_tokens_limit: int | None = None  # most tokens one choice may ask for (default: what the context allows)
+    max_body_bytes: int = 32 * 2**20
+    max_images: int = C.MAX_IMAGES_PER_REQUEST
+    started: int = field(default_factory=lambda: int(time.time()))
+    adapters_dir: Path | None = None  # runtime loading reads only below this folder
+    runtime: Any = None  # adapters.AdapterSet: served names -> engine adapter names, in-flight counts
+    metrics: Any = None  # metrics.Metrics
+    token_text: Any = None  # logprobs.TokenText, made on first use
+
+    def models(self) -> ModelList:
+        cards = [ModelCard(id=self.served_name, created=self.started, root=str(self.base.path))]
+        cards += [
+            ModelCard(id=name, created=self.started, root=str(path), parent=self.served_name)
+            for name, path in list(self.adapters.items())
+        ]
+        return ModelList(data=cards)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return sorted(self.engine.stop_ids)
+
+    def texts(self) -> lp.TokenText:
+        if self.token_text is None:
+            self.token_text = lp.TokenText(self.base.tokenizer)
+        return self.token_text
+
+
+# ------------------------------------------------------------------------------------------------ the core
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is None or model == state.served_name or model in state.adapters:
+        return
+    raise APIError(
+        404,
+        f"The model {model!r} does not exist; see GET /v1/models",
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def fit_max_tokens(state: ServerState, n_prompt: int, asked: int | None, default: int | None, what: str) -> int:
+    """The tokens a choice may generate: `asked` if it fits the context (and --max-tokens-limit), else a 400."""
+    room = state.context_length - n_prompt
+    limit = state.max_tokens_limit
+    if asked is not None and limit is not None and asked > limit:
+        raise APIError(
+            400, f"max_tokens is {asked}; this server allows at most {limit}", param="max_tokens", code="max_tokens"
+        )
+    if asked is not None and n_prompt + asked > state.context_length:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.context_length} tokens; the {what} take "
+            f"{n_prompt} tokens and max_tokens asks for {asked} more ({n_prompt + asked} in all)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    if room < 1 and asked != 0:
+        raise APIError(
+            400,
+            f"The {what} take {n_prompt} tokens, the whole context of {state.context_length}",
+            param=what,
+            code="context_length_exceeded",
+        )
+    if asked is not None:
+        return asked
+    default = default if default is not None else DEFAULT_MAX_TOKENS
+    return min(default, room, limit or room)
+
+
+def _check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocab = len(state.base.tokenizer)
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param)
+
+
+def sampling_params(
+    state: ServerState,
+    fields: SamplingFields,
+    max_tokens: int,
+    n: int,
+    *,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> list[SamplingParams]:
+    """One SamplingParams per choice: the request's sampling fields, seeds offset per choice (independent but
+    reproducible), and a fresh grammar constraint per choice for structured output."""
+    bias = {int(k): v for k, v in (fields.logit_bias or {}).items()}
+    _check_token_ids(state, list(bias), "logit_bias")
+    _check_token_ids(state, fields.stop_token_ids or [], "stop_token_ids")
+    grammars = structured.constraints(fields, state.base.tokenizer, state.stop_ids, n)
+    return [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if fields.temperature is None else fields.temperature,
+            top_p=fields.top_p,
+            top_k=fields.top_k,
+            min_p=fields.min_p,
+            presence_penalty=fields.presence_penalty,
+            frequency_penalty=fields.frequency_penalty,
+            repetition_penalty=fields.repetition_penalty,
+            seed=None if fields.seed is None else fields.seed + i,
+            ignore_eos=fields.ignore_eos,
+            min_tokens=fields.min_tokens,
+            stop_token_ids=list(fields.stop_token_ids or []),
+            logit_bias=bias,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            constraint=grammars[i] if grammars else None,
+        )
+        for i in range(n)
+    ]
+
+
+class ChoiceStream:
+    """One choice: the engine thread reports events; the event loop applies them in batches."""
+
+    def __init__(
+        self,
+        index: int,
+        state: ServerState,
+        fields: SamplingFields,
+        loop: asyncio.AbstractEventLoop,
+        incremental: bool,
+    ) -> None:
+        self.index, self.state, self.loop = index, state, loop
+        self.tokenizer = state.base.tokenizer
+        self.stops = fields.stop_list()
+        self.include_stop = fields.include_stop_str_in_output
+        self.skip_special = fields.skip_special_tokens
+        self.min_tokens = fields.min_tokens
+        self.stop_token_ids = set(fields.stop_token_ids or [])
+        self.incremental = incremental or bool(self.stops)  # else text is decoded once, at the end
+        self.queue: asyncio.Queue = asyncio.Queue()  # lists of events
+        self.ids: list[int] = []
+        self.logprobs: list[Any] = []  # TokenLogprob per token in ids (when asked)
+        self.prompt_logprobs: list[Any] | None = None
+        self.emitted = ""
+        self.finish: tuple[str, Any] | None = None
+        self.request: Request | None = None
+        self.generated = 0
+        self.model = "?"
+        self.times: list[float] = []  # engine-thread arrival time of each token (metrics)
+        self.submitted = time.monotonic()
+        self._pending_logprob: Any = None
+        self.stop_logprob: Any = None  # the stop token's TokenLogprob, when known (completions report it)
+        # Rows run with ignore_eos to learn a stop token's log probability (see completions.py) end here instead
+        self.stop_as_token: set[int] = set()
+        self._buffer: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self.on_finish: Callable[[ChoiceStream], None] | None = None
+
+    def on_event(self, kind: str, value: Any) -> None:  # engine thread
+        # Events are buffered and the event loop woken once per batch of them: a wake-up per token per row
+        # costs the model CPU time on small machines.
+        if kind == "token":
+            self.times.append(time.monotonic())
+        with self._lock:
+            self._buffer.append((kind, value))
+            wake = len(self._buffer) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._flush)
+        if kind in ("done", "error"):  # the engine is finished with the row: its adapter may go, metrics count it
+            self._finished()
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            events, self._buffer = self._buffer, []
+        if events:
+            self.queue.put_nowait(events)
+
+    def feed_all(self, events: list[tuple[str, Any]]) -> str:
+        """Apply a batch of engine events; return the new text that may be shown."""
+        return "".join(self.feed(kind, value) for kind, value in events if not self.done)
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
+
+    def feed(self, kind: str, value: Any) -> str:
+        """Apply one engine event; return the new text that may be shown."""
+        if kind == "error":
+            raise value
+        if kind == "prompt_logprobs":
+            self.prompt_logprobs = value
+            return ""
+        if kind == "logprobs":
+            self._pending_logprob = value
+            return ""
+        if kind == "token" and value in self.stop_as_token:
+            self.stop_logprob, self._pending_logprob = self._pending_logprob, None
+            kind, value = "done", ("stop", value)
+            if self.request is not None:
+                self.request.cancel()
+        if kind == "token":
+            self.generated += 1
+            self.ids.append(value)
+            if self._pending_logprob is not None:
+                self.logprobs.append(self._pending_logprob)
+                self._pending_logprob = None
+            if not self.incremental:
+                return ""
+        text = self._text()
+        if self.generated >= self.min_tokens:  # vLLM: stop strings wait for min_tokens too
+            for s in self.stops:
+                at = text.find(s, max(0, len(self.emitted) - len(s)))
+                if at != -1:
+                    self.finish = ("stop", s)
+                    if self.request is not None:
+                        self.request.cancel()
+                    text = text[: at + len(s)] if self.include_stop else text[:at]
+                    break
+        if kind == "done" and self.finish is None:
+            reason, token = value
+            if token is not None and self._pending_logprob is not None and self._pending_logprob.token == token:
+                self.stop_logprob = self._pending_logprob  # an engine that reports the stop token's logprob
+            self.generated += 1 if reason == "stop" and token is not None else 0  # the stop token was generated
+            stop_reason = token if token is not None and token in self.stop_token_ids else None
+            self.finish = ("length" if reason == "length" else "stop", stop_reason)
+        if self.finish is None:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                return ""
+            hold = max((len(s) - 1 for s in self.stops if s), default=0)  # a stop string may be starting
+            for k in range(min(hold, len(text) - len(self.emitted)), 0, -1):
+                if any(s.startswith(text[-k:]) for s in self.stops):
+                    text = text[:-k]
+                    break
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return delta
+
+    def _finished(self) -> None:
+        callback, self.on_finish = self.on_finish, None
+        if callback is not None:
+            callback(self)
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+
+@dataclass
+class Row:
+    """One engine row to submit: a prompt and the sampling of one choice."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    token_type_ids: list[int] | None = None
+    pixel_values: Any = None
+
+
+def submit(
+    state: ServerState,
+    model: str | None,
+    rows: list[Row],
+    streams: list[ChoiceStream],
+) -> None:
+    """Hand every row to the engine (all or none: on a full queue the ones taken are cancelled -> 429)."""
+    served = model or state.served_name
+    engine_name = state.runtime.acquire(model, len(rows)) if model and model != state.served_name else None
+    released = [False] * len(rows)
+
+    def release(i: int) -> Callable[[ChoiceStream], None]:
+        def done(s: ChoiceStream) -> None:
+            if not released[i]:
+                released[i] = True
+                if engine_name is not None:
+                    state.runtime.release(engine_name)
+                if state.metrics is not None:
+                    state.metrics.choice_finished(s)
+
+        return done
+
+    try:
+        for i, (row, s) in enumerate(zip(rows, streams, strict=True)):
+            s.model, s.on_finish = served, release(i)
+            types = row.token_type_ids if row.token_type_ids is not None else [0] * len(row.input_ids)
+            s.request = state.engine.submit(
+                Request(row.input_ids, types, row.pixel_values, engine_name, row.params, s.on_event)
+            )
+    except QueueFull:
+        _abandon(streams)
+        raise APIError(
+            429,
+            "The server is at capacity; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+    except RequestTooLarge as err:  # the engine's KV budget can never hold this request
+        _abandon(streams)
+        message = f"{err.what}; {err.fix}" if err.fix else err.what
+        raise APIError(400, message, param="max_tokens", code="request_too_large") from None
+
+
+def _abandon(streams: list[ChoiceStream]) -> None:
+    for s in streams:
+        if s.request is not None:
+            s.request.cancel()  # the engine reports it done (cancelled), which releases it
+        else:
+            s._finished()
+
+
+def cancel(streams: list[ChoiceStream]) -> None:
+    for s in streams:
+        if s.request is not None and not s.done:
+            s.request.cancel()
+
+
+async def drain(s: ChoiceStream, is_disconnected: Any) -> None:
+    while not s.done:
+        try:
+            events = await asyncio.wait_for(s.queue.get(), timeout=0.5)
+        except TimeoutError:
+            if await is_disconnected():
+                raise asyncio.CancelledError from None
+            continue
+        s.feed_all(events)
+
+
+async def run_all(streams: list[ChoiceStream], is_disconnected: Any) -> None:
+    """Wait until every choice is finished (non-streaming responses)."""
+    try:
+        await asyncio.gather(*(drain(s, is_disconnected) for s in streams))
+    finally:
+        cancel(streams)  # a client that went away frees its rows
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def each_event(streams: list[ChoiceStream], is_disconnected: Any) -> AsyncIterator[tuple[ChoiceStream, str, int]]:
+    """(choice, new text, how many tokens it got) as engine events arrive, for streaming responses; ends
+    when every choice is finished or the client is gone."""
+    pending = {asyncio.ensure_future(s.queue.get()): s for s in streams}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            if not done and await is_disconnected():
+                break
+            for fut in done:
+                s = pending.pop(fut)
+                before = len(s.ids)
+                delta = s.feed_all(fut.result())
+                yield s, delta, before
+                if not s.done:
+                    pending[asyncio.ensure_future(s.queue.get())] = s
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def usage(n_prompt: int, streams: list[ChoiceStream]) -> Usage:
+    used = sum(s.generated for s in streams)
+    return Usage(prompt_tokens=n_prompt, completion_tokens=used, total_tokens=n_prompt + used)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encoded, int]:
+    """Check messages, load images, encode the prompt, and fit max_tokens into the context (blocking: a thread)."""
+    raw = [m.model_dump(exclude_none=True) for m in req.messages]
+    messages, problems = check_messages(raw, purpose="request", max_images=state.max_images)
+    if problems:
+        raise APIError(400, "; ".join(map(str, problems)), param=problems[0].path)
+    try:
+        images = chat.load_images(messages, base_dir=None, policy=state.image_policy)
+    except ToolkitError as err:
+        raise APIError(400, f"{err.where}: {err.what}", param=err.where, code="invalid_image") from None
+    prompt = chat.encode_prompt(state.base.processor, messages, images)
+    asked = req.max_completion_tokens or req.max_tokens
+    return prompt, fit_max_tokens(state, len(prompt.input_ids), asked, None, "messages")
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[ChoiceStream], int]:
+    """The chat door: messages -> prompt -> n engine rows. Reusable by other doors that speak in messages."""
+    check_model(state, req.model)
+    prompt, max_tokens = await asyncio.to_thread(_prepare, state, req)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = await asyncio.to_thread(
+        sampling_params, state, req, max_tokens, req.n, logprobs=k, prompt_logprobs=req.prompt_logprobs
+    )
+    loop = asyncio.get_running_loop()
+    streams = [ChoiceStream(i, state, req, loop, bool(req.stream)) for i in range(req.n)]
+    rows = [Row(prompt.input_ids, p, prompt.token_type_ids, prompt.pixel_values) for p in params]
+    submit(state, req.model, rows, streams)
+    if state.metrics is not None:
+        state.metrics.prompt(req.model or state.served_name, len(prompt.input_ids))
+    return streams, len(prompt.input_ids)
+
+
+def _prompt_logprobs(state: ServerState, streams: list[ChoiceStream]) -> Any:
+    first = streams[0].prompt_logprobs if streams else None
+    return None if first is None else lp.prompt_logprobs(state.texts(), first)
+
+
+async def complete(state: ServerState, req: ChatCompletionRequest, is_disconnected: Any) -> ChatCompletionResponse:
+    streams, n_prompt = await start_chat(state, req)
+    await run_all(streams, is_disconnected)
+    texts = state.texts()
+    choices = [
+        Choice(
+            index=s.index,
+            message=ResponseMessage(content=s.emitted),
+            logprobs=lp.chat_logprobs(texts, s.logprobs) if req.logprobs else None,
+            finish_reason=s.finish[0],
+            stop_reason=s.finish[1],
+        )
+        for s in streams
+    ]
+    return ChatCompletionResponse(
+        model=req.model or state.served_name,
+        choices=choices,
+        usage=usage(n_prompt, streams),
+        prompt_logprobs=_prompt_logprobs(state, streams),
+    )
+
+
+async def stream(state: ServerState, req: ChatCompletionRequest, is_disconnected: Any) -> AsyncIterator[str]:
+    """Server-sent events: a role delta, content deltas (with their log probabilities), a finish chunk per
+    choice, usage if asked, [DONE].
+
+    Called before the response starts, so admission errors (404, 400, 429) are still plain HTTP errors.
+    """
+    streams, n_prompt = await start_chat(state, req)
+    cid, created, model = completion_id(), int(time.time()), req.model or state.served_name
+    texts = state.texts()
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+    def chunk(choices: list, usage_: dict | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if usage_ is not None:
+            body["usage"] = usage_
+        elif continuous:
+            body["usage"] = usage(n_prompt, streams).model_dump()
+        if streams and streams[0].prompt_logprobs is not None and "prompt_logprobs" not in sent:
+            sent.add("prompt_logprobs")
+            body["prompt_logprobs"] = [_dump(x) for x in lp.prompt_logprobs(texts, streams[0].prompt_logprobs)]
+        return sse(body)
+
+    sent: set[str] = set()
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for s in streams:
+                delta = {"role": "assistant", "content": ""}
+                yield chunk([{"index": s.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            async for s, delta, before in each_event(streams, is_disconnected):
+                new = s.logprobs[before:] if req.logprobs else []
+                logprobs = {"content": [e.model_dump() for e in lp.chat_entries(texts, new)], "refusal": None}
+                if delta or new:
+                    yield chunk(
+                        [
+                            {
+                                "index": s.index,
+                                "delta": {"content": delta},
+                                "logprobs": logprobs if req.logprobs else None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                if s.done:
+                    yield chunk(
+                        [
+                            {
+                                "index": s.index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": s.finish[0],
+                                "stop_reason": s.finish[1],
+                            }
+                        ]
+                    )
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], usage(n_prompt, streams).model_dump())
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel(streams)  # disconnect or error: stop generating for this client
+
+    return events()
+
+
+def _dump(x: Any) -> Any:
+    return None if x is None else {k: v.model_dump() for k, v in x.items()}
