@@ -9,7 +9,7 @@ BASE ?= build/tiny-base
 REAL_BASE ?= build/real-base
 PORT ?= 8000
 
-.PHONY: quickstart quickstart-270m real-base test lint clean
+.PHONY: quickstart quickstart-270m real-base test lint clean client-matrix
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -53,6 +53,11 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The clients people build on (openai, Agents SDK, LangChain, LiteLLM, pydantic-ai) against `toolkit serve`:
+# installs them into build/client-venv (not project dependencies); docs/CLIENTS.md records a run.
+client-matrix: $(VENV)/.installed
+	$(BIN)/python bench/client_matrix.py
 
 clean:
 	rm -rf build $(VENV)

@@ -279,7 +279,7 @@ def serve(
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:
-    """Serve OpenAI-compatible /v1/chat/completions for the base and its adapters."""
+    """Serve OpenAI-compatible /v1/chat/completions and /v1/completions for the base and its adapters."""
     if engine not in ("toolkit", "vllm"):
         raise ToolkitError(f"unknown engine {engine!r}", where="--engine", fix="use toolkit or vllm")
     if engine == "vllm":

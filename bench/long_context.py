@@ -164,21 +164,21 @@ def main() -> None:
 
 Measured {when} on {platform.machine()} CPU ({cpus()} cores, shared with other jobs: timings are noisy), tiny base
 with 32,768 positions (4 layers: 3 sliding-window layers of 1,024, 1 global), in-process engine, greedy. Load: {SHORTS}
-short rows ({c['short_lengths'][0]}-{c['short_lengths'][1]} tokens when measured) decoding, then one prompt of
+short rows ({c["short_lengths"][0]}-{c["short_lengths"][1]} tokens when measured) decoding, then one prompt of
 {args.long:,} tokens submitted among them.
 
 | ratio | measured | goal |
 |---|---|---|
-| KV bytes held / KV bytes needed (all 16 rows held) | {c['kv_ratio']:.2f} | <= 1.25 |
-| (for contrast: one left-padded batch, the former DynamicCache) | {c['padded_ratio']:.1f} | |
-| longest inter-token gap while the long prompt joins / median gap, chunk {args.chunk} | {c['gap_ratio']:.2f} | <= 3 |
-| (for contrast: the whole prompt in one prefill pass) | {w['gap_ratio']:.1f} | |
+| KV bytes held / KV bytes needed (all 16 rows held) | {c["kv_ratio"]:.2f} | <= 1.25 |
+| (for contrast: one left-padded batch, the former DynamicCache) | {c["padded_ratio"]:.1f} | |
+| longest inter-token gap while the long prompt joins / median gap, chunk {args.chunk} | {c["gap_ratio"]:.2f} | <= 3 |
+| (for contrast: the whole prompt in one prefill pass) | {w["gap_ratio"]:.1f} | |
 | peak training memory of one long row, chunked loss / plain | {train} | <= 0.5 |
 
-Gaps of one running stream: median {ms(c['median_gap_before_s'])} before the long prompt arrived; longest
-{ms(c['longest_gap_joining_s'])} while it was prefilled in chunks of {args.chunk} ({c['prefill_s']:.1f} s to its first
-token); {ms(w['longest_gap_joining_s'])} when prefilled in one pass ({w['prefill_s']:.1f} s). KV bytes: held
-{c['kv_used'] / 2**20:.1f} MiB, needed {c['kv_needed'] / 2**20:.1f} MiB (each row's own tokens in global layers, its
+Gaps of one running stream: median {ms(c["median_gap_before_s"])} before the long prompt arrived; longest
+{ms(c["longest_gap_joining_s"])} while it was prefilled in chunks of {args.chunk} ({c["prefill_s"]:.1f} s to its first
+token); {ms(w["longest_gap_joining_s"])} when prefilled in one pass ({w["prefill_s"]:.1f} s). KV bytes: held
+{c["kv_used"] / 2**20:.1f} MiB, needed {c["kv_needed"] / 2**20:.1f} MiB (each row's own tokens in global layers, its
 last 1,023 in sliding ones).
 """
     replace_section(ROOT / "docs" / "BENCHMARKS.md", "## Long context", section)

@@ -161,7 +161,7 @@ def section(rank: int) -> str:
         "Reading: with the model's own loss over the full logits the smallest GPU is "
         + "; ".join(f"{r['tokens'] // 1024}k: {_smallest(r['total_full_logits'])}" for r in rows)
         + ". `toolkit train` computes the loss in chunks (TRL's fused LM head, `training.chunked_loss`, on by "
-        "default from max_seq_len 4096; toolkit/train/loss.py): "
+        "default; toolkit/train/loss.py): "
         + "; ".join(f"{r['tokens'] // 1024}k: {_smallest(r['total_chunked_loss'])}" for r in rows)
         + f". At 32k that is {last['total_chunked_loss']:.0f} GB by arithmetic and "
         f"{last['total_chunked_calibrated']:.0f} GB calibrated on a measured step (one 27B-shape layer, 262k "

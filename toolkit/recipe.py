@@ -122,7 +122,7 @@ class TrainingSection(_Section):
     """Recompute activations in the backward pass to save memory."""
     chunked_loss: Literal["auto", "on", "off"] = "auto"
     """Loss over the 262k vocabulary in chunks (TRL's fused LM head), never the full fp32 logits of a row: needed
-    for long rows (32k tokens would hold 31 GB of logits). auto: on when data.max_seq_len >= 4096."""
+    for long rows (32k tokens would hold 31 GB of logits). auto: on (off: the model's own loss, to compare)."""
     seed: int = 0
     """Seed for initialisation, dropout and data order."""
     eval_every: int = Field(0, ge=0)

@@ -32,7 +32,7 @@ def test_auto_takes_the_first_available_kernel_of_the_measured_preference():
     only_torch = kernels.choose("cpu", "inference", available=_avail("torch"))
     assert only_torch.kernel.name == "torch" and "torch_fused: not here" in only_torch.reason
     assert kernels.choose("cpu", "training", available=_avail("torch_fused", "torch")).dtype == "float32"
-    assert kernels.choose("cuda:0", "inference", available=lambda k: None).kernel.name == "marlin"
+    assert kernels.choose("cuda:0", "inference", available=lambda k: None).kernel.name == "exllama_v2"
     assert kernels.choose("cuda", "training", available=lambda k: None).kernel.name == "triton"
     for (device, _), order in kernels.AUTO.items():  # every preferred name exists on its device
         assert all(kernels.get(name, device).device == device for name in order)

@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+DROP = object()  # the default: take the field out of the body
 FORMS = {
     "null": lambda v: v is None,
     "empty list": lambda v: v == [],
     "string, integer or null": lambda v: v is None or (isinstance(v, str | int) and not isinstance(v, bool)),
     "list or null": lambda v: v is None or isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "string or null": lambda v: v is None or isinstance(v, str),
 }
 
 
@@ -25,6 +28,7 @@ class Deviation:
     path: str
     form: str  # a key of FORMS: the only value allowed to differ
     reason: str
+    stand_in: Any = DROP  # a required field is not taken out but given a value OpenAI's schema accepts
 
     def allows(self, value: Any) -> bool:
         return FORMS[self.form](value)
@@ -38,6 +42,8 @@ STOP_REASON = "card: vLLM's stop_reason, the stop string or token id that ended 
 PROMPT_LOGPROBS = "card: vLLM's prompt_logprobs (the prompt tokens' log probabilities), null unless requested"
 PROMPT_DETAILS = "card: vLLM sends prompt_tokens_details null (no prompt caching); OpenAI's schema has an object"
 ECHO = "OpenAI's own legacy API (and vLLM) give the first echoed prompt token no logprob: null, not a number"
+MODEL_ROOT = "vLLM's /v1/models field: the base a model was served from (clients of vLLM read it)"
+MODEL_PARENT = "vLLM's /v1/models field: an adapter's base model id, null for the base itself"
 STREAMED = "OpenAI's own streamed legacy completions send finish_reason null until a choice ends; its schema omits it"
 
 DEVIATIONS: list[Deviation] = [
@@ -55,5 +61,7 @@ DEVIATIONS: list[Deviation] = [
     Deviation(COMPLETION, "usage.prompt_tokens_details", "null", PROMPT_DETAILS),
     Deviation(COMPLETION, "choices[].logprobs.token_logprobs[0]", "null", ECHO),
     Deviation(COMPLETION, "choices[].logprobs.top_logprobs[0]", "null", ECHO),
-    Deviation(COMPLETION + "/stream", "choices[].finish_reason", "null", STREAMED),
+    Deviation("ListModelsResponse", "data[].root", "string", MODEL_ROOT),
+    Deviation("ListModelsResponse", "data[].parent", "string or null", MODEL_PARENT),
+    Deviation(COMPLETION + "/stream", "choices[].finish_reason", "null", STREAMED, stand_in="stop"),
 ]

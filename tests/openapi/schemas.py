@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from openapi.deviations import DEVIATIONS, Deviation
+from openapi.deviations import DEVIATIONS, DROP, Deviation
 
 SUBSET = Path(__file__).with_name("openai_subset.json")
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -77,7 +77,10 @@ def _drop(node: Any, parts: list[str], d: Deviation) -> None:
         if rest:
             _drop(node[key], rest, d)
         elif d.allows(node[key]):
-            del node[key]
+            if d.stand_in is DROP:
+                del node[key]
+            else:
+                node[key] = d.stand_in
         return
     items = node[key]
     if not isinstance(items, list) or not items:

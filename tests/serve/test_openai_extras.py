@@ -365,3 +365,17 @@ def test_a_request_the_kv_budget_can_never_hold_is_a_400(make_server):
         r = httpx.post(small.url + path, json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large", r.text
         assert "--kv-cache-gb" in r.json()["error"]["message"]
+
+
+def test_strict_refuses_schema_keywords_the_grammar_cannot_enforce(server):
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], "if": {"type": "object"}}
+    for strict, status in ((True, 400), (False, 200)):
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "strict": strict, "schema": schema}}
+        body = {"messages": JAPAN, "max_tokens": 20, "response_format": fmt}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+            assert "if" in r.json()["error"]["message"]
+        else:
+            assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"])["a"], bool)

@@ -87,7 +87,8 @@ def test_plain_peft_reload_reproduces_the_trained_logits(trained, tiny_ct):
 
     from toolkit.base.loader import load_base
 
-    reloaded = PeftModel.from_pretrained(load_base(tiny_ct, device="cpu").model, str(trained.adapter_dir))
+    base = load_base(tiny_ct, device="cpu", kernel="torch")  # the kernel training ran on: exact comparison
+    reloaded = PeftModel.from_pretrained(base.model, str(trained.adapter_dir))
     reloaded.eval()
     ids = torch.tensor([[2, 105, 400, 500, 600, 106, 105]])
     with torch.no_grad():

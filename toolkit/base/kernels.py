@@ -52,7 +52,10 @@ KERNELS: tuple[Kernel, ...] = (
 AUTO: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "inference"): ("cpu_avx512", "torch_fused", "torch"),
     ("cpu", "training"): ("torch",),
-    ("cuda", "inference"): ("marlin", "exllama_v2", "torch"),
+    # Measured on an H100 (bench/results/gpu_path_h100.json, 27b-shapes, bf16): ExLlama v2 decodes 160 tok/s at
+    # one row and 2,588 at 16, Triton 126 / 2,010, torch 122 / 1,914; Marlin 32 / 490, since GPTQModel 7.7 built
+    # without its CUDA extension runs Marlin's slow path. Marlin stays as the fallback after ExLlama v2.
+    ("cuda", "inference"): ("exllama_v2", "marlin", "torch"),
     ("cuda", "training"): ("triton", "torch"),
 }
 

@@ -277,17 +277,21 @@ class Engine:
                 self._pending.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        if any(r.cancelled.is_set() for r in self._pending):  # waiting requests may be cancelled anywhere in line
+            self._pending = deque(r for r in self._pending if not self._finish_if_cancelled(r))
         while self._pending and len(self._rows) < self.max_batch:
             r = self._pending[0]
-            if self._finish_if_cancelled(r):
-                self._pending.popleft()
-                continue
             need = self._reserve_bytes(r)
             if self.kv_budget is not None and self._reserved + need > self.kv_budget:
                 break  # the oldest waits for room (first come, first served: no overtaking by smaller ones)
             self._pending.popleft()
             limit = len(r.input_ids) + max(r.params.max_tokens, 0)
-            self._rows.append(_Row(r, RowState.new(r.params, r.input_ids), RowKV(self.layout, limit), need))
+            try:
+                state = RowState.new(r.params, r.input_ids)
+            except Exception as exc:  # bad parameters fail their request, not the engine
+                r.on_event("error", exc)
+                continue
+            self._rows.append(_Row(r, state, RowKV(self.layout, limit), need))
             self._reserved += need
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(r.input_ids)

@@ -227,7 +227,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: int | None = Field(16, ge=0, strict=True, description="0 only with echo (prompt scoring)")
+    max_tokens: int | None = Field(None, ge=0, strict=True, description="default 16; 0 only with echo (scoring)")
     echo: bool = Field(False, strict=True)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
 

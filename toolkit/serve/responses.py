@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Request
 from pydantic import ValidationError
 
 from toolkit.data.schema import problems_from_errors
@@ -109,11 +110,16 @@ def _parts(item: MessageItem) -> str | list[dict]:
     return out
 
 
+def has_instructions(req: ResponsesRequest) -> bool:
+    """Empty instructions are no system turn (the Agents SDK sends "" for an agent without instructions)."""
+    return bool(req.instructions and req.instructions.strip())
+
+
 def to_messages(req: ResponsesRequest, history: list[dict]) -> tuple[list[dict], list[str]]:
     """The chat messages for a request, and for each the request field it came from (to rename errors)."""
     messages: list[dict] = []
     where: list[str] = []
-    if req.instructions is not None:
+    if has_instructions(req):
         messages.append({"role": "system", "content": req.instructions})
         where.append("instructions")
     messages += history
@@ -135,6 +141,7 @@ def _rename(text: str, where: list[str]) -> str:
         return source + (m.group(2) if source.startswith("input[") else "")
 
     text = re.sub(r"messages\[(\d+)\]((?:\.content)?)", item, text)
+    text = text.replace("the messages take", "the input takes")
     text = re.sub(r"\bmessages\b", "input", text)
     for old, new in CHAT_PARAMS:
         text = text.replace(old, new)
@@ -224,9 +231,10 @@ class Run:
             "top_logprobs": req.top_logprobs or 0,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": "disabled",
-            "usage": usage,
             "metadata": req.metadata or {},
         }
+        if usage is not None:  # OpenAI's schema: an object when present (no usage while in progress)
+            out["usage"] = usage
         for name in ("user", "safety_identifier", "prompt_cache_key"):  # OpenAI's schema: a string when present
             if getattr(req, name) is not None:
                 out[name] = getattr(req, name)
@@ -276,7 +284,7 @@ async def start(state: ServerState, req: ResponsesRequest, store: ResponseStore)
         streams, n_prompt = await start_chat(state, chat)
     except APIError as err:
         raise _renamed(err, where) from None
-    conversation = messages[1:] if req.instructions is not None else messages  # instructions are not carried over
+    conversation = messages[1:] if has_instructions(req) else messages  # instructions are not carried over
     return Run(state, req, streams, n_prompt, conversation)
 
 
@@ -346,7 +354,6 @@ async def stream(
 # ------------------------------------------------------------------------------------------------ routes
 def add_routes(app: Any, state: ServerState, dependencies: list) -> ResponseStore:
     """POST /v1/responses, GET and DELETE /v1/responses/{id} on `app`, behind the same auth dependencies as chat."""
-    from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from toolkit.serve.errors import envelope_schema

@@ -162,7 +162,8 @@ class ResponsesRequest(BaseModel):
         text = data.get("text")
         if isinstance(text, dict) and text.get("verbosity") not in (None, "medium"):
             raise Refused("text.verbosity", f"{NOT_IMPLEMENTED} (only the default, medium)")
-        for value in data.get("include") or []:
+        include = data.get("include")
+        for value in include if isinstance(include, list) else []:  # not a list: pydantic's error names it
             if value not in INCLUDABLE:
                 raise BadField("include", f"{value!r} is not one of {sorted(INCLUDABLE)}")
         if isinstance(data.get("input"), list):
