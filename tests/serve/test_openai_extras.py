@@ -8,7 +8,6 @@ import json
 
 import httpx
 import jsonschema_rs
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -19,16 +18,6 @@ from toolkit.serve.logprobs import TokenText
 
 JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
 ATOL = 2e-3  # KV-cached decoding vs one full forward in float32 on CPU: same numbers up to summation order
-
-
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def _log_softmax(state, ids):

@@ -24,16 +24,6 @@ EVENTS = [
 ENDS = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def post(server, body: dict, path: str = "/v1/responses") -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=120)
 

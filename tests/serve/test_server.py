@@ -19,16 +19,6 @@ from toolkit.engine.engine import generate_greedy
 JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
 
 
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def _image_uri(images, color):
     return "data:image/png;base64," + base64.b64encode(images[color].read_bytes()).decode()
 

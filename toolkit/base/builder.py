@@ -126,6 +126,20 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
+# Gemma 3's processor finds its image and turn tokens by these names; both bases write the same options.
+TOKENIZER_OPTIONS = {
+    "extra_special_tokens": {
+        "boi_token": C.START_OF_IMAGE,
+        "eoi_token": C.END_OF_IMAGE,
+        "image_token": C.IMAGE_SOFT_TOKEN,
+        "sot_token": C.START_OF_TURN,
+        "eot_token": C.END_OF_TURN,
+    },
+    "add_bos_token": True,
+    "add_eos_token": False,
+}
+
+
 def build_tokenizer():
     """The tiny base's tokenizer: Gemma's normaliser/decoder, Gemma 3's special tokens and chat template."""
     from transformers import GemmaTokenizer
@@ -135,15 +149,7 @@ def build_tokenizer():
     tok = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
-        extra_special_tokens={
-            "boi_token": C.START_OF_IMAGE,
-            "eoi_token": C.END_OF_IMAGE,
-            "image_token": C.IMAGE_SOFT_TOKEN,
-            "sot_token": C.START_OF_TURN,
-            "eot_token": C.END_OF_TURN,
-        },
-        add_bos_token=True,
-        add_eos_token=False,
+        **TOKENIZER_OPTIONS,
         padding_side="left",  # generation batches left-pad; the training collator pads explicitly
         chat_template=template,
     )

@@ -190,6 +190,8 @@ def _tokenizer(reference: Path):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
+    from toolkit.base import builder
+
     template = (Path(__file__).parent / "gemma3.jinja").read_text()
     tok = AutoTokenizer.from_pretrained(reference)
     tok.add_tokens([AddedToken(C.IMAGE_SOFT_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -197,15 +199,7 @@ def _tokenizer(reference: Path):
         tok.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(
             tmp,
-            extra_special_tokens={
-                "boi_token": C.START_OF_IMAGE,
-                "eoi_token": C.END_OF_IMAGE,
-                "image_token": C.IMAGE_SOFT_TOKEN,
-                "sot_token": C.START_OF_TURN,
-                "eot_token": C.END_OF_TURN,
-            },
-            add_bos_token=True,
-            add_eos_token=False,
+            **builder.TOKENIZER_OPTIONS,
             padding_side="left",  # as the tiny base: generation batches left-pad
             chat_template=template,
         )
