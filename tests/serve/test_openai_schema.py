@@ -97,6 +97,8 @@ def test_every_deviation_names_a_form_and_one_line_of_reason():
         "token_logprobs",  # echo: the first prompt token has no logprob (OpenAI's own API sends null too)
         "top_logprobs",
         "finish_reason",  # streamed legacy completions: null until the last chunk, as OpenAI's own API sends
+        "root",  # vLLM's /v1/models fields
+        "parent",
     }
 
 
