@@ -9,7 +9,7 @@ BASE ?= build/tiny-base
 REAL_BASE ?= build/real-base
 PORT ?= 8000
 
-.PHONY: quickstart quickstart-270m real-base test lint clean client-matrix
+.PHONY: quickstart quickstart-270m real-base test lint clean client-matrix llama-cpp peer-serve peer-serve-270m
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -58,6 +58,23 @@ test: $(VENV)/.installed
 # installs them into build/client-venv (not project dependencies); docs/CLIENTS.md records a run.
 client-matrix: $(VENV)/.installed
 	$(BIN)/python bench/client_matrix.py
+
+# Peer benchmarks (docs/BENCHMARKS.md). llama.cpp's OpenAI server is a benchmark peer, not a dependency: it gets its
+# own venv (llama-cpp-python compiles llama.cpp, about 3 minutes on 2 cores).
+LLAMA_VENV := build/llama-venv
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet "llama-cpp-python[server]==0.3.36"
+	@touch $@
+
+llama-cpp: $(LLAMA_VENV)/.installed
+
+peer-serve: $(VENV)/.installed
+	$(BIN)/python bench/peer_serve.py --out docs/BENCHMARKS.md
+
+peer-serve-270m: real-base llama-cpp
+	$(BIN)/python bench/peer_serve.py --base $(REAL_BASE) --out docs/BENCHMARKS.md \
+	  --llama-cpp "$$($(BIN)/python -c 'from toolkit.base.real_weights import weights_file; print(weights_file())')"
 
 clean:
 	rm -rf build $(VENV)

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/serve_load.py [--adapter adapters/quickstart] [--requests 32] [--max-tokens 32]
 
-Starts a real `toolkit serve` app on 127.0.0.1 (uvicorn in a thread) with the base and 4 copies of one adapter
-(same weights, separate adapters to peft), and measures completion tokens per second:
+Starts `toolkit serve` on 127.0.0.1 in its own process with the base and 4 copies of one adapter (same weights,
+separate adapters to peft), and measures completion tokens per second:
   1. 16 concurrent clients vs one request at a time (goal >= 6x)
   2. HTTP with 16 concurrent clients vs the same requests submitted to the engine in-process (goal >= 0.9)
   3. 4 adapters mixed in one load vs all requests on one adapter (goal >= 0.85)
@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,32 +28,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from peer_serve import Server, free_port  # noqa: E402
 from report import cpus, replace_section  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
 FULL_LENGTH = {"temperature": 0, "ignore_eos": True}  # every request generates exactly max_tokens
 
 
-def start_server(state):
-    import uvicorn
-
-    from toolkit.serve.app import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
-
-
 def http_load(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> float:
     import httpx
 
+    local = threading.local()  # one kept connection per client thread, as real clients keep theirs
+
     def one(i: int) -> int:
-        r = httpx.post(
+        if not hasattr(local, "client"):
+            local.client = httpx.Client()
+        r = local.client.post(
             url + "/v1/chat/completions",
             timeout=600,
             json={"model": models[i % len(models)], "messages": PROMPT, "max_tokens": max_tokens, **FULL_LENGTH},
@@ -68,35 +57,42 @@ def http_load(url: str, models: list[str], n: int, clients: int, max_tokens: int
     return tokens / (time.perf_counter() - t)
 
 
-def engine_load(state, adapter: str, n: int, max_tokens: int) -> float:
+def engine_load(state, adapter: str, n: int, clients: int, max_tokens: int) -> float:
+    """The same `n` requests straight to the engine, offered as over HTTP: `clients` closed-loop clients, each
+    submitting its next request when its previous one is done (so the ratio measures HTTP, not arrival order)."""
     from toolkit.data import template as chat
     from toolkit.data.schema import parse_messages
     from toolkit.engine.engine import Request, SamplingParams
 
     prompt = chat.encode_prompt(state.base.processor, parse_messages(PROMPT, purpose="request", where="bench"), [])
-    done, tokens = threading.Semaphore(0), [0]
+    lock, tokens, left = threading.Lock(), [0], [n]
+    all_done = threading.Event()
 
-    def on_event(kind, value):
+    def submit() -> None:
+        with lock:
+            if left[0] == 0:
+                return
+            left[0] -= 1
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        state.engine.submit(Request(prompt.input_ids, prompt.token_type_ids, None, adapter, params, on_event))
+
+    finished = [0]
+
+    def on_event(kind, value):  # engine thread
         if kind == "token":
             tokens[0] += 1
         elif kind == "done":
             tokens[0] += 1 if value[0] == "stop" else 0
-            done.release()
+            finished[0] += 1
+            if finished[0] == n:
+                all_done.set()
+            else:
+                submit()  # this client's next request
 
     t = time.perf_counter()
-    for _ in range(n):
-        state.engine.submit(
-            Request(
-                prompt.input_ids,
-                prompt.token_type_ids,
-                None,
-                adapter,
-                SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
-                on_event,
-            )
-        )
-    for _ in range(n):
-        done.acquire()
+    for _ in range(min(clients, n)):
+        submit()
+    all_done.wait()
     return tokens[0] / (time.perf_counter() - t)
 
 
@@ -134,23 +130,33 @@ def main() -> None:
         names = [f"a{i}" for i in range(4)]
         for name in names:
             shutil.copytree(source, Path(tmp) / name)
-        state = build_state(
-            base=base, adapters=[f"{n}={Path(tmp) / n}" for n in names], device="cpu", max_batch=16, max_queue=256
-        )
-        server, url = start_server(state)
+        adapters = [f"{n}={Path(tmp) / n}" for n in names]
         n, mt = args.requests, args.max_tokens
-        http_load(url, ["a0"], 4, 4, 4)  # warm-up
 
         def median3(run) -> float:  # one run on 2 shared cores is noisy
             return statistics.median(run() for _ in range(3))
 
-        sequential = median3(lambda: http_load(url, ["a0"], max(4, n // 4), 1, mt))
-        concurrent = median3(lambda: http_load(url, ["a0"], n, 16, mt))
-        in_process = median3(lambda: engine_load(state, "a0", n, mt))
-        mixed = median3(lambda: http_load(url, names, n, 16, mt))
-        ttft, full = zip(*(first_token(url, "a0", mt) for _ in range(3)), strict=True)
-        server.should_exit = True
+        # In-process first: the engine alone, in this process, with the same closed-loop clients.
+        state = build_state(base=base, adapters=adapters, device="cpu", max_batch=16, max_queue=256)
+        engine_load(state, "a0", 4, 4, 4)  # warm-up
+        in_process = median3(lambda: engine_load(state, "a0", n, 16, mt))
         state.engine.close()
+
+        # Then HTTP: `toolkit serve` in its own process, as users run it; the clients stay in this one.
+        port = free_port()
+        command = [sys.executable, "-m", "cli", "serve", "--base", str(base), "--port", str(port), "--device", "cpu"]
+        command += ["--max-batch", "16", "--max-queue", "256"] + sum((["--adapter", a] for a in adapters), [])
+        server = Server("toolkit", command, port, "a0")
+        try:
+            server.wait_ready()
+            url = server.url
+            http_load(url, ["a0"], 4, 4, 4)  # warm-up
+            sequential = median3(lambda: http_load(url, ["a0"], max(4, n // 4), 1, mt))
+            concurrent = median3(lambda: http_load(url, ["a0"], n, 16, mt))
+            mixed = median3(lambda: http_load(url, names, n, 16, mt))
+            ttft, full = zip(*(first_token(url, "a0", mt) for _ in range(3)), strict=True)
+        finally:
+            server.stop()
     res = {
         "tokens_per_s": {
             "one_at_a_time": sequential,
@@ -193,14 +199,10 @@ def main() -> None:
             f"{res['full_response_s'] * 1000:.0f} ms (median of 3, one client).",
             "",
             "Reading: the engine batches at the decoding step (requests arriving mid-generation are prefilled and "
-            "join the running batch), so 16 clients share forward passes. The in-process figure submits all "
-            "requests at once (two full prefills); over HTTP the clients arrive staggered, so joiners take "
-            "extra small prefills and the event loop's JSON and tokenizer work competes with the model for the "
-            "same 2 cores. One traced run: over HTTP the engine ran 65 decoding steps averaging 50 ms and 4 prefills "
-            "(0.41 s) in 3.89 s of wall time; in-process 64 steps of 43 ms and 2 prefills (0.20 s) in 2.94 s. So "
-            "of the 0.95 s gap, 0.54 s is slower steps (HTTP and tokenizer work running beside the model), 0.21 s "
-            "extra prefills for staggered joiners, 0.2 s the engine idle while clients send their next request. "
-            "Mixed adapters cost "
+            "join the running batch), so 16 clients share forward passes. The in-process figure offers the same "
+            "requests the same way (16 closed-loop clients, each sending its next request when one is done), so "
+            "the ratio is the cost of HTTP, JSON and detokenising, which run beside the model on the same cores "
+            "(`toolkit serve` in its own process, the HTTP clients in the benchmark's). Mixed adapters cost "
             "one LoRA matmul per adapter present in the batch (peft splits the rows by adapter), which weighs "
             "more on the tiny base than it would on the 27B, where the base matmuls dominate.",
             "",

@@ -140,3 +140,37 @@ def test_info_prints_the_kernel_and_dtype_and_takes_an_override(tiny_ct):
     assert "kernel         training on cpu: " in human.stdout
     bad = run_cli("info", tiny_ct, "--kernel", "marlin", "--device", "cpu", cwd=None)
     assert bad.returncode == 2 and "unknown kernel 'marlin' for cpu" in bad.stderr
+
+
+def test_the_token_matrix_is_held_in_bfloat16_and_gives_the_float32_logits(tiny_ct):
+    """CPU inference keeps the tied embedding / LM head in bfloat16 (as on disk) and upcasts it tile by tile:
+    the logits and embeddings equal the plain float32 computation, for one row and for a batch."""
+    loaded = load_base(tiny_ct, device="cpu")
+    embed, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    assert head.weight is embed.weight and embed.weight.dtype == torch.bfloat16
+    w = embed.weight.float()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for rows in (1, 16):
+            hidden = torch.randn(rows, 3, w.shape[1])
+            assert (head(hidden) - torch.nn.functional.linear(hidden, w)).abs().max() < 1e-5
+        ids = torch.randint(0, w.shape[0], (2, 5))
+        assert torch.equal(embed(ids), torch.nn.functional.embedding(ids, w) * embed.embed_scale.float())
+    training = load_base(tiny_ct, device="cpu", training=True)  # training keeps the float32 matrix autograd uses
+    assert training.model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_the_lean_int4_forward_gives_the_same_logits_as_gptqmodels_own(tiny_ct, monkeypatch):
+    """After the first forward (GPTQModel's repack), torch_fused layers call aten's int4 matmul directly
+    (gptq_backend._lean_inference_forward): the logits equal GPTQModel's own forward's, call after call."""
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (2, 24))
+    lean = load_base(tiny_ct, device="cpu", kernel="torch_fused")
+    monkeypatch.setattr(gptq_backend, "_lean_inference_forward", lambda module: None)
+    plain = load_base(tiny_ct, device="cpu", kernel="torch_fused")
+    with torch.no_grad():
+        for _ in range(2):  # the first call repacks, the second takes the lean path
+            assert torch.equal(lean.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+    layer = next(m for m in lean.model.modules() if gptq_backend.is_quantized_linear(m))
+    closure = dict(zip(layer.forward.__func__.__code__.co_freevars, layer.forward.__func__.__closure__, strict=True))
+    assert closure["state"].cell_contents == {"lean": True}

@@ -252,3 +252,21 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_leaves_and_frees_its_
     assert ev.events[-1] == ("done", ("cancelled", None)) and not ev.tokens
     assert ok.events[-1][0] == "done" and engine.stats["cancelled"] == 1
     assert engine.stats["running"] == 0 and engine.stats["kv_bytes_used"] == 0
+
+
+def test_one_long_row_decodes_apart_from_the_short_ones_only_when_it_saves_padding():
+    """Decoding pads every row to the longest: a 30k-token row among short ones gets its own forward."""
+    from types import SimpleNamespace
+
+    from toolkit.engine.engine import _decode_groups
+
+    def rows(*lengths):
+        return [(SimpleNamespace(kv=SimpleNamespace(seen=n)), 7) for n in lengths]
+
+    short = rows(40, 75, 60, 52)
+    assert _decode_groups(short) == [short]
+    mixed = rows(40, 30000, 75, 60)
+    groups = _decode_groups(mixed)
+    assert [[r.kv.seen for r, _ in g] for g in groups] == [[40, 60, 75], [30000]]
+    assert sorted(id(r) for g in groups for r, _ in g) == sorted(id(r) for r, _ in mixed)
+    assert len(_decode_groups(rows(900, 2000))) == 1  # 1,100 padded slots: not worth a second forward

@@ -72,6 +72,8 @@ def load_gptq(folder: Path, device: str, kernel, training: bool):
         # weights into the inference-only layout (whose matmul runs under no_grad: no gradient to the input).
         if training and hasattr(module, "linear_mode"):
             module.linear_mode = "train"
+        elif device == "cpu" and type(module).__name__ == "TorchFusedLinear":
+            _lean_inference_forward(module)
     devices = set((getattr(model, "hf_device_map", None) or {}).values())
     if len(devices) == 1:
         # Shim: GPTQModel records a per-module device map even when every module is on one device; accelerate
@@ -80,6 +82,49 @@ def load_gptq(folder: Path, device: str, kernel, training: bool):
     if dtype != load_dtype:
         model = model.to(dtype)  # scales are bf16 on disk, so fp32 holds them exactly
     return model
+
+
+def _lean_inference_forward(module) -> None:
+    """Shim: TorchFusedLinear's inference forward, without the per-call work that is a no-op for our weights.
+
+    After its one-time repack (first eval forward, GPTQModel's own code) each call gathers the input columns by
+    `ret_idx` (the act-order permutation: the identity for the 27B's format, whose groups are contiguous) and goes
+    through a sub-module; on a decoding step that is ~40 us of a ~100 us call, 126 calls per step for the 270M.
+    Where the permutation is the identity and there is no bias or GPTQModel adapter, later calls go straight to
+    aten's int4 matmul: the same op on the same tensors (tests/base/test_kernels.py compares the logits).
+    """
+    import types
+
+    import torch
+
+    slow = module.forward
+    state: dict = {}
+
+    def forward(self, x):
+        lean = state.get("lean")
+        if lean is None:
+            out = slow(x)  # the first call repacks (or pins training mode); decide after it
+            op = getattr(self, "torch_fused_op", None)
+            ret = getattr(self, "ret_idx", None)
+            state["lean"] = (
+                op is not None
+                and self.linear_mode == "inference"  # LinearMode is a str enum
+                and self.bias is None
+                and not self.adapter
+                and ret is not None
+                and torch.equal(ret.cpu(), torch.arange(ret.numel(), dtype=ret.dtype))
+            )
+            return out
+        if not lean or self.training or x.requires_grad:
+            return slow(x)
+        flat = x.reshape(-1, x.shape[-1])
+        op = self.torch_fused_op
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat.to(torch.bfloat16), op.qweight_uint8, op.group_size, op.scales_and_zeros
+        )
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    module.forward = types.MethodType(forward, module)
 
 
 def layer_kernels(model) -> list[str]:
@@ -120,6 +165,9 @@ def quantize_gptq(dense_dir: Path, out_dir: Path, calibration: list[list[int]], 
         mse=settings["mse"],
         damp_percent=settings["damp_percent"],
         device="cpu",
+        # GPTQModel's default writes each layer to disk and reads it back between stages; a 270M model fits in
+        # memory many times over, and the round trips cost build time.
+        offload_to_disk=False,
     )
     model = GPTQModel.load(str(dense_dir), config)
     rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]

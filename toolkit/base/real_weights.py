@@ -49,7 +49,7 @@ class GptqSettings:
     sample_tokens: int = 256  # tokens per calibration sequence
     true_sequential: bool = False  # True: re-run each layer after each quantised sub-block (2.5x the forwards)
     act_group_aware: bool = True  # GPTQModel's GAR: act-order benefit, groups stay contiguous (format-compatible)
-    mse: float = 0.0  # > 0: search a clipped scale per group (GPTQModel's `mse` norm) instead of absmax
+    mse: float = 2.4  # > 0: search a clipped scale per group (GPTQModel's `mse`); held-out 1.281x -> 1.142x
     damp_percent: float = 0.05  # Hessian dampening
 
     def key(self) -> str:

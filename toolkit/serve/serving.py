@@ -204,17 +204,21 @@ class ChoiceStream:
         # Rows run with ignore_eos to learn a stop token's log probability (see completions.py) end here instead
         self.stop_as_token: set[int] = set()
         self._buffer: list[tuple[str, Any]] = []
+        self._scheduled = False  # a _flush is on its way to the event loop
         self._lock = threading.Lock()
         self.on_finish: Callable[[ChoiceStream], None] | None = None
 
     def on_event(self, kind: str, value: Any) -> None:  # engine thread
         # Events are buffered and the event loop woken once per batch of them: a wake-up per token per row
-        # costs the model CPU time on small machines.
+        # costs the model CPU time on small machines. A choice whose text is decoded once at the end (not
+        # streamed, no stop strings) needs no wake-up before its last event.
         if kind == "token":
             self.times.append(time.monotonic())
+        urgent = self.incremental or bool(self.stop_as_token) or kind in ("done", "error")
         with self._lock:
             self._buffer.append((kind, value))
-            wake = len(self._buffer) == 1
+            wake = urgent and not self._scheduled
+            self._scheduled = self._scheduled or wake
         if wake:
             self.loop.call_soon_threadsafe(self._flush)
         if kind in ("done", "error"):  # the engine is finished with the row: its adapter may go, metrics count it
@@ -223,6 +227,7 @@ class ChoiceStream:
     def _flush(self) -> None:  # event loop
         with self._lock:
             events, self._buffer = self._buffer, []
+            self._scheduled = False
         if events:
             self.queue.put_nowait(events)
 
