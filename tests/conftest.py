@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, LiveServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,36 +54,6 @@ def trained(tiny_ct, tmp_path_factory):
     result = train(recipe)
     result.model.eval()
     return result
-
-
-class LiveServer:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, state) -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        from toolkit.serve.app import create_app
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.state = state
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(state), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.state.engine.close()
 
 
 @pytest.fixture(scope="session")

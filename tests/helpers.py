@@ -1,9 +1,11 @@
-"""What several test modules need: the repository root and the one way tests run the `toolkit` CLI."""
+"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, and a live
+server (a module-level name, so any test module can import it; every conftest.py is imported as `conftest`)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO
 
@@ -20,3 +22,33 @@ def run_cli(*args, cwd: str | Path | None = ROOT, **kwargs) -> subprocess.Comple
 def start_cli(*args, stdout: IO, stderr: IO, cwd: str | Path = ROOT) -> subprocess.Popen:
     """Start `toolkit ARGS` in the background (for tests that interrupt or kill it)."""
     return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, stdout=stdout, stderr=stderr)
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, state) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from toolkit.serve.app import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.state = state
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(state), host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.state.engine.close()

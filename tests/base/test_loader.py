@@ -37,7 +37,10 @@ def test_cpu_dtype_is_the_kernels_and_base_is_frozen(base):
     # the measured choice (kernels.py): float32 around the aten int4 matmul unless the CPU has AVX512-BF16
     assert base.device == "cpu" and base.dtype == getattr(torch, kernels.choose("cpu", "inference").dtype)
     assert base.dtype in (torch.float32, torch.bfloat16)  # never float16: Gemma 3 overflows it
-    assert {p.dtype for p in base.model.parameters()} == {base.dtype}
+    token_matrix = base.model.get_input_embeddings().weight  # tied embedding / LM head: held as stored on CPU
+    others = {p.dtype for p in base.model.parameters() if p is not token_matrix}
+    assert others == {base.dtype}
+    assert token_matrix.dtype == (torch.bfloat16 if base.dtype == torch.float32 else base.dtype)
     assert not any(p.requires_grad for p in base.model.parameters())
     assert base.spec.bits == 4 and base.spec.format == "compressed-tensors"
     assert len(base.fingerprint) == 16 and base.context_length == 4096

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, LiveServer, run_cli
 
 pytestmark = pytest.mark.real_base
 DATA = Path(__file__).parent / "data"
@@ -119,8 +119,6 @@ def _ask(url: str, messages: list, max_tokens: int = 12, model: str = "capitals"
 
 @pytest.fixture(scope="module")
 def server(real_base, capitals):
-    from conftest import LiveServer
-
     from toolkit.serve.app import build_state
 
     state = build_state(base=str(real_base), device="cpu", adapters=[f"capitals={capitals.adapter_dir}"])
