@@ -5,11 +5,11 @@ a background thread admits the requests waiting in a bounded queue (up to `max_b
 within the KV budget `kv_cache_gb`), prefills their prompts in chunks of `prefill_chunk` tokens between
 decoding steps of the rows already running (so a long prompt never stalls the streams), and decodes every
 running row in one shared forward per step (two when one long row would pad the short ones). Each row keeps
-its own adapter (peft mixed-adapter batches), its
-own sampling state (sampling.py: penalties, temperature, top-k/p, min-p, seed, logprobs, constraint), token
-budget and stop tokens, and its own KV storage at its own length (kv_cache.py), so rows never pad each other
-in memory. Rows that finish or are cancelled leave at once and free their storage; requests that arrive
-meanwhile join between two decoding steps (step-level continuous batching).
+its own adapter (peft mixed-adapter batches), its own sampling state (sampling.py: penalties, temperature,
+top-k/p, min-p, seed, logprobs, constraint), token budget and stop tokens, and its own KV storage at its own
+length (kv_cache.py), so rows never pad each other in memory. Rows that finish or are cancelled leave at once
+and free their storage; requests that arrive meanwhile join between two decoding steps (step-level continuous
+batching).
 
 Prefill asks the model for the logits it uses only: the last position of each prompt (`logits_to_keep=1`),
 and every prompt position only for a request that wants `prompt_logprobs`, then in chunks.
