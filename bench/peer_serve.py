@@ -323,11 +323,13 @@ READING = (
     "Reading: at 16 clients the toolkit decodes all rows in one forward per step, while `transformers serve` "
     "answers one request at a time for Gemma 3 (its log says `CB: False`: continuous batching is not used for "
     "this model) and llama.cpp's Python server serves one at a time too. At one client each server runs one row "
-    "per step and the cost is per-step overhead: the toolkit and transformers run the same modeling code; "
-    "transformers serve runs the whole model in bfloat16 (its LM head reads half the bytes, but rounds activations "
-    "and logits), the toolkit keeps float32 activations and logits so that a row's answer does not depend on the "
-    "rows it shares a step with (docs/DEPENDENCIES.md, \"LM head\"); llama.cpp runs a compiled graph without "
-    "Python in the loop."
+    "per step and per-step overhead decides: the toolkit's decoding step runs the model's own modules without "
+    "transformers' generic forward (toolkit/engine/lean_decode.py: no masks, cache object or peft hooks built per "
+    "step, attention per row over its own keys and values) on one intra-op thread, giving every thread only to the "
+    "LM head and long attention (toolkit/engine/threads.py); transformers serve runs `generate` over the full "
+    "modeling code; llama.cpp runs a compiled graph without Python in the loop. The toolkit runs the kernel and "
+    "dtype it measured best for this CPU (`toolkit info`), transformers the one GPTQModel picks for "
+    "`from_pretrained`."
 )
 
 

@@ -171,7 +171,8 @@ def test_prompt_logprobs_come_from_the_chunked_prefill(base):
     """max_tokens 0 + prompt_logprobs (an echo-only completion): one prompt_logprobs event, then done "length"
     and no token. The prefill runs in chunks of 128 positions; each entry equals the log-softmax of transformers'
     own forward over the same chunks with its DynamicCache, and a single whole forward's within 0.05 (the 4-bit
-    kernel sums a 128-row chunk differently from a 300-row one)."""
+    kernel sums a 128-row chunk differently from a 300-row one; a bfloat16 model, as on AVX512-BF16 CPUs, rounds
+    logits near -11 to steps of 0.0625, so there within two such steps)."""
     import torch
     from transformers import DynamicCache
 
@@ -196,7 +197,7 @@ def test_prompt_logprobs_come_from_the_chunked_prefill(base):
     for i in range(1, 300):
         e = entries[i]
         assert e.token == ids[i] and e.logprob == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-5)
-        assert abs(e.logprob - float(whole[i - 1, ids[i]])) < 0.05
+        assert abs(e.logprob - float(whole[i - 1, ids[i]])) < (0.05 if base.dtype == torch.float32 else 0.13)
         assert [t for t, _ in e.top] == ref[i - 1].topk(2).indices.tolist()
     assert engine.stats["batches"] == 3  # 128 + 128 + 44 positions
 

@@ -20,6 +20,14 @@ JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
 ATOL = 2e-3  # KV-cached decoding vs one full forward in float32 on CPU: same numbers up to summation order
 
 
+@pytest.fixture(scope="module")
+def server(make_server):
+    """A float32 model (kernel torch_fused): the checks compare KV-cached chunks with one plain forward to 2e-3,
+    which bfloat16 logits (auto's choice on AVX512-BF16 CPUs) cannot hold: they come in steps of 1/16 near -10.
+    tests/engine/test_engine.py checks bfloat16 prompt logprobs against the same chunks computed directly."""
+    return make_server(kernel="torch_fused")
+
+
 def _log_softmax(state, ids):
     """Reference: one plain forward of the served model (quickstart adapter active in-process) over `ids`."""
     import torch

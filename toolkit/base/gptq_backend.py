@@ -72,7 +72,7 @@ def load_gptq(folder: Path, device: str, kernel, training: bool):
         # weights into the inference-only layout (whose matmul runs under no_grad: no gradient to the input).
         if training and hasattr(module, "linear_mode"):
             module.linear_mode = "train"
-        elif device == "cpu" and type(module).__name__ == "TorchFusedLinear":
+        elif device == "cpu" and type(module).__name__ in ("TorchFusedLinear", "TorchCpuAvx512Linear"):
             _lean_inference_forward(module)
     devices = set((getattr(model, "hf_device_map", None) or {}).values())
     if len(devices) == 1:
@@ -85,46 +85,61 @@ def load_gptq(folder: Path, device: str, kernel, training: bool):
 
 
 def _lean_inference_forward(module) -> None:
-    """Shim: TorchFusedLinear's inference forward, without the per-call work that is a no-op for our weights.
+    """Shim: the CPU int4 kernels' inference forward (TorchFusedLinear, TorchCpuAvx512Linear) without the per-call
+    work that is a no-op for our weights.
 
-    After its one-time repack (first eval forward, GPTQModel's own code) each call gathers the input columns by
-    `ret_idx` (the act-order permutation: the identity for the 27B's format, whose groups are contiguous) and goes
-    through a sub-module; on a decoding step that is ~40 us of a ~100 us call, 126 calls per step for the 270M.
-    Where the permutation is the identity and there is no bias or GPTQModel adapter, later calls go straight to
-    aten's int4 matmul: the same op on the same tensors (tests/base/test_kernels.py compares the logits).
+    After its one-time repack (first eval forward, GPTQModel's own code) each call reshapes, re-checks its mode,
+    gathers the input columns by `ret_idx` (the act-order permutation: the identity for the 27B's format, whose
+    groups are contiguous) and goes through one or two more Python frames under `no_grad`; on a decoding step of a
+    small model that was ~40 us of a ~100 us call (126 calls per step for the 270M). Where the permutation is the
+    identity and there is no bias or GPTQModel adapter, later calls go straight to the kernel's op: the same op on
+    the same tensors (tests/base/test_kernels.py compares the logits). `module.lean_op` is that op, or None.
     """
     import types
 
-    import torch
-
     slow = module.forward
-    state: dict = {}
+    module.lean_op = None
 
     def forward(self, x):
-        lean = state.get("lean")
-        if lean is None:
+        if not hasattr(self, "_lean_checked"):
             out = slow(x)  # the first call repacks (or pins training mode); decide after it
-            op = getattr(self, "torch_fused_op", None)
-            ret = getattr(self, "ret_idx", None)
-            state["lean"] = (
-                op is not None
-                and self.linear_mode == "inference"  # LinearMode is a str enum
-                and self.bias is None
-                and not self.adapter
-                and ret is not None
-                and torch.equal(ret.cpu(), torch.arange(ret.numel(), dtype=ret.dtype))
-            )
+            self._lean_checked = True
+            self.lean_op = _direct_op(self)
             return out
-        if not lean or self.training or x.requires_grad:
+        op = self.lean_op
+        if op is None or self.training or x.requires_grad:
             return slow(x)
-        flat = x.reshape(-1, x.shape[-1])
-        op = self.torch_fused_op
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat.to(torch.bfloat16), op.qweight_uint8, op.group_size, op.scales_and_zeros
-        )
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return op(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 
     module.forward = types.MethodType(forward, module)
+
+
+def _direct_op(module):
+    """The kernel op alone for a repacked inference layer (2-D input in, 2-D output), or None where the layer's
+    own forward does more than call it (a permutation, a bias, an adapter, training mode)."""
+    import torch
+
+    if module.linear_mode != "inference" or module.bias is not None or module.adapter:  # LinearMode: a str enum
+        return None
+    if type(module).__name__ == "TorchFusedLinear":
+        op, ret = getattr(module, "torch_fused_op", None), getattr(module, "ret_idx", None)
+        if op is None or ret is None or not torch.equal(ret.cpu(), torch.arange(ret.numel(), dtype=ret.dtype)):
+            return None
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return lambda x: mm(x.to(torch.bfloat16), op.qweight_uint8, op.group_size, op.scales_and_zeros).to(x.dtype)
+    if type(module).__name__ == "TorchCpuAvx512Linear":
+        kernel = module.gemm_int4_qzero_group_scaled_cpu_kernel
+        if kernel is None or not module._ret_idx_is_identity():
+            return None
+        qweight, qzeros, scales, group = module.qweight, module.qzeros, module.scales, module.group_size
+
+        def op(x):
+            if x.dtype != torch.bfloat16:  # the kernel's own forward refuses other dtypes with a clear error
+                return module._fused_op_forward(x)
+            return kernel(x.contiguous(), qweight, qzeros, scales, group, None)
+
+        return op
+    return None
 
 
 def layer_kernels(model) -> list[str]:

@@ -14,6 +14,10 @@ batching).
 Prefill asks the model for the logits it uses only: the last position of each prompt (`logits_to_keep=1`),
 and every prompt position only for a request that wants `prompt_logprobs`, then in chunks.
 
+Decoding steps and text-only prompt chunks run through lean_decode.py (the model's modules without
+transformers' generic forward, attention per row over its own storage); prompts with images or prompt logprobs,
+and fresh prompts prefilled together, go through the model's own forward over a kv_cache.RaggedCache.
+
 Events, from the engine thread (`Request.on_event(kind, value)`): ("prompt_logprobs", list) once after the
 prefill when asked; ("logprobs", TokenLogprob) right before each ("token", id) when asked; then
 ("done", (finish_reason, stop_token_or_None)) with "stop" | "length" | "cancelled", or ("error", exc).
@@ -21,6 +25,7 @@ prefill when asked; ("logprobs", TokenLogprob) right before each ("token", id) w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -140,9 +145,11 @@ class Engine:
         kv_cache_gb: float | None = None,
         prefill_chunk: int | None = None,
         prefill_step_ratio: float | None = PREFILL_STEP_RATIO,
+        lean_decode: bool = True,
         start: bool = True,
     ) -> None:
         from toolkit.engine.kv_cache import KVLayout
+        from toolkit.engine.lean_decode import LeanDecoder
 
         self.model, self.device, self.dtype = model, device, dtype
         if hasattr(model, "peft_config"):  # rows carry their adapter: the 4-bit LoRA layers must accept that
@@ -167,6 +174,12 @@ class Engine:
         self._step_s: float | None = None  # smoothed seconds of one decoding step
         self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
         self.layout = KVLayout.of(model, dtype)
+        # Decoding steps skip transformers' generic forward where the model's shape allows (lean_decode.py); False
+        # keeps every step on the generic forward (the reference the lean step is tested against).
+        import torch
+
+        self._threads = torch.get_num_threads()  # the engine's thread runs on one, these for big ops (threads.py)
+        self._lean = LeanDecoder(model, self._threads) if lean_decode and LeanDecoder.supports(model) else None
         self._queue: queue.Queue[Request] = queue.Queue()
         self._pending: deque[Request] = deque()  # taken from the queue, waiting for room or KV budget
         self._rows: list[_Row] = []
@@ -238,21 +251,33 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ thread
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._rows and not self._pending:  # idle: block for work, then gather what arrives together
-                try:
-                    first = self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                self._pending.extend(self._gather(first))
-            self._admit()
-            prefilling = [r for r in self._rows if r.prompt_left > 0]
-            if prefilling:
-                self._prefill_some(prefilling)
-            decoding = [r for r in self._rows if r.logits is not None]
-            if decoding:
-                self._step(decoding)
-            self._update_stats()
+        import torch
+
+        try:
+            while not self._stop.is_set():
+                if not self._rows and not self._pending:  # idle: block for work, then gather what arrives together
+                    # torch's thread count is process-wide: one thread only while the engine works (threads.py)
+                    torch.set_num_threads(self._threads)
+                    try:
+                        first = self._queue.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    self._pending.extend(self._gather(first))
+                    torch.set_num_threads(1)
+                self._work()
+        finally:
+            torch.set_num_threads(self._threads)
+
+    def _work(self) -> None:
+        """One round: admit, one prefill pass if prompts wait, one decoding step if rows decode."""
+        self._admit()
+        prefilling = [r for r in self._rows if r.prompt_left > 0]
+        if prefilling:
+            self._prefill_some(prefilling)
+        decoding = [r for r in self._rows if r.logits is not None]
+        if decoding:
+            self._step(decoding)
+        self._update_stats()
 
     def _gather(self, first: Request) -> list[Request]:
         """Take what else is waiting, and what keeps arriving within `batch_wait_s` of the last arrival.
@@ -377,6 +402,10 @@ class Engine:
         """Whole prompts of rows with nothing cached yet, left-padded so every row's last token is last."""
         import torch
 
+        if len(group) == 1 and self._lean_prefills(group[0]):
+            self._prefill_chunk(group[0], group[0].prompt_left)
+            return
+
         n, longest = len(group), max(r.prompt_left for r in group)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
         types = torch.zeros((n, longest), dtype=torch.long)
@@ -406,20 +435,31 @@ class Engine:
         import torch
 
         start = row.fed
-        ids = torch.tensor([row.request.input_ids[start : start + n]])
-        inputs = {
-            "input_ids": ids,
-            "attention_mask": torch.ones((1, row.kv.seen + n), dtype=torch.long),
-            "position_ids": torch.arange(start, start + n).unsqueeze(0),
-        }
         keep_all = row.request.params.prompt_logprobs is not None
-        logits = self._forward(inputs, [row], [n], keep_all)
+        if self._lean_prefills(row):  # text only, last position's logits only: the lean pass (lean_decode.py)
+            names = self._adapter_kwargs([row.request]).get("adapter_names")
+            with getattr(self.model, "lock", contextlib.nullcontext()):
+                last = self._lean.forward([row.request.input_ids[start : start + n]], [row.kv], names)[0]
+        else:
+            inputs = {
+                "input_ids": torch.tensor([row.request.input_ids[start : start + n]]),
+                "attention_mask": torch.ones((1, row.kv.seen + n), dtype=torch.long),
+                "position_ids": torch.arange(start, start + n).unsqueeze(0),
+            }
+            logits = self._forward(inputs, [row], [n], keep_all)
+            last = logits[0, -1]
         self.stats["batches"] += 1
         row.fed += n
         if keep_all:
             self._prompt_logprobs(row, logits[0])
         if row.prompt_left == 0:
-            self._prompt_done(row, logits[0, -1])
+            self._prompt_done(row, last)
+
+    def _lean_prefills(self, row: _Row) -> bool:
+        """Whether the lean pass can take this row's prompt: no images (their bidirectional blocks and the vision
+        tower are the model's own forward's) and no prompt logprobs (every position's logits)."""
+        r = row.request
+        return self._lean is not None and r.pixel_values is None and r.params.prompt_logprobs is None
 
     def _forward(self, inputs: dict, rows: list[_Row], new: list[int], keep_all: bool) -> Any:
         """One model forward over `rows` (their new tokens are the last `new[i]` positions); returns the logits
@@ -427,10 +467,11 @@ class Engine:
         import torch
 
         from toolkit.engine.kv_cache import RaggedCache
+        from toolkit.engine.threads import parallel
 
         cache = RaggedCache([r.kv for r in rows], new)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with torch.no_grad():
+        with torch.no_grad(), parallel(self._threads):
             out = self.model(
                 **inputs,
                 past_key_values=cache,
@@ -485,8 +526,12 @@ class Engine:
                 live.append(row)
         if not live:
             return
+        from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
+
         try:
-            tokens, logprobs = sample(torch.stack([r.logits for r in live]), [r.state for r in live], self.stop_ids)
+            logits = torch.stack([r.logits for r in live])
+            with parallel(self._threads, logits.numel() >= PARALLEL_ELEMENTS):
+                tokens, logprobs = sample(logits, [r.state for r in live], self.stop_ids)
         except Exception as exc:  # e.g. a constraint that fails: its rows get the error, the engine goes on
             self._fail(live, exc)
             return
@@ -512,7 +557,7 @@ class Engine:
         if not keep:
             return
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(keep))
-        for group in _decode_groups(keep):
+        for group in [keep] if self._lean is not None else _decode_groups(keep):  # lean rows never pad each other
             self._decode(group)
         took = time.perf_counter() - started
         self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
@@ -521,22 +566,27 @@ class Engine:
         """One decoding forward over `keep` (rows and the token each just sampled); sets each row's next logits."""
         import torch
 
-        past = max(row.kv.seen for row, _ in keep)
-        seen = torch.tensor([row.kv.seen for row, _ in keep])
-        inputs = {
-            "input_ids": torch.tensor([[t] for _, t in keep]),
-            # left padding: row i's tokens are the last seen_i of the `past` columns, then the new one
-            "attention_mask": (torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
-            "position_ids": seen.unsqueeze(1),
-        }
         batch = [row for row, _ in keep]
         try:
-            logits = self._forward(inputs, batch, [1] * len(batch), False)
+            if self._lean is not None:
+                names = self._adapter_kwargs([r.request for r in batch]).get("adapter_names")
+                with getattr(self.model, "lock", contextlib.nullcontext()):  # serve's LockedModel: adapters swap
+                    logits = self._lean([t for _, t in keep], [r.kv for r in batch], names)
+            else:
+                past = max(row.kv.seen for row in batch)
+                seen = torch.tensor([row.kv.seen for row in batch])
+                inputs = {
+                    "input_ids": torch.tensor([[t] for _, t in keep]),
+                    # left padding: row i's tokens are the last seen_i of the `past` columns, then the new one
+                    "attention_mask": (torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
+                    "position_ids": seen.unsqueeze(1),
+                }
+                logits = self._forward(inputs, batch, [1] * len(batch), False)[:, -1]
         except Exception as exc:
             self._fail(batch, exc)
             return
         for i, row in enumerate(batch):
-            row.logits = logits[i, -1]
+            row.logits = logits[i]
 
     def _adapter_kwargs(self, requests: list[Request]) -> dict:
         if not hasattr(self.model, "peft_config"):

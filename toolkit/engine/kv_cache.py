@@ -17,7 +17,9 @@ Why not transformers' own caches (5.23):
   are built from `token_type_ids` per batch row; neither survives the flattening, and its manager brings its
   own scheduler and sampler (ours: sampling.py, per-row seeds). So the storage here is hand-written and small.
 
-The cost of padding moves from memory to compute: attention still runs over the widest row's columns (masked).
+Where the model's own forward runs over a RaggedCache (prompts with images or prompt logprobs, fresh prompts
+prefilled together), the cost of padding moves from memory to compute: attention runs over the widest row's columns
+(masked). Decoding steps and text-only prompt chunks read each row's storage directly instead (lean_decode.py).
 This module knows tensors and layers only: no requests, no sampling, no scheduling.
 """
 

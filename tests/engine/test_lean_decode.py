@@ -1,0 +1,156 @@
+"""The lean decoding step (engine/lean_decode.py) against the model's own forward over the same cached rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from toolkit.engine.kv_cache import KVLayout, RaggedCache, RowKV
+from toolkit.engine.lean_decode import LeanDecoder
+
+
+def _prefill(model, dtype, prompts: list[list[int]], names: list[str] | None) -> list[RowKV]:
+    """Each prompt through the model's own forward into its own RowKV (as the engine's prefill does)."""
+    layout = KVLayout.of(model, dtype)
+    rows = []
+    for i, ids in enumerate(prompts):
+        row = RowKV(layout)
+        cache = RaggedCache([row], [len(ids)])
+        extra = {"adapter_names": [names[i]]} if names else {}
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        cache.finish()
+        rows.append(row)
+    return rows
+
+
+def _generic_step(model, tokens: list[int], rows: list[RowKV], names: list[str] | None) -> torch.Tensor:
+    """One decoding step through the model's forward: rows left-padded to the widest, as the engine did before."""
+    past = max(r.seen for r in rows)
+    seen = torch.tensor([r.seen for r in rows])
+    cache = RaggedCache(rows, [1] * len(rows))
+    extra = {"adapter_names": names} if names else {}
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([[t] for t in tokens]),
+            attention_mask=(torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
+            position_ids=seen.unsqueeze(1),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+    cache.finish()
+    return out.logits[:, -1]
+
+
+def _lean_prefill(lean, model, dtype, prompts, names, chunk):
+    """The prompts through the lean pass instead, in chunks of `chunk` tokens (the engine's chunked prefill)."""
+    layout = KVLayout.of(model, dtype)
+    rows, last = [], []
+    for i, ids in enumerate(prompts):
+        row = RowKV(layout)
+        for start in range(0, len(ids), chunk):
+            logits = lean.forward([ids[start : start + chunk]], [row], [names[i]] if names else None)
+        rows.append(row)
+        last.append(logits[0])
+    return rows, torch.stack(last)
+
+
+def _generic_last(model, prompts, names):
+    out = []
+    for i, ids in enumerate(prompts):
+        extra = {"adapter_names": [names[i]]} if names else {}
+        with torch.no_grad():
+            out.append(model(input_ids=torch.tensor([ids]), logits_to_keep=1, **extra).logits[0, -1])
+    return torch.stack(out)
+
+
+def _compare(model, dtype, prompts, names, steps=6, chunk=None):
+    """Decoding steps (and, with `chunk`, the prompts' prefill too) lean vs generic; the largest logit difference
+    relative to the largest logit. Greedy choices and the stored keys/values must agree."""
+    lean = LeanDecoder(model)
+    generic_rows = _prefill(model, dtype, prompts, names)
+    worst = 0.0
+    if chunk:
+        lean_rows, a = _lean_prefill(lean, model, dtype, prompts, names, chunk)
+        b = _generic_last(model, prompts, names)
+        worst = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    else:
+        lean_rows = copy.deepcopy(generic_rows)
+    tokens = [ids[-1] for ids in prompts]  # any token continues the rows; then each row's own greedy choice
+    for _ in range(steps):
+        a = lean(tokens, lean_rows, names)
+        b = _generic_step(model, tokens, generic_rows, names)
+        assert a.shape == b.shape
+        worst = max(worst, ((a.float() - b.float()).abs().max() / b.float().abs().max()).item())
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        tokens = b.argmax(-1).tolist()
+    assert [r.seen for r in lean_rows] == [r.seen for r in generic_rows]
+    for x, y in zip(lean_rows, generic_rows, strict=True):  # the same keys and values were stored
+        for layer in range(len(x.length)):
+            kx, vx = x.view(layer)
+            ky, vy = y.view(layer)
+            assert kx.shape == ky.shape
+            torch.testing.assert_close(kx.float(), ky.float(), rtol=0, atol=0.05)
+            torch.testing.assert_close(vx.float(), vy.float(), rtol=0, atol=0.05)
+    return worst
+
+
+def _prompts():
+    return [[2] + list(range(300, 340)), [2, 400, 401], [2] + list(range(500, 590))]  # three lengths
+
+
+def test_the_lean_step_gives_the_generic_forwards_logits_for_rows_of_different_lengths(base):
+    assert LeanDecoder.supports(base.model)
+    worst = _compare(base.model, base.dtype, _prompts(), None)
+    assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst  # bf16: rounding of the masked SDPA
+
+
+@pytest.mark.parametrize("chunk", [None, 16, 5])
+def test_the_lean_pass_truncates_sliding_layers_as_the_generic_forward_does(base, chunk):
+    """Window 8: every row is past it (its sliding layers hold the last 7 tokens); chunks of 16 (past the window
+    in one pass) and 5 (chunks that cross its edge) prefill the prompts through the lean pass too."""
+    config = base.model.config.get_text_config()
+    old = config.sliding_window
+    config.sliding_window = 8
+    try:
+        worst = _compare(base.model, base.dtype, _prompts(), None, steps=10, chunk=chunk)
+    finally:
+        config.sliding_window = old
+    assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst
+
+
+def test_the_lean_prefill_of_prompt_chunks_gives_the_whole_forwards_logits(base):
+    worst = _compare(base.model, base.dtype, _prompts(), None, steps=3, chunk=32)
+    assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst
+
+
+@pytest.mark.parametrize("mix", [["quickstart", "__base__", "quickstart"], ["__base__"] * 3])
+def test_the_lean_step_applies_each_rows_adapter(trained, mix):
+    """Per-row adapters (peft's mixed batch) as in the model's forward; a batch of base rows skips LoRA."""
+    model = trained.model
+    from toolkit.lora.registry import enable_mixed_adapter_batches
+
+    enable_mixed_adapter_batches()
+    name = next(iter(model.peft_config))
+    names = [name if n != "__base__" else n for n in mix]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    worst = _compare(model, dtype, _prompts(), names, chunk=16)
+    assert worst < (1e-5 if dtype == torch.float32 else 2e-2), worst
+
+
+def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = Gemma3RMSNorm(64, eps=1e-6)
+        norm.weight.data.normal_()
+        x = (torch.randn(5, 1, 64) * 3).to(dtype)
+        lean = LeanDecoder.__new__(LeanDecoder)
+        lean.eps = 1e-6
+        assert torch.equal(lean._norm(x, 1.0 + norm.weight.float()), norm(x))

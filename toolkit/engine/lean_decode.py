@@ -1,0 +1,193 @@
+"""One decoding step of Gemma 3 (one new token per row) without transformers' generic forward around it.
+
+Why by hand: on a CPU a decoding step of a small model is mostly per-call Python, not arithmetic. transformers'
+forward builds causal and sliding masks, position embeddings and a cache object for every step, and peft installs
+and removes a hook on every LoRA layer per forward to pass `adapter_names`; on the tiny base that was most of the
+step (profile in docs/BENCHMARKS.md, "Lean decoding step"). Here the same modules run the same arithmetic in the
+same order (the model's own norms, rotary embedding, projections, MLP, LM head and the same SDPA call), but
+attention runs per row over that row's own keys and values (kv_cache.RowKV), so no row pads another and no mask
+is built: a decoding query sees every token its row holds (sliding layers hold the last window - 1, plus the new
+one). Each row's adapter goes straight to peft's per-row LoRA path (`_mixed_batch_forward`).
+
+Only what a decoding step needs is here: prompts (prefill: images, bidirectional image blocks, chunks) go through
+the model's own forward with `kv_cache.RaggedCache`. `LeanDecoder.supports(model)` says whether this model's
+shape is covered (Gemma 3 text layers, SDPA-compatible: no attention logit softcapping); otherwise the engine keeps
+the generic forward. tests/engine/test_lean_decode.py checks the logits against the generic forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch  # imported lazily by the engine, never at toolkit import time
+import torch.nn.functional as F
+
+from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
+
+BASE_ADAPTER = "__base__"
+PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries runs on every thread (threads.py)
+PARALLEL_TOKENS = 32  # a pass of at least this many new tokens runs on every thread
+
+
+def _text_model(model: Any) -> Any:
+    """The Gemma3TextModel inside `model` (a Gemma3ForConditionalGeneration, possibly wrapped by peft)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
+
+    for module in model.modules():
+        if isinstance(module, Gemma3TextModel):
+            return module
+    return None
+
+
+class LeanDecoder:
+    """Decoding steps on one model: `logits = decoder(tokens, rows, adapters)`; rows are kv_cache.RowKV.
+
+    Called on one intra-op thread (the engine's default, threads.py); the LM head and long rows' attention go to
+    `threads` threads."""
+
+    def __init__(self, model: Any, threads: int = 1) -> None:
+        from peft.tuners.lora import LoraLayer
+        from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
+
+        self.model, self.threads = model, threads
+        self.text = _text_model(model)
+        self.head = model.get_output_embeddings()
+        self.embed = self.text.embed_tokens
+        config = self.text.config
+        self.config = config
+        self.types = list(config.layer_types)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope = apply_rotary_pos_emb
+        top = getattr(model, "config", None)
+        image_id = getattr(top, "image_token_id", None)
+        # Gemma3Model swaps an out-of-vocabulary image token for 0 before the embedding; a sampled one gets the same
+        self.image_id = image_id if image_id is not None and image_id >= self.embed.num_embeddings else None
+        self._lora = LoraLayer
+        # Gemma's RMSNorm scales by (1 + weight) in float32; F.rms_norm with that weight gives the module's output
+        # bit for bit (checked in tests) in one op instead of six. The norms are frozen: computed once.
+        self.eps = config.rms_norm_eps
+        self.norms = [
+            tuple(
+                (1.0 + m.weight.float()).detach()
+                for m in (
+                    layer.input_layernorm,
+                    layer.post_attention_layernorm,
+                    layer.pre_feedforward_layernorm,
+                    layer.post_feedforward_layernorm,
+                    layer.self_attn.q_norm,
+                    layer.self_attn.k_norm,
+                )
+            )
+            for layer in self.text.layers
+        ]
+        self.final_norm = (1.0 + self.text.norm.weight.float()).detach()
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        text = _text_model(model)
+        if text is None or model.get_output_embeddings() is None:
+            return False
+        config = text.config
+        return (
+            getattr(config, "attn_logit_softcapping", None) is None
+            and not getattr(config, "use_bidirectional_attention", False)
+            and bool(getattr(config, "layer_types", None))
+        )
+
+    # ------------------------------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def __call__(self, tokens: list[int], rows: list[Any], adapters: list[str] | None) -> Any:
+        """Logits [rows, vocab] of the next token after each row's `tokens[i]`; stores each row's new keys and
+        values (and counts the token as seen). `adapters`: each row's peft adapter name (None: no peft model)."""
+        return self.forward([[t] for t in tokens], rows, adapters)
+
+    @torch.no_grad()
+    def forward(self, tokens: list[list[int]], rows: list[Any], adapters: list[str] | None) -> Any:
+        """The same for `m` new tokens per row (every row the same m: decoding steps, or one row's prompt chunk):
+        logits [rows, vocab] after each row's last new token."""
+        n, m = len(rows), len(tokens[0])
+        if self.image_id is not None:
+            tokens = [[0 if t == self.image_id else t for t in ts] for ts in tokens]
+        ids = torch.tensor(tokens)  # [n, m]
+        positions = torch.tensor([r.seen for r in rows]).unsqueeze(1) + torch.arange(m)  # each row's own frame
+        names = None if adapters is None or all(a == BASE_ADAPTER for a in adapters) else adapters
+        with parallel(self.threads, n * m >= PARALLEL_TOKENS):
+            hidden = self.embed(ids)  # [n, m, hidden], scaled as the model does
+            rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
+            hidden = self._layers(hidden, rope, rows, names, n, m)
+        for row in rows:
+            row.seen += m
+        hidden = self._norm(hidden[:, -1], self.final_norm)
+        with parallel(self.threads, self.head.weight.numel() >= PARALLEL_ELEMENTS):
+            logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _layers(self, hidden: Any, rope: dict, rows: list, names: list | None, n: int, m: int) -> Any:
+        for i, layer in enumerate(self.text.layers):
+            w_in, w_attn, w_pre, w_post, w_q, w_k = self.norms[i]
+            x = self._norm(hidden, w_in)
+            x = self._attention(layer.self_attn, i, x, rope[self.types[i]], rows, names, (n, m), (w_q, w_k))
+            hidden = hidden + self._norm(x, w_attn)
+            x = self._norm(hidden, w_pre)
+            mlp = layer.mlp
+            gate = mlp.act_fn(self._linear(mlp.gate_proj, x, names))
+            x = self._linear(mlp.down_proj, gate * self._linear(mlp.up_proj, x, names), names)
+            hidden = hidden + self._norm(x, w_post)
+        return hidden
+
+    def _norm(self, x: Any, weight: Any) -> Any:
+        """Gemma3RMSNorm: float32 math, (1 + weight) scale, back to the input's dtype."""
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
+
+    def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
+        if isinstance(module, self._lora):
+            if names is None:  # every row on the base: the LoRA layer adds nothing
+                return module.base_layer(x)
+            return module(x, adapter_names=names)
+        return module(x)
+
+    def _attention(
+        self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, shape: tuple, qk_norms: tuple
+    ) -> Any:
+        (n, m), d = shape, self.head_dim
+        q = self._linear(attn.q_proj, x, names).view(n, m, self.heads, d).transpose(1, 2)
+        k = self._linear(attn.k_proj, x, names).view(n, m, self.kv_heads, d).transpose(1, 2)
+        v = self._linear(attn.v_proj, x, names).view(n, m, self.kv_heads, d).transpose(1, 2)
+        q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)  # [n, heads, m, d]
+        window = rows[0].layout.windows[layer]  # the storage's view of the layer (kv_cache.KVLayout)
+        gqa = self.heads != self.kv_heads
+        out = []
+        for i, row in enumerate(rows):
+            if window is not None:  # the row holds at most the last window - 1 tokens; they and the new ones
+                keys, values = k[i], v[i]
+                if row.length[layer]:
+                    pk, pv = row.view(layer)
+                    keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
+                row.append(layer, k[i], v[i])
+            else:
+                row.append(layer, k[i], v[i])
+                keys, values = row.view(layer)
+            mask = None if m == 1 else _chunk_mask(keys.shape[1], m, window)  # one new token sees all it holds
+            with parallel(self.threads, keys.shape[1] * m >= PARALLEL_KEYS):
+                out.append(
+                    F.scaled_dot_product_attention(
+                        q[i : i + 1], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+                    )
+                )
+        o = torch.cat(out).transpose(1, 2).reshape(n, m, self.heads * d)
+        return self._linear(attn.o_proj, o, names)
+
+
+def _chunk_mask(keys: int, m: int, window: int | None) -> Any:
+    """Which of a row's `keys` (its held past, then its m new tokens) each new token sees: causal, and within the
+    sliding window (a query sees the `window` newest positions up to its own) where the layer slides."""
+    q = torch.arange(m).unsqueeze(1) + (keys - m)  # each query's index among the keys
+    k = torch.arange(keys).unsqueeze(0)
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
