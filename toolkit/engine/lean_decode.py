@@ -27,6 +27,9 @@ from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
 BASE_ADAPTER = "__base__"
 PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries runs on every thread (threads.py)
 PARALLEL_TOKENS = 32  # a pass of at least this many new tokens runs on every thread
+# a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
+# one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
+PARALLEL_MATMUL = 1 << 23
 
 
 def _text_model(model: Any) -> Any:
@@ -144,11 +147,17 @@ class LeanDecoder:
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
     def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
-        if isinstance(module, self._lora):
-            if names is None:  # every row on the base: the LoRA layer adds nothing
-                return module.base_layer(x)
-            return module(x, adapter_names=names)
-        return module(x)
+        base = module.base_layer if isinstance(module, self._lora) else module
+        if names is not None and base is not module:
+            call = lambda: module(x, adapter_names=names)  # noqa: E731
+        elif getattr(base, "lean_op", None) is not None:  # the int4 kernel's op itself (gptq_backend's shim)
+            call = lambda: base.lean_op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)  # noqa: E731
+        else:
+            call = lambda: base(x)  # noqa: E731  (every row on the base: the LoRA layer adds nothing)
+        if x.shape[0] * x.shape[1] * base.in_features * base.out_features < PARALLEL_MATMUL:
+            return call()
+        with parallel(self.threads):  # e.g. 16 rows through the 270M's 640 x 1024
+            return call()
 
     def _attention(
         self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, shape: tuple, qk_norms: tuple
@@ -172,12 +181,12 @@ class LeanDecoder:
                 row.append(layer, k[i], v[i])
                 keys, values = row.view(layer)
             mask = None if m == 1 else _chunk_mask(keys.shape[1], m, window)  # one new token sees all it holds
-            with parallel(self.threads, keys.shape[1] * m >= PARALLEL_KEYS):
-                out.append(
-                    F.scaled_dot_product_attention(
-                        q[i : i + 1], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
-                    )
-                )
+            args = (q[i : i + 1], keys[None], values[None])
+            if keys.shape[1] * m < PARALLEL_KEYS:
+                out.append(F.scaled_dot_product_attention(*args, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa))
+                continue
+            with parallel(self.threads):
+                out.append(F.scaled_dot_product_attention(*args, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa))
         o = torch.cat(out).transpose(1, 2).reshape(n, m, self.heads * d)
         return self._linear(attn.o_proj, o, names)
 

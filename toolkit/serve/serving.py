@@ -44,6 +44,12 @@ from toolkit.serve.protocol import (
 )
 
 DEFAULT_MAX_TOKENS = 1024  # when a chat request names none: this, or what the context has left
+# A streamed choice wakes the event loop at most once per STREAM_INTERVAL_S for its tokens (its first token and
+# its end at once): each wake costs the loop's Python (decode, stop strings, JSON, HTTP framing), which holds the
+# GIL the engine's thread needs between ops. Where the model decodes faster than this (the tiny base: ~2 ms a
+# token on 2 cores), an SSE chunk carries the few tokens decoded since the last one; a token waits at most this
+# plus one engine pass. (vLLM's `--stream-interval` does the same, counted in tokens.)
+STREAM_INTERVAL_S = 0.005
 
 
 @dataclass
@@ -205,6 +211,7 @@ class ChoiceStream:
         self.stop_as_token: set[int] = set()
         self._buffer: list[tuple[str, Any]] = []
         self._scheduled = False  # a _flush is on its way to the event loop
+        self._woken = 0.0  # when the engine's thread last woke the loop for this choice
         self._lock = threading.Lock()
         self.on_finish: Callable[[ChoiceStream], None] | None = None
 
@@ -212,14 +219,19 @@ class ChoiceStream:
         # Events are buffered and the event loop woken once per batch of them: a wake-up per token per row
         # costs the model CPU time on small machines. A choice whose text is decoded once at the end (not
         # streamed, no stop strings) needs no wake-up before its last event.
+        now = time.monotonic()
         if kind == "token":
-            self.times.append(time.monotonic())
+            self.times.append(now)
         urgent = self.incremental or bool(self.stop_as_token) or kind in ("done", "error")
+        recent = now - self._woken < STREAM_INTERVAL_S
+        if urgent and kind in ("token", "logprobs") and self.times[:-1] and recent and not self.stop_as_token:
+            urgent = False  # coalesced: goes with the next wake (STREAM_INTERVAL_S)
         with self._lock:
             self._buffer.append((kind, value))
             wake = urgent and not self._scheduled
             self._scheduled = self._scheduled or wake
         if wake:
+            self._woken = now
             self.loop.call_soon_threadsafe(self._flush)
         if kind in ("done", "error"):  # the engine is finished with the row: its adapter may go, metrics count it
             self._finished()
@@ -236,6 +248,11 @@ class ChoiceStream:
         return "".join(self.feed(kind, value) for kind, value in events if not self.done)
 
     def _text(self) -> str:
+        # Called once per streamed token: the Rust tokenizer directly (transformers' decode first converts every
+        # id through `to_py_obj`, a Python call per token) where it does nothing more (no space clean-up).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return backend.decode(self.ids, skip_special_tokens=self.skip_special)
         return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
 
     def feed(self, kind: str, value: Any) -> str:
@@ -394,6 +411,19 @@ def sse(data: dict) -> str:
 async def each_event(streams: list[ChoiceStream], is_disconnected: Any) -> AsyncIterator[tuple[ChoiceStream, str, int]]:
     """(choice, new text, how many tokens it got) as engine events arrive, for streaming responses; ends
     when every choice is finished or the client is gone."""
+    if len(streams) == 1:  # the common case, without a task and a wait set per batch of events
+        s = streams[0]
+        while not s.done:
+            try:
+                async with asyncio.timeout(0.5):
+                    events = await s.queue.get()
+            except TimeoutError:
+                if await is_disconnected():
+                    return
+                continue
+            before = len(s.ids)
+            yield s, s.feed_all(events), before
+        return
     pending = {asyncio.ensure_future(s.queue.get()): s for s in streams}
     try:
         while pending:
@@ -436,11 +466,13 @@ def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encod
 async def start_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[ChoiceStream], int]:
     """The chat door: messages -> prompt -> n engine rows. Reusable by other doors that speak in messages."""
     check_model(state, req.model)
-    prompt, max_tokens = await asyncio.to_thread(_prepare, state, req)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = await asyncio.to_thread(
-        sampling_params, state, req, max_tokens, req.n, logprobs=k, prompt_logprobs=req.prompt_logprobs
-    )
+
+    def prepare() -> tuple[chat.Encoded, list]:  # one hop to a worker thread for both (each hop costs ~0.1 ms)
+        prompt, max_tokens = _prepare(state, req)
+        return prompt, sampling_params(state, req, max_tokens, req.n, logprobs=k, prompt_logprobs=req.prompt_logprobs)
+
+    prompt, params = await asyncio.to_thread(prepare)
     loop = asyncio.get_running_loop()
     streams = [ChoiceStream(i, state, req, loop, bool(req.stream)) for i in range(req.n)]
     rows = [Row(prompt.input_ids, p, prompt.token_type_ids, prompt.pixel_values) for p in params]
@@ -508,7 +540,8 @@ async def stream(state: ServerState, req: ChatCompletionRequest, is_disconnected
                 yield chunk([{"index": s.index, "delta": delta, "logprobs": None, "finish_reason": None}])
             async for s, delta, before in each_event(streams, is_disconnected):
                 new = s.logprobs[before:] if req.logprobs else []
-                logprobs = {"content": [e.model_dump() for e in lp.chat_entries(texts, new)], "refusal": None}
+                if req.logprobs:
+                    logprobs = {"content": [e.model_dump() for e in lp.chat_entries(texts, new)], "refusal": None}
                 if delta or new:
                     yield chunk(
                         [
