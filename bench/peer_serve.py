@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from report import cpus, replace_section  # noqa: E402
 
@@ -187,13 +188,18 @@ def start_servers(base: Path, llama_gguf: str | None, kernel: str, llama_python:
     )
     p = free_port()
     transformers_cli = str(Path(PY).with_name("transformers"))
+    # transformers loads GPTQModel's layout, not the 27B's compressed-tensors one: give it the toolkit's own
+    # lossless repack of the same weights (what the toolkit loads too)
+    from toolkit.base.quant_format import ensure_gptq
+
+    gptq = ensure_gptq(base)
     servers.append(
         Server(
             "transformers",
             [transformers_cli, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1"]
-            + ["--port", str(p), str(base)],
+            + ["--port", str(p), str(gptq)],
             p,
-            str(base),
+            str(gptq),
             env={"SETUPTOOLS_USE_DISTUTILS": "stdlib"},  # the transformers CLI imports distutils through setuptools
         )
     )

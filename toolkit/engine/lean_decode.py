@@ -180,13 +180,17 @@ class LeanDecoder:
             else:
                 row.append(layer, k[i], v[i])
                 keys, values = row.view(layer)
-            mask = None if m == 1 else _chunk_mask(keys.shape[1], m, window)  # one new token sees all it holds
+            # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
+            # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
+            causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
+            mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
             args = (q[i : i + 1], keys[None], values[None])
+            kw = {"attn_mask": mask, "is_causal": causal, "scale": attn.scaling, "enable_gqa": gqa}
             if keys.shape[1] * m < PARALLEL_KEYS:
-                out.append(F.scaled_dot_product_attention(*args, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa))
+                out.append(F.scaled_dot_product_attention(*args, **kw))
                 continue
             with parallel(self.threads):
-                out.append(F.scaled_dot_product_attention(*args, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa))
+                out.append(F.scaled_dot_product_attention(*args, **kw))
         o = torch.cat(out).transpose(1, 2).reshape(n, m, self.heads * d)
         return self._linear(attn.o_proj, o, names)
 
