@@ -154,3 +154,21 @@ def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
         lean = LeanDecoder.__new__(LeanDecoder)
         lean.eps = 1e-6
         assert torch.equal(lean._norm(x, 1.0 + norm.weight.float()), norm(x))
+
+
+def test_one_rows_head_through_torch_mv_gives_f_linears_logits():
+    """The lean step's one-row LM head (torch.mv, CPU's matrix-vector kernel): F.linear's logits for a bfloat16
+    head (bit for bit on the Xeon it was measured on; within one bfloat16 rounding step wherever kernels differ)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    head = nn.Linear(64, 5000, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(1, 64).to(torch.bfloat16)
+    lean = LeanDecoder.__new__(LeanDecoder)
+    lean.head = head
+    assert lean._plain_head(hidden)
+    got, want = torch.mv(head.weight, hidden[0]), nn.functional.linear(hidden, head.weight)[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-2)
+    assert got.argmax() == want.argmax()
+    head.forward = head.forward  # an instance forward (loader.py's float32 tiles) is not a plain head
+    assert not lean._plain_head(hidden)

@@ -124,10 +124,26 @@ class LeanDecoder:
             row.seen += m
         hidden = self._norm(hidden[:, -1], self.final_norm)
         with parallel(self.threads, self.head.weight.numel() >= PARALLEL_ELEMENTS):
-            logits = self.head(hidden)
+            if n == 1 and self._plain_head(hidden):
+                # one row: torch.mv is CPU's matrix-vector kernel, the same logits bit for bit as F.linear's
+                # (tested) in 15 ms instead of 22 for the 270M's 262k x 640 bfloat16 head on 2 cores
+                logits = torch.mv(self.head.weight, hidden[0]).unsqueeze(0)
+            else:
+                logits = self.head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _plain_head(self, hidden: Any) -> bool:
+        """The LM head is a plain bias-free nn.Linear in the activations' dtype (not loader.py's float32 tiles)."""
+        head = self.head
+        return (
+            type(head) is torch.nn.Linear
+            and "forward" not in vars(head)
+            and head.bias is None
+            and head.weight.dtype == hidden.dtype
+            and hidden.device.type == "cpu"
+        )
 
     def _layers(self, hidden: Any, rope: dict, rows: list, names: list | None, n: int, m: int) -> Any:
         for i, layer in enumerate(self.text.layers):
