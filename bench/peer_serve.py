@@ -209,7 +209,8 @@ def start_servers(base: Path, llama_gguf: str | None, kernel: str, llama_python:
             Server(
                 "llama.cpp",
                 [llama_python, "-m", "llama_cpp.server", "--model", llama_gguf, "--chat_format", "gemma"]
-                + ["--host", "127.0.0.1", "--port", str(p)],
+                # its default drops the running stream whenever another request arrives: queue them instead
+                + ["--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(p)],
                 p,
                 Path(llama_gguf).name,
             )

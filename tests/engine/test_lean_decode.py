@@ -129,9 +129,10 @@ def test_the_lean_prefill_of_prompt_chunks_gives_the_whole_forwards_logits(base)
     assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst
 
 
-@pytest.mark.parametrize("mix", [["quickstart", "__base__", "quickstart"], ["__base__"] * 3])
+@pytest.mark.parametrize("mix", [["quickstart", "__base__", "quickstart"], ["quickstart"] * 3, ["__base__"] * 3])
 def test_the_lean_step_applies_each_rows_adapter(trained, mix):
-    """Per-row adapters (peft's mixed batch) as in the model's forward; a batch of base rows skips LoRA."""
+    """Per-row adapters (peft's mixed batch) as in the model's forward; every row on one adapter takes the direct
+    LoRA sum, a batch of base rows skips LoRA."""
     model = trained.model
     from toolkit.lora.registry import enable_mixed_adapter_batches
 

@@ -68,6 +68,7 @@ class LeanDecoder:
         # Gemma3Model swaps an out-of-vocabulary image token for 0 before the embedding; a sampled one gets the same
         self.image_id = image_id if image_id is not None and image_id >= self.embed.num_embeddings else None
         self._lora = LoraLayer
+        self._only: str | None = None  # the one adapter every row of the current pass uses, if so
         # Gemma's RMSNorm scales by (1 + weight) in float32; F.rms_norm with that weight gives the module's output
         # bit for bit (checked in tests) in one op instead of six. The norms are frozen: computed once.
         self.eps = config.rms_norm_eps
@@ -116,6 +117,7 @@ class LeanDecoder:
         ids = torch.tensor(tokens)  # [n, m]
         positions = torch.tensor([r.seen for r in rows]).unsqueeze(1) + torch.arange(m)  # each row's own frame
         names = None if adapters is None or all(a == BASE_ADAPTER for a in adapters) else adapters
+        self._only = names[0] if names and all(a == names[0] for a in names) else None  # one adapter for all
         with parallel(self.threads, n * m >= PARALLEL_TOKENS):
             hidden = self.embed(ids)  # [n, m, hidden], scaled as the model does
             rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
@@ -164,16 +166,30 @@ class LeanDecoder:
 
     def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
         base = module.base_layer if isinstance(module, self._lora) else module
-        if names is not None and base is not module:
-            call = lambda: module(x, adapter_names=names)  # noqa: E731
-        elif getattr(base, "lean_op", None) is not None:  # the int4 kernel's op itself (gptq_backend's shim)
-            call = lambda: base.lean_op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)  # noqa: E731
+        if getattr(base, "lean_op", None) is not None:  # the int4 kernel's op itself (gptq_backend's shim)
+            plain = lambda: base.lean_op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)  # noqa: E731
         else:
-            call = lambda: base(x)  # noqa: E731  (every row on the base: the LoRA layer adds nothing)
+            plain = lambda: base(x)  # noqa: E731
+        only = self._only
+        if names is None or base is module or (only is not None and only not in module.lora_A):
+            call = plain  # every row on the base (or on an adapter that leaves this layer alone)
+        elif only is not None and only not in module.lora_variant:
+            call = lambda: self._one_lora(module, only, plain(), x)  # noqa: E731
+        else:
+            call = lambda: module(x, adapter_names=names)  # noqa: E731  (peft's per-row split)
         if x.shape[0] * x.shape[1] * base.in_features * base.out_features < PARALLEL_MATMUL:
             return call()
         with parallel(self.threads):  # e.g. 16 rows through the 270M's 640 x 1024
             return call()
+
+    @staticmethod
+    def _one_lora(module: Any, name: str, result: Any, x: Any) -> Any:
+        """Every row on adapter `name`: peft's `_mixed_batch_forward` for one vanilla LoRA, without its per-row
+        index lists (the same ops in the same order: base output + lora_B(lora_A(dropout(x))) * scaling)."""
+        lora_a = module.lora_A[name]
+        out = module.lora_B[name](lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype))))
+        result += (out * module.scaling[name]).to(result.dtype)
+        return result
 
     def _attention(
         self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, shape: tuple, qk_norms: tuple
