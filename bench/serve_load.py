@@ -206,9 +206,23 @@ def main() -> None:
             "one LoRA matmul per adapter present in the batch (peft splits the rows by adapter), which weighs "
             "more on the tiny base than it would on the 27B, where the base matmuls dominate.",
             "",
+            READING,
+            "",
         ]
     )
     replace_section(Path(args.out), "## Serving load", section)
+
+
+READING = (
+    "Since the lean decoding step (2026-12-01) the engine is 3-4x faster per step on the tiny base, and what "
+    "HTTP costs weighs more: one request at a time rose from 47 to about 207 tokens/s, so 16 clients / one "
+    "at a time fell from 5.96 to about 3.8 while 16 clients rose from 278 to about 793 tokens/s; HTTP / "
+    "in-process fell from 0.74 to about 0.59 (in-process 376 -> 1,337). The server's event loop and the "
+    "engine share one Python process: the loop's per-request Python (HTTP parsing, validation, the chat "
+    "template, JSON) holds the GIL that the engine's thread needs between its ops, and the benchmark's 16 "
+    "client threads use the same 2 cores. Not met; the next step is the engine in a process of its own (as "
+    "vLLM's V1 EngineCore), the HTTP side sending token ids and receiving token events over a local socket."
+)
 
 
 if __name__ == "__main__":
