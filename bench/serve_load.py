@@ -214,14 +214,15 @@ def main() -> None:
 
 
 READING = (
-    "Since the lean decoding step (2026-12-01) the engine is 3-4x faster per step on the tiny base, and what "
-    "HTTP costs weighs more: one request at a time rose from 47 to about 207 tokens/s, so 16 clients / one "
-    "at a time fell from 5.96 to about 3.8 while 16 clients rose from 278 to about 793 tokens/s; HTTP / "
-    "in-process fell from 0.74 to about 0.59 (in-process 376 -> 1,337). The server's event loop and the "
-    "engine share one Python process: the loop's per-request Python (HTTP parsing, validation, the chat "
-    "template, JSON) holds the GIL that the engine's thread needs between its ops, and the benchmark's 16 "
-    "client threads use the same 2 cores. Not met; the next step is the engine in a process of its own (as "
-    "vLLM's V1 EngineCore), the HTTP side sending token ids and receiving token events over a local socket."
+    "Since the lean decoding step (2026-12-01) the engine is 3-4x faster per step on the tiny base and what HTTP "
+    "costs weighs more (before it, 2026-11-25 on an AVX2 EPYC: one at a time 47, 16 clients 278, in-process 376 "
+    "tokens/s; ratios 5.96, 0.74, 0.79). The server's event loop and the engine share one Python process: the "
+    "loop's per-request Python (HTTP parsing, validation, the chat template, JSON) holds the GIL that the "
+    "engine's thread needs between its ops, and the benchmark's 16 client threads use the same 2 cores. The "
+    "next step for the HTTP ratio is the engine in a process of its own (as vLLM's V1 EngineCore), the HTTP side "
+    "sending token ids and receiving token events over a local socket. Mixed adapters: a batch whose rows all "
+    "use one adapter takes a direct LoRA sum in the lean step, while mixed batches go through peft's per-row "
+    "split (index lists per layer), so the mixed / one ratio fell with the one-adapter case getting faster."
 )
 
 
