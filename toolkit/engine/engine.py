@@ -179,11 +179,11 @@ class Engine:
         self._step_s: float | None = None  # smoothed seconds of one decoding step
         self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
         self.layout = KVLayout.of(model, dtype)
-        # Decoding steps skip transformers' generic forward where the model's shape allows (lean_decode.py); False
-        # keeps every step on the generic forward (the reference the lean step is tested against).
         import torch
 
         self._threads = torch.get_num_threads()  # the engine's thread runs on one, these for big ops (threads.py)
+        # Decoding steps skip transformers' generic forward where the model's shape allows (lean_decode.py); False
+        # keeps every step on the generic forward (the reference the lean step is tested against).
         self._lean = LeanDecoder(model, self._threads) if lean_decode and LeanDecoder.supports(model) else None
         self._queue: queue.Queue[Request] = queue.Queue()
         self._pending: deque[Request] = deque()  # taken from the queue, waiting for room or KV budget
@@ -442,9 +442,7 @@ class Engine:
         start = row.fed
         keep_all = row.request.params.prompt_logprobs is not None
         if self._lean_prefills(row):  # text only, last position's logits only: the lean pass (lean_decode.py)
-            names = self._adapter_kwargs([row.request]).get("adapter_names")
-            with getattr(self.model, "lock", contextlib.nullcontext()):
-                last = self._lean.forward([row.request.input_ids[start : start + n]], [row.kv], names)[0]
+            last = self._lean_forward([row.request.input_ids[start : start + n]], [row])[0]
         else:
             inputs = {
                 "input_ids": torch.tensor([row.request.input_ids[start : start + n]]),
@@ -465,6 +463,12 @@ class Engine:
         tower are the model's own forward's) and no prompt logprobs (every position's logits)."""
         r = row.request
         return self._lean is not None and r.pixel_values is None and r.params.prompt_logprobs is None
+
+    def _lean_forward(self, tokens: list[list[int]], rows: list[_Row]) -> Any:
+        """The lean pass (lean_decode.py) over `rows`, each with its `tokens[i]` new tokens: last positions' logits."""
+        names = self._adapter_kwargs([r.request for r in rows]).get("adapter_names")
+        with getattr(self.model, "lock", contextlib.nullcontext()):  # serve's LockedModel: adapters swap
+            return self._lean.forward(tokens, [r.kv for r in rows], names)
 
     def _forward(self, inputs: dict, rows: list[_Row], new: list[int], keep_all: bool) -> Any:
         """One model forward over `rows` (their new tokens are the last `new[i]` positions); returns the logits
@@ -574,9 +578,7 @@ class Engine:
         batch = [row for row, _ in keep]
         try:
             if self._lean is not None:
-                names = self._adapter_kwargs([r.request for r in batch]).get("adapter_names")
-                with getattr(self.model, "lock", contextlib.nullcontext()):  # serve's LockedModel: adapters swap
-                    logits = self._lean([t for _, t in keep], [r.kv for r in batch], names)
+                logits = self._lean_forward([[t] for _, t in keep], batch)
             else:
                 past = max(row.kv.seen for row in batch)
                 seen = torch.tensor([row.kv.seen for row in batch])

@@ -224,7 +224,7 @@ class ChoiceStream:
             self.times.append(now)
         urgent = self.incremental or bool(self.stop_as_token) or kind in ("done", "error")
         recent = now - self._woken < STREAM_INTERVAL_S
-        if urgent and kind in ("token", "logprobs") and self.times[:-1] and recent and not self.stop_as_token:
+        if urgent and kind in ("token", "logprobs") and len(self.times) > 1 and recent and not self.stop_as_token:
             urgent = False  # coalesced: goes with the next wake (STREAM_INTERVAL_S)
         with self._lock:
             self._buffer.append((kind, value))
