@@ -267,6 +267,13 @@ def serve(
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Prompt tokens per prefill pass, between decoding steps (0: whole prompts).")
     ] = None,
+    prefill_pacing: Annotated[
+        float,
+        typer.Option(help="While streams run, a prompt chunk costs about this many decoding steps (0: fixed chunks)."),
+    ] = 1.0,
+    in_process: Annotated[
+        bool, typer.Option(help="Run the engine in the server's process (default: a process of its own).")
+    ] = False,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; beyond it: 413.")] = 32.0,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = C.MAX_IMAGES_PER_REQUEST,
     allow_runtime_adapters: Annotated[
@@ -316,6 +323,8 @@ def serve(
         max_images=max_images,
         kv_cache_gb=kv_cache_gb,
         prefill_chunk=prefill_chunk,
+        prefill_pacing=prefill_pacing or None,
+        engine_process=not in_process,
         allow_runtime_adapters=allow_runtime_adapters,
     )
     names = ", ".join([state.served_name, *state.adapters])

@@ -13,8 +13,15 @@ class ToolkitError(Exception):
         self.what, self.where, self.fix = what, where, fix
         super().__init__(self.one_line())
 
+    def __reduce__(self) -> tuple:  # keep what/where/fix across processes (serve/engine_process.py)
+        return _restore, (type(self), self.what, self.where, self.fix)
+
     def one_line(self) -> str:
         parts = [f"{self.where}: {self.what}" if self.where else self.what]
         if self.fix:
             parts.append(f"fix: {self.fix}")
         return " -- ".join(parts)
+
+
+def _restore(cls: type, what: str, where: str | None, fix: str | None) -> ToolkitError:
+    return cls(what, where=where, fix=fix)

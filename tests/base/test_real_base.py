@@ -124,10 +124,10 @@ def _ask(url: str, messages: list, max_tokens: int = 12, model: str = "capitals"
 def server(real_base, capitals):
     from toolkit.serve.app import build_state
 
-    state = build_state(base=str(real_base), device="cpu", adapters=[f"capitals={capitals.adapter_dir}"])
     # Fixed prefill chunks: paced chunks follow measured step times, so a prompt's pass boundaries (and its float
     # rounding) would differ between a run alone and a run beside others.
-    state.engine.prefill_step_ratio = None
+    adapters = [f"capitals={capitals.adapter_dir}"]
+    state = build_state(base=str(real_base), device="cpu", adapters=adapters, prefill_pacing=None)
     live = LiveServer(state)
     yield live
     live.stop()

@@ -271,3 +271,18 @@ def test_one_long_row_decodes_apart_from_the_short_ones_only_when_it_saves_paddi
     assert [[r.kv.seen for r, _ in g] for g in groups] == [[40, 60, 75], [30000]]
     assert sorted(id(r) for g in groups for r, _ in g) == sorted(id(r) for r, _ in mixed)
     assert len(_decode_groups(rows(900, 2000))) == 1  # 1,100 padded slots: not worth a second forward
+
+
+def test_a_round_that_raises_fails_its_requests_and_the_engine_goes_on(base, monkeypatch):
+    engine = Engine(base.model, device="cpu", dtype=base.dtype, pad_id=0, stop_ids=[1, 106])
+    prompt = _prompt(base, "Hi")
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug in a round")))
+    first = Collector()
+    _submit(engine, prompt, 4, first)
+    assert first.done.wait(30) and isinstance(first.finish, RuntimeError)  # an error, not a wait forever
+    monkeypatch.setattr(engine, "_step", step)
+    second = Collector()
+    _submit(engine, prompt, 4, second)
+    assert second.done.wait(30) and second.finish == ("length", None) and len(second.tokens) == 4
+    engine.close()

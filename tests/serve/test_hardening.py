@@ -267,7 +267,8 @@ def test_loading_code_never_unpickles(tiny_ct, trained, monkeypatch):
         raise AssertionError("torch.load called: pickle would run")
 
     monkeypatch.setattr(torch, "load", refuse)
-    state = build_state(base=str(tiny_ct), adapters=[f"q={trained.adapter_dir}"], device="cpu")
+    # in-process: the adapter must load in this process for the monkeypatch to watch it
+    state = build_state(base=str(tiny_ct), adapters=[f"q={trained.adapter_dir}"], device="cpu", engine_process=False)
     state.engine.close()
     assert "q" in state.adapters
 

@@ -24,8 +24,9 @@ ATOL = 2e-3  # KV-cached decoding vs one full forward in float32 on CPU: same nu
 def server(make_server):
     """A float32 model (kernel torch_fused): the checks compare KV-cached chunks with one plain forward to 2e-3,
     which bfloat16 logits (auto's choice on AVX512-BF16 CPUs) cannot hold: they come in steps of 1/16 near -10.
-    tests/engine/test_engine.py checks bfloat16 prompt logprobs against the same chunks computed directly."""
-    return make_server(kernel="torch_fused")
+    tests/engine/test_engine.py checks bfloat16 prompt logprobs against the same chunks computed directly.
+    In-process engine: the reference forwards use the served model (`state.base.model`)."""
+    return make_server(kernel="torch_fused", engine_process=False)
 
 
 def _log_softmax(state, ids):

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -119,12 +120,17 @@ def test_image_data_uri_reaches_the_adapter(client, images):
         assert r.choices[0].message.content == color
 
 
-def test_greedy_over_http_equals_in_process_generation(client, server):
-    state = server.state
+def test_greedy_over_http_equals_in_process_generation(client, server, trained):
+    from toolkit.base.loader import load_base
+    from toolkit.lora.registry import attach
+
+    assert server.state.base.model is None  # the server's engine runs in its own process (engine_process.py)
+    local = load_base(server.state.base.path, device="cpu")  # the same base and adapter, in this process
+    local = dataclasses.replace(local, model=attach(local, [("quickstart", Path(trained.adapter_dir))]))
     messages = parse_messages(JAPAN, purpose="request", where="test")
-    prompt = chat.encode_prompt(state.base.processor, messages, []).tensors()
-    ids = generate_greedy(state.base, prompt, max_new_tokens=8)  # the adapter is active in-process
-    expected = state.base.tokenizer.decode(ids, skip_special_tokens=True)
+    prompt = chat.encode_prompt(local.processor, messages, []).tensors()
+    ids = generate_greedy(local, prompt, max_new_tokens=8)
+    expected = local.tokenizer.decode(ids, skip_special_tokens=True)
     r = client.chat.completions.create(model="quickstart", messages=JAPAN, temperature=0, max_tokens=8)
     assert r.choices[0].message.content == expected
 

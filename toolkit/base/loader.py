@@ -163,6 +163,17 @@ def load_processor(path_or_id: str | Path) -> Any:
     return AutoProcessor.from_pretrained(path)
 
 
+def load_without_weights(path_or_id: str | Path) -> Base:
+    """A Base without its model (`model` None; device, dtype and kernel to be filled in): the processor and what
+    was checked, for a process that serves a model loaded in another (serve/engine_process.py)."""
+    path = resolve_path(path_or_id)
+    config, spec = check_base(path)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    return Base(None, processor, path, spec, "", None, fingerprint(config), config, kernel="")
+
+
 def load_base(
     path_or_id: str | Path, *, device: str | None = None, training: bool = False, kernel: str = "auto"
 ) -> Base:

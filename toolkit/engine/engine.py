@@ -40,6 +40,7 @@ from toolkit.engine.sampling import RowState, SamplingParams, TokenLogprob  # no
 from toolkit.errors import ToolkitError
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running rows; more: QueueFull (the server's 429)
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: a decoding step of the running rows in between
 PROMPT_LOGPROBS_CHUNK = 128  # a prompt_logprobs prefill keeps every position's logits: 128 x vocab at a time
 PREFILL_STEP_RATIO = 1.0  # while rows decode, a prefill chunk takes at most this many decoding steps' time
@@ -58,6 +59,7 @@ __all__ = [
     "Request",
     "RequestTooLarge",
     "SamplingParams",
+    "check_admissible",
     "generate_greedy",
 ]
 
@@ -97,7 +99,7 @@ class RequestTooLarge(ToolkitError):
     """The request's prompt + max_tokens can never fit the engine's KV budget (the server answers 400)."""
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: compared by identity (its fields hold tensors and callbacks)
 class Request:
     """One sequence to generate. `on_event(kind, value)` is called from the engine thread (see the module
     docstring for the events)."""
@@ -115,7 +117,7 @@ class Request:
         self.cancelled.set()
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: `row in rows` and `rows.remove(row)` by identity, never comparing tensors
 class _Row:
     """A running request: its sampling state, its KV storage and how far its prompt is prefilled."""
 
@@ -145,12 +147,13 @@ class Engine:
         pad_id: int,
         stop_ids: list[int],
         max_batch: int = 16,
-        max_queue: int = 64,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         batch_wait_s: float = BATCH_WAIT_S,
         kv_cache_gb: float | None = None,
         prefill_chunk: int | None = None,
         prefill_step_ratio: float | None = PREFILL_STEP_RATIO,
         lean_decode: bool = True,
+        on_events: Callable[[], None] | None = None,
         start: bool = True,
     ) -> None:
         from toolkit.engine.kv_cache import KVLayout
@@ -167,6 +170,12 @@ class Engine:
             raise ToolkitError(f"KV budget {kv_cache_gb} GB is not positive", where="--kv-cache-gb")
         if prefill_chunk is not None and prefill_chunk < 0:
             raise ToolkitError(f"prefill chunk {prefill_chunk} is negative", where="--prefill-chunk")
+        if prefill_step_ratio is not None and prefill_step_ratio <= 0:
+            raise ToolkitError(
+                f"prefill pacing {prefill_step_ratio} is not positive",
+                where="--prefill-pacing",
+                fix="use 0 for fixed chunks",
+            )
         self.kv_budget = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         # None: the default chunk; 0: whole prompts in one forward
         self.prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
@@ -178,6 +187,7 @@ class Engine:
         self.prefill_step_ratio = prefill_step_ratio
         self._step_s: float | None = None  # smoothed seconds of one decoding step
         self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
+        self._paced = False  # whether this round's prompt pieces were paced (_plan_pieces)
         self.layout = KVLayout.of(model, dtype)
         import torch
 
@@ -185,6 +195,10 @@ class Engine:
         # Decoding steps skip transformers' generic forward where the model's shape allows (lean_decode.py); False
         # keeps every step on the generic forward (the reference the lean step is tested against).
         self._lean = LeanDecoder(model, self._threads) if lean_decode and LeanDecoder.supports(model) else None
+        # Called on the engine's thread once a batch of events is out: after sampling (before the forward pass, so
+        # tokens and finished requests leave a pass earlier) and at the end of every round (engine_process.py sends
+        # the events it collected there, in one message)
+        self.on_events = on_events
         self._queue: queue.Queue[Request] = queue.Queue()
         self._pending: deque[Request] = deque()  # taken from the queue, waiting for room or KV budget
         self._rows: list[_Row] = []
@@ -192,6 +206,7 @@ class Engine:
         self._stop = threading.Event()
         self.stats: dict[str, Any] = {
             "batches": 0,  # prefill forward passes
+            "steps": 0,  # decoding passes (completion_tokens / steps: the rows a step decoded on average)
             "requests": 0,
             "cancelled": 0,
             "max_batch_seen": 0,
@@ -229,26 +244,23 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue a request. Raises RequestTooLarge if it can never fit the KV budget, QueueFull if the queue is
         full; a request that fits the budget but not right now waits for running rows to finish."""
-        if not request.input_ids:
-            raise ToolkitError("the prompt has no tokens", where="prompt", fix="send at least one token")
-        need = self._reserve_bytes(request)
-        if self.kv_budget is not None and need > self.kv_budget:
-            tokens = len(request.input_ids) + request.params.max_tokens
-            raise RequestTooLarge(
-                f"the prompt ({len(request.input_ids)} tokens) plus max_tokens ({request.params.max_tokens}) needs "
-                f"{need / 2**30:.3f} GB of KV cache ({tokens} tokens); the engine's budget is "
-                f"{self.kv_budget / 2**30:.3f} GB",
-                where="messages/max_tokens",
-                fix="send a shorter prompt or a smaller max_tokens, or start the server with a larger --kv-cache-gb",
-            )
-        if self.waiting >= self.max_queue:
-            raise QueueFull(f"{self.waiting} requests are already waiting")
+        check_admissible(request, self.layout, self.kv_budget, self.waiting, self.max_queue)
         self._queue.put(request)
         return request
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(model, *args)` on the engine's model (e.g. loading an adapter at run time; a LockedModel's lock keeps
+        it between forward passes). The same call on an engine in another process runs there (engine_process.py)."""
+        return fn(self.model, *args)
 
     @property
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's thread runs (False before `start` and after `close`)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()
@@ -269,20 +281,38 @@ class Engine:
                         continue
                     self._pending.extend(self._gather(first))
                     torch.set_num_threads(1)
-                self._work()
+                try:
+                    self._work()
+                except Exception as exc:  # a bug in a round must not leave every client waiting forever
+                    self._fail(list(self._rows), exc)
+                    for request in self._pending:
+                        request.on_event("error", exc)
+                    self._pending.clear()
+                    if self.on_events is not None:
+                        self.on_events()
         finally:
             torch.set_num_threads(self._threads)
 
     def _work(self) -> None:
-        """One round: admit, one prefill pass if prompts wait, one decoding step if rows decode."""
+        """One round: admit, then one pass. With the lean pass, text prompts ride on the decoding step: the
+        running rows' sampled tokens and prompt chunks (up to the round's token budget) go through one forward.
+        Prompts with images or prompt logprobs get a prefill pass of the model's own forward first."""
         self._admit()
-        prefilling = [r for r in self._rows if r.prompt_left > 0]
-        if prefilling:
-            self._prefill_some(prefilling)
+        prefilling = [r for r in self._rows if r.prompt_left > 0 and not self._finish_if_cancelled(r.request)]
+        for row in list(self._rows):
+            if row.prompt_left > 0 and row not in prefilling:  # cancelled while its prompt waited
+                self._release(row)
+        lean = [r for r in prefilling if self._lean_prefills(r)]
+        generic = [r for r in prefilling if not self._lean_prefills(r)]
+        if generic:
+            self._prefill_some(generic)
         decoding = [r for r in self._rows if r.logits is not None]
-        if decoding:
-            self._step(decoding)
+        pieces = self._plan_pieces(lean, paced=bool(decoding)) if lean else []
+        if decoding or pieces:
+            self._step(decoding, pieces)
         self._update_stats()
+        if self.on_events is not None:
+            self.on_events()
 
     def _gather(self, first: Request) -> list[Request]:
         """Take what else is waiting, and what keeps arriving within `batch_wait_s` of the last arrival.
@@ -357,6 +387,32 @@ class Engine:
         s["kv_bytes_needed"] = sum(r.kv.needed_bytes() for r in self._rows)
 
     # ------------------------------------------------------------------------------------------------ prefill
+    def _plan_pieces(self, rows: list[_Row], paced: bool) -> list[tuple[_Row, int]]:
+        """Which prompt tokens ride on this round's pass (lean pass only): `(row, n)` pieces within one chunk.
+
+        Fresh prompts that fit the chunk whole go first (a short request does not queue behind a long prompt's
+        chunks), then the others in arrival order. While rows decode, the chunk is paced to about
+        `prefill_step_ratio` decoding steps (`_chunk_n`, resized after each pass) and a piece may end anywhere;
+        unpaced (ratio None), a row's pieces end only at multiples of `prefill_chunk` of its own prompt, so its
+        pass boundaries are the same in every run (exact comparisons with serving it alone)."""
+        chunk = self.prefill_chunk or 1 << 62
+        paced = paced and self.prefill_step_ratio is not None and self._step_s is not None and self.prefill_chunk > 0
+        budget = min(chunk, self._chunk_n) if paced else chunk
+        self._paced = paced
+        order = sorted(rows, key=lambda r: not (r.fed == 0 and r.prompt_left <= budget))  # stable: arrival order
+        pieces, left = [], budget
+        for row in order:
+            n = min(row.prompt_left, left if paced else chunk - row.fed % chunk)
+            if n > left:  # unpaced: its next whole piece waits for a pass with room
+                if pieces:
+                    continue
+                n = left
+            if n <= 0:
+                break
+            pieces.append((row, n))
+            left -= n
+        return pieces
+
     def _prefill_some(self, prefilling: list[_Row]) -> None:
         """One prefill forward: fresh prompts that fit `prefill_chunk` tokens together go whole (left-padded,
         before a long prompt's next chunk, so short requests do not queue behind it); otherwise the next chunk
@@ -398,18 +454,17 @@ class Engine:
         except Exception as exc:
             self._fail([head], exc)
             return
-        if paced:
-            took = max(time.perf_counter() - started, 1e-6)
-            scale = min(2.0, self.prefill_step_ratio * self._step_s / took)
-            self._chunk_n = max(MIN_CHUNK, min(self.prefill_chunk, int(n * scale)))
+        if paced:  # a pass of its own: it should take about `prefill_step_ratio` decoding steps
+            self._pace(n, time.perf_counter() - started)
+
+    def _pace(self, n: int, extra_s: float) -> None:
+        """Resize the paced chunk after `n` prompt tokens cost `extra_s` seconds beside the decoding step."""
+        scale = min(2.0, self.prefill_step_ratio * self._step_s / max(extra_s, 1e-6))
+        self._chunk_n = max(MIN_CHUNK, min(self.prefill_chunk, int(n * scale)))
 
     def _prefill_fresh(self, group: list[_Row]) -> None:
         """Whole prompts of rows with nothing cached yet, left-padded so every row's last token is last."""
         import torch
-
-        if len(group) == 1 and self._lean_prefills(group[0]):
-            self._prefill_chunk(group[0], group[0].prompt_left)
-            return
 
         n, longest = len(group), max(r.prompt_left for r in group)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
@@ -441,16 +496,13 @@ class Engine:
 
         start = row.fed
         keep_all = row.request.params.prompt_logprobs is not None
-        if self._lean_prefills(row):  # text only, last position's logits only: the lean pass (lean_decode.py)
-            last = self._lean_forward([row.request.input_ids[start : start + n]], [row])[0]
-        else:
-            inputs = {
-                "input_ids": torch.tensor([row.request.input_ids[start : start + n]]),
-                "attention_mask": torch.ones((1, row.kv.seen + n), dtype=torch.long),
-                "position_ids": torch.arange(start, start + n).unsqueeze(0),
-            }
-            logits = self._forward(inputs, [row], [n], keep_all)
-            last = logits[0, -1]
+        inputs = {
+            "input_ids": torch.tensor([row.request.input_ids[start : start + n]]),
+            "attention_mask": torch.ones((1, row.kv.seen + n), dtype=torch.long),
+            "position_ids": torch.arange(start, start + n).unsqueeze(0),
+        }
+        logits = self._forward(inputs, [row], [n], keep_all)
+        last = logits[0, -1]
         self.stats["batches"] += 1
         row.fed += n
         if keep_all:
@@ -520,8 +572,9 @@ class Engine:
         row.logits = last
 
     # ------------------------------------------------------------------------------------------------ decode
-    def _step(self, rows: list[_Row]) -> None:
-        """Sample one token for every decoding row, report it, drop finished rows, run one decoding forward."""
+    def _step(self, rows: list[_Row], pieces: list[tuple[_Row, int]] = ()) -> None:
+        """Sample one token for every decoding row, report it, drop finished rows, then one forward over the rows
+        that go on and the prompt `pieces` (lean pass only: `(row, n)`, its next n prompt tokens)."""
         import torch
 
         from toolkit.engine.sampling import sample
@@ -533,19 +586,18 @@ class Engine:
                 self._release(row)
             else:
                 live.append(row)
-        if not live:
-            return
         from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
 
+        keep = []
         try:
-            logits = torch.stack([r.logits for r in live])
-            with parallel(self._threads, logits.numel() >= PARALLEL_ELEMENTS):
-                tokens, logprobs = sample(logits, [r.state for r in live], self.stop_ids)
+            if live:
+                logits = torch.stack([r.logits for r in live])
+                with parallel(self._threads, logits.numel() >= PARALLEL_ELEMENTS):
+                    tokens, logprobs = sample(logits, [r.state for r in live], self.stop_ids)
         except Exception as exc:  # e.g. a constraint that fails: its rows get the error, the engine goes on
             self._fail(live, exc)
-            return
-        keep = []
-        for row, token, lp in zip(live, tokens, logprobs, strict=True):
+            live = []
+        for row, token, lp in zip(live, tokens, logprobs, strict=True) if live else ():
             r = row.request
             if token in row.state.stop_ids(self.stop_ids):
                 r.on_event("done", ("stop", token))
@@ -563,32 +615,57 @@ class Engine:
                 self._release(row)
             else:
                 keep.append((row, token))
-        if not keep:
+        if self.on_events is not None and live:
+            self.on_events()
+        if not keep and not pieces:
             return
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(keep))
-        for group in [keep] if self._lean is not None else _decode_groups(keep):  # lean rows never pad each other
-            self._decode(group)
+        self.stats["steps"] += bool(keep)
+        if self._lean is not None:  # lean rows never pad each other: one pass, prompt pieces included
+            self._lean_pass(keep, pieces)
+        else:
+            for group in _decode_groups(keep):
+                self._decode(group)
         took = time.perf_counter() - started
-        self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+        if not pieces:
+            self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+        elif self._paced and keep:  # the pieces' share of the pass: about `prefill_step_ratio` steps
+            self._pace(sum(n for _, n in pieces), took - self._step_s)
+
+    def _lean_pass(self, keep: list[tuple[_Row, int]], pieces: list[tuple[_Row, int]]) -> None:
+        """One lean forward: each decoding row's sampled token and each piece's prompt tokens (lean_decode.py)."""
+        rows = [row for row, _ in keep] + [row for row, _ in pieces]
+        tokens = [[t] for _, t in keep] + [row.request.input_ids[row.fed : row.fed + n] for row, n in pieces]
+        try:
+            logits = self._lean_forward(tokens, rows)
+        except Exception as exc:
+            self._fail(rows, exc)
+            return
+        for i, (row, _) in enumerate(keep):
+            row.logits = logits[i]
+        if pieces:
+            self.stats["batches"] += 1
+        for j, (row, n) in enumerate(pieces, start=len(keep)):
+            row.fed += n
+            if row.prompt_left == 0:
+                self._prompt_done(row, logits[j])
 
     def _decode(self, keep: list[tuple[_Row, int]]) -> None:
-        """One decoding forward over `keep` (rows and the token each just sampled); sets each row's next logits."""
+        """One decoding forward of the model's own over `keep` (rows and the token each just sampled), rows
+        left-padded to the longest; sets each row's next logits. Only without the lean pass."""
         import torch
 
         batch = [row for row, _ in keep]
+        past = max(row.kv.seen for row in batch)
+        seen = torch.tensor([row.kv.seen for row in batch])
+        inputs = {
+            "input_ids": torch.tensor([[t] for _, t in keep]),
+            # left padding: row i's tokens are the last seen_i of the `past` columns, then the new one
+            "attention_mask": (torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
+            "position_ids": seen.unsqueeze(1),
+        }
         try:
-            if self._lean is not None:
-                logits = self._lean_forward([[t] for _, t in keep], batch)
-            else:
-                past = max(row.kv.seen for row in batch)
-                seen = torch.tensor([row.kv.seen for row in batch])
-                inputs = {
-                    "input_ids": torch.tensor([[t] for _, t in keep]),
-                    # left padding: row i's tokens are the last seen_i of the `past` columns, then the new one
-                    "attention_mask": (torch.arange(past + 1).unsqueeze(0) >= (past - seen).unsqueeze(1)).long(),
-                    "position_ids": seen.unsqueeze(1),
-                }
-                logits = self._forward(inputs, batch, [1] * len(batch), False)[:, -1]
+            logits = self._forward(inputs, batch, [1] * len(batch), False)[:, -1]
         except Exception as exc:
             self._fail(batch, exc)
             return
@@ -599,6 +676,24 @@ class Engine:
         if not hasattr(self.model, "peft_config"):
             return {}
         return {"adapter_names": [r.adapter or BASE_ADAPTER for r in requests]}
+
+
+def check_admissible(request: Request, layout: Any, kv_budget: int | None, waiting: int, max_queue: int) -> None:
+    """Raise what `Engine.submit` raises for a request that cannot be queued: an empty prompt, RequestTooLarge for
+    one the KV budget can never hold, QueueFull. Shared with the server's handle on an engine in another process."""
+    if not request.input_ids:
+        raise ToolkitError("the prompt has no tokens", where="prompt", fix="send at least one token")
+    need = layout.reserve_bytes(len(request.input_ids) + max(request.params.max_tokens, 0))
+    if kv_budget is not None and need > kv_budget:
+        tokens = len(request.input_ids) + request.params.max_tokens
+        raise RequestTooLarge(
+            f"the prompt ({len(request.input_ids)} tokens) plus max_tokens ({request.params.max_tokens}) needs "
+            f"{need / 2**30:.3f} GB of KV cache ({tokens} tokens); the engine's budget is {kv_budget / 2**30:.3f} GB",
+            where="messages/max_tokens",
+            fix="send a shorter prompt or a smaller max_tokens, or start the server with a larger --kv-cache-gb",
+        )
+    if waiting >= max_queue:
+        raise QueueFull(f"{waiting} requests are already waiting")
 
 
 def _decode_groups(rows: list[tuple[_Row, int]]) -> list[list[tuple[_Row, int]]]:

@@ -17,6 +17,7 @@ prefilled together. `LeanDecoder.supports(model)` says whether this model's shap
 causal, no attention logit softcapping); otherwise the engine keeps the generic forward.
 tests/engine/test_lean_decode.py checks logits and stored keys/values against the generic forward.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,7 +29,11 @@ from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
 
 BASE_ADAPTER = "__base__"
 PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries runs on every thread (threads.py)
-PARALLEL_TOKENS = 32  # a pass of at least this many new tokens runs on every thread
+# A pass whose activations hold at least PARALLEL_ELEMENTS (tokens x hidden) runs every op on all threads; below
+# that only the ops big enough on their own do (projections: PARALLEL_MATMUL, attention: PARALLEL_KEYS, the head).
+# Why not a token count: prompt chunks ride on decoding steps, and a whole step of small ops (norms, rotary, one
+# row's attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two
+# 26-token prompts beside 15 decoding rows cost 24 ms over an 11 ms step with the pass on two threads.
 # a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
 # one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
 PARALLEL_MATMUL = 1 << 23
@@ -111,22 +116,35 @@ class LeanDecoder:
 
     @torch.no_grad()
     def forward(self, tokens: list[list[int]], rows: list[Any], adapters: list[str] | None) -> Any:
-        """The same for `m` new tokens per row (every row the same m: decoding steps, or one row's prompt chunk):
-        logits [rows, vocab] after each row's last new token."""
-        n, m = len(rows), len(tokens[0])
+        """The same for any number of new tokens per row, in one pass: decoding rows' sampled tokens beside
+        prompt chunks of any length (the engine's chunked prefill rides on its decoding steps). Logits
+        [rows, vocab] after each row's last new token.
+
+        Tokens are laid out token-major ([tokens, 1, hidden]): every projection runs once over all of them, and
+        peft's per-row LoRA split gets each token's adapter; only attention goes row by row."""
+        n, sizes = len(rows), [len(ts) for ts in tokens]
+        flat = [t for ts in tokens for t in ts]
         if self.image_id is not None:
-            tokens = [[0 if t == self.image_id else t for t in ts] for ts in tokens]
-        ids = torch.tensor(tokens)  # [n, m]
-        positions = torch.tensor([r.seen for r in rows]).unsqueeze(1) + torch.arange(m)  # each row's own frame
+            flat = [0 if t == self.image_id else t for t in flat]
+        total = len(flat)
+        ids = torch.tensor(flat).unsqueeze(1)  # [T, 1]
+        if total == n:
+            positions = torch.tensor([r.seen for r in rows]).unsqueeze(1)
+        else:  # each row's tokens in its own position frame
+            positions = torch.cat([torch.arange(r.seen, r.seen + m) for r, m in zip(rows, sizes, strict=True)])
+            positions = positions.unsqueeze(1)
         names = None if adapters is None or all(a == BASE_ADAPTER for a in adapters) else adapters
         self._only = names[0] if names and all(a == names[0] for a in names) else None  # one adapter for all
-        with parallel(self.threads, n * m >= PARALLEL_TOKENS):
-            hidden = self.embed(ids)  # [n, m, hidden], scaled as the model does
+        if names is not None and total != n:
+            names = [a for a, m in zip(names, sizes, strict=True) for _ in range(m)]  # one per token
+        with parallel(self.threads, total * self.text.config.hidden_size >= PARALLEL_ELEMENTS):
+            hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
-            hidden = self._layers(hidden, rope, rows, names, n, m)
-        for row in rows:
+            hidden = self._layers(hidden, rope, rows, names, sizes)
+        for row, m in zip(rows, sizes, strict=True):
             row.seen += m
-        hidden = self._norm(hidden[:, -1], self.final_norm)
+        hidden = hidden[:, 0] if total == n else hidden[torch.tensor(sizes).cumsum(0) - 1, 0]  # rows' last tokens
+        hidden = self._norm(hidden, self.final_norm)
         with parallel(self.threads, self.head.weight.numel() >= PARALLEL_ELEMENTS):
             if n == 1 and self._plain_head(hidden):
                 # one row: torch.mv is CPU's matrix-vector kernel, the same logits bit for bit as F.linear's
@@ -149,11 +167,11 @@ class LeanDecoder:
             and hidden.device.type == "cpu"
         )
 
-    def _layers(self, hidden: Any, rope: dict, rows: list, names: list | None, n: int, m: int) -> Any:
+    def _layers(self, hidden: Any, rope: dict, rows: list, names: list | None, sizes: list[int]) -> Any:
         for i, layer in enumerate(self.text.layers):
             w_in, w_attn, w_pre, w_post, w_q, w_k = self.norms[i]
             x = self._norm(hidden, w_in)
-            x = self._attention(layer.self_attn, i, x, rope[self.types[i]], rows, names, (n, m), (w_q, w_k))
+            x = self._attention(layer.self_attn, i, x, rope[self.types[i]], rows, names, sizes, (w_q, w_k))
             hidden = hidden + self._norm(x, w_attn)
             x = self._norm(hidden, w_pre)
             mlp = layer.mlp
@@ -194,38 +212,43 @@ class LeanDecoder:
         return result
 
     def _attention(
-        self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, shape: tuple, qk_norms: tuple
+        self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, sizes: list, qk_norms: tuple
     ) -> Any:
-        (n, m), d = shape, self.head_dim
-        q = self._linear(attn.q_proj, x, names).view(n, m, self.heads, d).transpose(1, 2)
-        k = self._linear(attn.k_proj, x, names).view(n, m, self.kv_heads, d).transpose(1, 2)
-        v = self._linear(attn.v_proj, x, names).view(n, m, self.kv_heads, d).transpose(1, 2)
-        q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)  # [n, heads, m, d]
+        total, d = x.shape[0], self.head_dim
+        q = self._linear(attn.q_proj, x, names).view(total, 1, self.heads, d).transpose(1, 2)  # [T, heads, 1, d]
+        k = self._linear(attn.k_proj, x, names).view(total, 1, self.kv_heads, d).transpose(1, 2)
+        v = self._linear(attn.v_proj, x, names).view(total, 1, self.kv_heads, d).transpose(1, 2)
+        q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)
         window = rows[0].layout.windows[layer]  # the storage's view of the layer (kv_cache.KVLayout)
         gqa = self.heads != self.kv_heads
-        out = []
-        for i, row in enumerate(rows):
+        out, start = [], 0
+        for row, m in zip(rows, sizes, strict=True):
+            end = start + m
+            qi = q[start:end].transpose(0, 2)  # [1, heads, m, d]
+            ki, vi = k[start:end, :, 0].transpose(0, 1), v[start:end, :, 0].transpose(0, 1)  # [kv_heads, m, d]
+            start = end
             if window is not None:  # the row holds at most the last window - 1 tokens; they and the new ones
-                keys, values = k[i], v[i]
+                keys, values = ki, vi
                 if row.length[layer]:
                     pk, pv = row.view(layer)
                     keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
-                row.append(layer, k[i], v[i])
+                row.append(layer, ki, vi)
             else:
-                row.append(layer, k[i], v[i])
+                row.append(layer, ki, vi)
                 keys, values = row.view(layer)
             # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
             # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
             mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
-            args = (q[i : i + 1], keys[None], values[None])
+            args = (qi, keys[None], values[None])
             kw = {"attn_mask": mask, "is_causal": causal, "scale": attn.scaling, "enable_gqa": gqa}
             if keys.shape[1] * m < PARALLEL_KEYS:
-                out.append(F.scaled_dot_product_attention(*args, **kw))
-                continue
-            with parallel(self.threads):
-                out.append(F.scaled_dot_product_attention(*args, **kw))
-        o = torch.cat(out).transpose(1, 2).reshape(n, m, self.heads * d)
+                o = F.scaled_dot_product_attention(*args, **kw)
+            else:
+                with parallel(self.threads):
+                    o = F.scaled_dot_product_attention(*args, **kw)
+            out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
+        o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
 
 

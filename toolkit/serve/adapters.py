@@ -141,34 +141,47 @@ class AdapterSet:
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _attach(self, engine_name: str, folder: Path) -> None:
-        from peft import PeftModel
-
-        from toolkit.lora.registry import enable_mixed_adapter_batches
-
-        wrapped = self.state.engine.model
-        enable_mixed_adapter_batches()
-        with wrapped.lock:  # no forward pass runs while peft injects or loads layers
-            model = wrapped.inner
-            if hasattr(model, "peft_config"):
-                model.load_adapter(str(folder), adapter_name=engine_name, is_trainable=False)
-            else:  # the first adapter of a server started without any: the base becomes a peft model
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=engine_name, is_trainable=False)
-                wrapped.__dict__["inner"] = model
-                self.state.base = _with_model(self.state.base, model)
-            model.eval()
+        self.state.engine.run(attach_adapter, engine_name, str(folder))
+        self._follow_model()
 
     def _delete(self, engine_name: str) -> None:
-        wrapped = self.state.engine.model
-        with wrapped.lock:
-            model = wrapped.inner
-            if set(model.peft_config) == {engine_name}:
-                # peft cannot run a model without adapters (its active adapter would name the deleted one):
-                # the last one goes by unwrapping the base again
-                base = model.unload()
-                wrapped.__dict__["inner"] = base
-                self.state.base = _with_model(self.state.base, base)
-            else:
-                model.delete_adapter(engine_name)
+        self.state.engine.run(delete_adapter, engine_name)
+        self._follow_model()
+
+    def _follow_model(self) -> None:
+        """An in-process engine's model is also the server's `state.base.model` (a peft wrapper may have come or
+        gone); a server whose engine runs in its own process holds no model."""
+        wrapped = getattr(self.state.engine, "model", None)
+        if wrapped is not None:
+            self.state.base = _with_model(self.state.base, wrapped.inner)
+
+
+# Run where the model is (Engine.run): in the server's process or in the engine's own (engine_process.py).
+def attach_adapter(wrapped: LockedModel, engine_name: str, folder: str) -> None:
+    from peft import PeftModel
+
+    from toolkit.lora.registry import enable_mixed_adapter_batches
+
+    enable_mixed_adapter_batches()
+    with wrapped.lock:  # no forward pass runs while peft injects or loads layers
+        model = wrapped.inner
+        if hasattr(model, "peft_config"):
+            model.load_adapter(folder, adapter_name=engine_name, is_trainable=False)
+        else:  # the first adapter of a server started without any: the base becomes a peft model
+            model = PeftModel.from_pretrained(model, folder, adapter_name=engine_name, is_trainable=False)
+            wrapped.__dict__["inner"] = model
+        model.eval()
+
+
+def delete_adapter(wrapped: LockedModel, engine_name: str) -> None:
+    with wrapped.lock:
+        model = wrapped.inner
+        if set(model.peft_config) == {engine_name}:
+            # peft cannot run a model without adapters (its active adapter would name the deleted one):
+            # the last one goes by unwrapping the base again
+            wrapped.__dict__["inner"] = model.unload()
+        else:
+            model.delete_adapter(engine_name)
 
 
 def _with_model(base: Any, model: Any) -> Any:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from toolkit import constants as C
+from toolkit.engine.engine import PREFILL_STEP_RATIO
 from toolkit.serve import completions, errors
+from toolkit.serve.engine_process import EngineGone
 from toolkit.serve.errors import APIError
 from toolkit.serve.limits import BodyLimit
 from toolkit.serve.protocol import (
@@ -39,6 +41,11 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.toolkit = state
     errors.install(app)
+
+    @app.exception_handler(EngineGone)
+    async def _engine_gone(request: Request, exc: EngineGone) -> Response:  # killed, out of memory: needs a restart
+        return errors.error_response(503, f"{exc}; restart the server", type="server_error", code="engine_gone")
+
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
     if state.metrics is not None:
         from toolkit.serve.metrics import RequestCounter
@@ -56,8 +63,11 @@ def create_app(state: ServerState) -> FastAPI:
             )
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "engine": dict(state.engine.stats), "waiting": state.engine.waiting}
+    async def health() -> Any:
+        body = {"status": "ok", "engine": dict(state.engine.stats), "waiting": state.engine.waiting}
+        if not state.engine.alive:  # a supervisor's cue to restart the server
+            return JSONResponse({**body, "status": "engine process exited"}, status_code=503)
+        return body
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(require_key)])
     async def models() -> ModelList:
@@ -133,35 +143,56 @@ def build_state(
     metrics: bool = True,
     kv_cache_gb: float | None = None,
     prefill_chunk: int | None = None,
+    prefill_pacing: float | None = PREFILL_STEP_RATIO,
+    engine_process: bool = True,
 ) -> ServerState:
-    """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine."""
-    from toolkit.base.loader import load_base
+    """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine: in a process
+    of its own (`engine_process`, the default: serve/engine_process.py) or in this one (its model is then
+    `state.base.model`). `prefill_pacing`: a prompt chunk costs about this many decoding steps while streams run
+    (None: fixed chunks of `prefill_chunk`, the same pass boundaries in every run)."""
+    from toolkit.base.loader import load_base, load_without_weights
     from toolkit.base.loader import served_name as default_served_name
     from toolkit.data.images import ImagePolicy
     from toolkit.engine.engine import Engine
     from toolkit.errors import ToolkitError
-    from toolkit.lora.registry import attach, resolve_serving
+    from toolkit.lora.registry import attach, check_base_matches, resolve_serving
 
     base, resolved = resolve_serving(base, adapters, adapters_dir)
-    loaded = load_base(base, device=device, kernel=kernel)
-    model = attach(loaded, resolved) if resolved else loaded.model
     served = served_name or default_served_name(base)
     if served in {name for name, _ in resolved}:
         raise ToolkitError(f"adapter name {served!r} is the base's name", where="--adapter", fix="rename it")
-    if allow_runtime_adapters:  # adapters change only between forward passes (see serve/adapters.py)
-        from toolkit.serve.adapters import LockedModel
+    options = {
+        "max_batch": max_batch,
+        "max_queue": max_queue,
+        "kv_cache_gb": kv_cache_gb,
+        "prefill_chunk": prefill_chunk,
+        "prefill_step_ratio": prefill_pacing,
+    }
+    if engine_process:
+        from toolkit.serve.engine_process import EngineClient, EngineSpec
 
-        model = LockedModel(model)
-    engine = Engine.for_base(
-        loaded, model, max_batch=max_batch, max_queue=max_queue, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk
-    )
+        loaded = load_without_weights(base)
+        for _, folder in resolved:  # user errors before the model loads
+            check_base_matches(folder, loaded)
+        adapters_ = [(name, str(folder)) for name, folder in resolved]
+        engine = EngineClient(EngineSpec(base, adapters_, device, kernel, allow_runtime_adapters, options))
+        loaded = dataclasses.replace(loaded, device=engine.device, dtype=engine.dtype, kernel=engine.kernel)
+    else:
+        loaded = load_base(base, device=device, kernel=kernel)
+        model = attach(loaded, resolved) if resolved else loaded.model
+        if allow_runtime_adapters:  # adapters change only between forward passes (see serve/adapters.py)
+            from toolkit.serve.adapters import LockedModel
+
+            model = LockedModel(model)
+        engine = Engine.for_base(loaded, model, **options)
+        loaded = dataclasses.replace(loaded, model=getattr(model, "inner", model))
     policy = ImagePolicy(
         allow_private_urls=allow_private_urls,
         allow_local_files=allowed_media_dir is not None,
         media_dir=Path(allowed_media_dir) if allowed_media_dir else None,
     )
     state = ServerState(
-        base=dataclasses.replace(loaded, model=getattr(model, "inner", model)),
+        base=loaded,
         engine=engine,
         served_name=served,
         adapters=dict(resolved),

@@ -27,6 +27,7 @@ from toolkit.serve.serving import (
     run_all,
     sampling_params,
     sse,
+    sse_error,
     submit,
     usage,
 )
@@ -184,6 +185,8 @@ async def stream(state: ServerState, req: CompletionRequest, is_disconnected: An
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage(sum(len(p.ids) for p in prompts), streams).model_dump())
             yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield sse_error(exc)
         finally:
             for s in streams:
                 if s.request is not None and not s.done:

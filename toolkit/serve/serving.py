@@ -30,6 +30,7 @@ from toolkit.engine.sampling import SamplingParams
 from toolkit.errors import ToolkitError
 from toolkit.serve import logprobs as lp
 from toolkit.serve import structured
+from toolkit.serve.engine_process import EngineGone
 from toolkit.serve.errors import APIError
 from toolkit.serve.protocol import (
     ChatCompletionRequest,
@@ -408,6 +409,16 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def sse_error(exc: Exception) -> str:
+    """The last events of a stream whose generation failed mid-way (the status line is long sent): an error
+    envelope, as vLLM sends, then [DONE]; no traceback reaches the client."""
+    if isinstance(exc, EngineGone):
+        error = {"message": f"{exc}; restart the server", "code": "engine_gone"}
+    else:
+        error = {"message": f"internal error while generating: {type(exc).__name__}", "code": "server_error"}
+    return sse({"error": {**error, "type": "server_error", "param": None}}) + "data: [DONE]\n\n"
+
+
 async def each_event(streams: list[ChoiceStream], is_disconnected: Any) -> AsyncIterator[tuple[ChoiceStream, str, int]]:
     """(choice, new text, how many tokens it got) as engine events arrive, for streaming responses; ends
     when every choice is finished or the client is gone."""
@@ -568,6 +579,8 @@ async def stream(state: ServerState, req: ChatCompletionRequest, is_disconnected
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage(n_prompt, streams).model_dump())
             yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield sse_error(exc)
         finally:
             cancel(streams)  # disconnect or error: stop generating for this client
 

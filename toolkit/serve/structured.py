@@ -42,11 +42,26 @@ def warm_up(tokenizer: Any, stop_ids: list[int]) -> threading.Thread:
     return thread
 
 
-class GrammarConstraint:
-    """One choice's grammar state (an llguidance matcher): the TokenConstraint the engine applies."""
+_PROCESS_TOKENIZER: list = []  # (tokenizer, stop_ids) of an engine process (engine_process.py), set once
 
-    def __init__(self, matcher: Any, n_vocab: int, stop_ids: list[int]) -> None:
-        self.matcher, self.n_vocab, self.stop_ids = matcher, n_vocab, stop_ids
+
+def use_tokenizer(tokenizer: Any, stop_ids: list[int]) -> None:
+    """The tokenizer unpickled constraints compile against in this process (the engine's own process)."""
+    _PROCESS_TOKENIZER[:] = [(tokenizer, list(stop_ids))]
+    warm_up(tokenizer, stop_ids)
+
+
+class GrammarConstraint:
+    """One choice's grammar state (an llguidance matcher): the TokenConstraint the engine applies.
+
+    It travels to an engine in another process by its grammar: a matcher that has consumed nothing yet (as at
+    submission) is recompiled there against that process's tokenizer (`use_tokenizer`)."""
+
+    def __init__(self, matcher: Any, n_vocab: int, stop_ids: list[int], grammar: str) -> None:
+        self.matcher, self.n_vocab, self.stop_ids, self.grammar = matcher, n_vocab, stop_ids, grammar
+
+    def __reduce__(self) -> tuple:
+        return _recompile, (self.grammar, self.n_vocab, self.stop_ids)
 
     def allowed(self) -> Any:
         import numpy as np
@@ -115,7 +130,16 @@ def constraints(fields: Any, tokenizer: Any, stop_ids: list[int], n: int) -> lis
         raise APIError(400, f"{param}: {_short(first.get_error())}", param=param, code="invalid_schema")
     n_vocab = len(tokenizer)
     matchers = [first] + [first.deep_copy() for _ in range(n - 1)]
-    return [GrammarConstraint(m, n_vocab, stop_ids) for m in matchers]
+    return [GrammarConstraint(m, n_vocab, stop_ids, grammar) for m in matchers]
+
+
+def _recompile(grammar: str, n_vocab: int, stop_ids: list[int]) -> GrammarConstraint:
+    from llguidance import LLMatcher
+
+    if not _PROCESS_TOKENIZER:
+        raise RuntimeError("no tokenizer for grammars in this process (structured.use_tokenizer)")
+    tokenizer, ids = _PROCESS_TOKENIZER[0]
+    return GrammarConstraint(LLMatcher(ll_tokenizer(tokenizer, ids), grammar, log_level=0), n_vocab, stop_ids, grammar)
 
 
 def _short(error: str) -> str:
