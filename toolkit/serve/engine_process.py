@@ -128,6 +128,10 @@ class EngineClient:
         call = next(self._call_ids)
         self._calls[call] = future
         self._send(("call", call, fn, args))
+        if threading.current_thread() is self._reader:
+            # Called back from an event this thread delivers (a finished request releasing a retired adapter):
+            # waiting would block the only thread that can read the answer. The call runs in order all the same.
+            return None
         return future.result()
 
     def close(self) -> None:
@@ -217,14 +221,20 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 events = [(rid, kind, _portable(value)) for rid, kind, value in message[1]]
                 _put(conn, (message[0], events, *message[2:]))
 
+    sent_stats: dict = {}
+
     def flush() -> None:  # the engine's thread (Engine.on_events): the events so far in one message
-        if outbox:
-            events = outbox[:]
-            outbox.clear()
-            for rid, kind, _ in events:
-                if kind in ("done", "error"):
-                    requests.pop(rid, None)
-            send(("events", events, dict(engine.stats)))
+        stats = dict(engine.stats)
+        if not outbox and stats == sent_stats:
+            return
+        events = outbox[:]
+        outbox.clear()
+        for rid, kind, _ in events:
+            if kind in ("done", "error"):
+                requests.pop(rid, None)
+        send(("events", events, stats))
+        sent_stats.clear()
+        sent_stats.update(stats)
 
     engine.on_events = flush
     _put(conn, ("ready", _info(engine, base)))
