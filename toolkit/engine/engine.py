@@ -187,7 +187,6 @@ class Engine:
         self.prefill_step_ratio = prefill_step_ratio
         self._step_s: float | None = None  # smoothed seconds of one decoding step
         self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
-        self._paced = False  # whether this round's prompt pieces were paced (_plan_pieces)
         self.layout = KVLayout.of(model, dtype)
         import torch
 
@@ -298,18 +297,20 @@ class Engine:
         running rows' sampled tokens and prompt chunks (up to the round's token budget) go through one forward.
         Prompts with images or prompt logprobs get a prefill pass of the model's own forward first."""
         self._admit()
-        prefilling = [r for r in self._rows if r.prompt_left > 0 and not self._finish_if_cancelled(r.request)]
+        lean, generic = [], []
         for row in list(self._rows):
-            if row.prompt_left > 0 and row not in prefilling:  # cancelled while its prompt waited
+            if row.prompt_left <= 0:
+                continue
+            if self._finish_if_cancelled(row.request):  # cancelled while its prompt waited
                 self._release(row)
-        lean = [r for r in prefilling if self._lean_prefills(r)]
-        generic = [r for r in prefilling if not self._lean_prefills(r)]
+            else:
+                (lean if self._lean_prefills(row) else generic).append(row)
         if generic:
             self._prefill_some(generic)
         decoding = [r for r in self._rows if r.logits is not None]
-        pieces = self._plan_pieces(lean, paced=bool(decoding)) if lean else []
+        pieces, paced = self._plan_pieces(lean, paced=bool(decoding)) if lean else ([], False)
         if decoding or pieces:
-            self._step(decoding, pieces)
+            self._step(decoding, pieces, paced)
         self._update_stats()
         if self.on_events is not None:
             self.on_events()
@@ -387,8 +388,9 @@ class Engine:
         s["kv_bytes_needed"] = sum(r.kv.needed_bytes() for r in self._rows)
 
     # ------------------------------------------------------------------------------------------------ prefill
-    def _plan_pieces(self, rows: list[_Row], paced: bool) -> list[tuple[_Row, int]]:
-        """Which prompt tokens ride on this round's pass (lean pass only): `(row, n)` pieces within one chunk.
+    def _plan_pieces(self, rows: list[_Row], paced: bool) -> tuple[list[tuple[_Row, int]], bool]:
+        """Which prompt tokens ride on this round's pass (lean pass only): `(row, n)` pieces within one chunk, and
+        whether they were paced.
 
         Fresh prompts that fit the chunk whole go first (a short request does not queue behind a long prompt's
         chunks), then the others in arrival order. While rows decode, the chunk is paced to about
@@ -398,7 +400,6 @@ class Engine:
         chunk = self.prefill_chunk or 1 << 62
         paced = paced and self.prefill_step_ratio is not None and self._step_s is not None and self.prefill_chunk > 0
         budget = min(chunk, self._chunk_n) if paced else chunk
-        self._paced = paced
         order = sorted(rows, key=lambda r: not (r.fed == 0 and r.prompt_left <= budget))  # stable: arrival order
         pieces, left = [], budget
         for row in order:
@@ -411,18 +412,13 @@ class Engine:
                 break
             pieces.append((row, n))
             left -= n
-        return pieces
+        return pieces, paced
 
     def _prefill_some(self, prefilling: list[_Row]) -> None:
         """One prefill forward: fresh prompts that fit `prefill_chunk` tokens together go whole (left-padded,
         before a long prompt's next chunk, so short requests do not queue behind it); otherwise the next chunk
-        of the oldest prompt. A prompt with images goes whole (an image is not split across passes)."""
-        for row in list(prefilling):
-            if self._finish_if_cancelled(row.request):
-                self._release(row)
-                prefilling.remove(row)
-        if not prefilling:
-            return
+        of the oldest prompt. A prompt with images goes whole (an image is not split across passes). `prefilling`:
+        rows not cancelled (`_work` released those)."""
         chunk = self.prefill_chunk or 1 << 62
         group, total = [], 0
         for row in prefilling:
@@ -572,9 +568,10 @@ class Engine:
         row.logits = last
 
     # ------------------------------------------------------------------------------------------------ decode
-    def _step(self, rows: list[_Row], pieces: list[tuple[_Row, int]] = ()) -> None:
+    def _step(self, rows: list[_Row], pieces: list[tuple[_Row, int]] = (), paced: bool = False) -> None:
         """Sample one token for every decoding row, report it, drop finished rows, then one forward over the rows
-        that go on and the prompt `pieces` (lean pass only: `(row, n)`, its next n prompt tokens)."""
+        that go on and the prompt `pieces` (lean pass only: `(row, n)`, its next n prompt tokens; `paced`: their
+        size follows the pacing, which this pass's time then resizes)."""
         import torch
 
         from toolkit.engine.sampling import sample
@@ -629,7 +626,7 @@ class Engine:
         took = time.perf_counter() - started
         if not pieces:
             self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
-        elif self._paced and keep:  # the pieces' share of the pass: about `prefill_step_ratio` steps
+        elif paced and keep:  # the pieces' share of the pass: about `prefill_step_ratio` steps
             self._pace(sum(n for _, n in pieces), took - self._step_s)
 
     def _lean_pass(self, keep: list[tuple[_Row, int]], pieces: list[tuple[_Row, int]]) -> None:

@@ -29,11 +29,6 @@ from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
 
 BASE_ADAPTER = "__base__"
 PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries runs on every thread (threads.py)
-# A pass whose activations hold at least PARALLEL_ELEMENTS (tokens x hidden) runs every op on all threads; below
-# that only the ops big enough on their own do (projections: PARALLEL_MATMUL, attention: PARALLEL_KEYS, the head).
-# Why not a token count: prompt chunks ride on decoding steps, and a whole step of small ops (norms, rotary, one
-# row's attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two
-# 26-token prompts beside 15 decoding rows cost 24 ms over an 11 ms step with the pass on two threads.
 # a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
 # one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
 PARALLEL_MATMUL = 1 << 23
@@ -137,6 +132,11 @@ class LeanDecoder:
         self._only = names[0] if names and all(a == names[0] for a in names) else None  # one adapter for all
         if names is not None and total != n:
             names = [a for a, m in zip(names, sizes, strict=True) for _ in range(m)]  # one per token
+        # Every op on all threads only when the pass's activations (tokens x hidden) are big; below that only the ops
+        # big enough on their own go parallel (projections: PARALLEL_MATMUL, attention: PARALLEL_KEYS, the head).
+        # Not a token count: prompt chunks ride on decoding steps, and a step of small ops (norms, rotary, one row's
+        # attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two 26-token
+        # prompts beside 15 decoding rows cost 24 ms over an 11 ms step when the pass ran on two threads.
         with parallel(self.threads, total * self.text.config.hidden_size >= PARALLEL_ELEMENTS):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}

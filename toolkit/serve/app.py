@@ -26,7 +26,7 @@ from toolkit.serve.protocol import (
     ModelList,
     UnloadLoraRequest,
 )
-from toolkit.serve.serving import ServerState, complete, stream
+from toolkit.serve.serving import ServerState, complete, generation_error, stream
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -43,8 +43,8 @@ def create_app(state: ServerState) -> FastAPI:
     errors.install(app)
 
     @app.exception_handler(EngineGone)
-    async def _engine_gone(request: Request, exc: EngineGone) -> Response:  # killed, out of memory: needs a restart
-        return errors.error_response(503, f"{exc}; restart the server", type="server_error", code="engine_gone")
+    async def _engine_gone(request: Request, exc: EngineGone) -> Response:
+        return generation_error(exc).response()
 
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
     if state.metrics is not None:

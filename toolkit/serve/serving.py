@@ -409,14 +409,20 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def sse_error(exc: Exception) -> str:
-    """The last events of a stream whose generation failed mid-way (the status line is long sent): an error
-    envelope, as vLLM sends, then [DONE]; no traceback reaches the client."""
+def generation_error(exc: Exception) -> APIError:
+    """What a client is told when generation fails: 503 `engine_gone` when the engine's process has exited (killed,
+    out of memory: the server needs a restart), else a 500 naming only the exception's type (no traceback)."""
     if isinstance(exc, EngineGone):
-        error = {"message": f"{exc}; restart the server", "code": "engine_gone"}
-    else:
-        error = {"message": f"internal error while generating: {type(exc).__name__}", "code": "server_error"}
-    return sse({"error": {**error, "type": "server_error", "param": None}}) + "data: [DONE]\n\n"
+        return APIError(503, f"{exc}; restart the server", type="server_error", code="engine_gone")
+    return APIError(
+        500, f"internal error while generating: {type(exc).__name__}", type="server_error", code="server_error"
+    )
+
+
+def sse_error(exc: Exception) -> str:
+    """The last events of a stream whose generation failed mid-way (the status line is long sent): the error
+    envelope, as vLLM sends, then [DONE]."""
+    return sse(generation_error(exc).body()) + "data: [DONE]\n\n"
 
 
 async def each_event(streams: list[ChoiceStream], is_disconnected: Any) -> AsyncIterator[tuple[ChoiceStream, str, int]]:
