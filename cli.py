@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from toolkit import constants as C
+from toolkit.engine.engine import PREFILL_STEP_RATIO
 from toolkit.errors import ToolkitError
 
 app = typer.Typer(
@@ -270,7 +271,7 @@ def serve(
     prefill_pacing: Annotated[
         float,
         typer.Option(help="While streams run, a prompt chunk costs about this many decoding steps (0: fixed chunks)."),
-    ] = 1.0,
+    ] = PREFILL_STEP_RATIO,
     in_process: Annotated[
         bool, typer.Option(help="Run the engine in the server's process (default: a process of its own).")
     ] = False,

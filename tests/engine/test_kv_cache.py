@@ -36,3 +36,24 @@ def test_storage_never_grows_past_the_rows_limit_so_the_reservation_holds():
         row.seen += 1
     assert row.held_bytes() <= layout.reserve_bytes(1000)
     assert row.held_bytes() == layout.needed_bytes(1000)  # a row at its limit holds exactly what it needs
+
+
+def test_a_sliding_layer_serves_what_new_tokens_attend_to_in_place_across_compactions():
+    """After appending a few tokens (decoding steps, small chunks) a sliding layer still holds the window - 1 before
+    them, so `last(held + n)` is exactly the old view followed by the new tokens, also when the append compacted."""
+    layout = KVLayout(windows=(16, None), kv_heads=1, head_dim=2, elem_bytes=4)
+    row = RowKV(layout, limit=None)
+    tokens = torch.arange(1000, dtype=torch.float32)
+    fed, compactions = 0, 0
+    for n in [3, 1, 14, 1, 1, 5] + [1] * 150 + [9, 2, 14] * 10:  # every n <= window - 2 (the lean pass's fast path)
+        new = tokens[fed : fed + n].view(1, n, 1).expand(1, n, 2)
+        storage = row.keys[0]
+        before = [] if storage is None else row.view(0)[0][0, :, 0].tolist()
+        held = row.held(0)
+        row.append(0, new, -new)
+        compactions += storage is not None and row.keys[0] is not storage
+        keys, values = row.last(0, held + n)
+        assert keys[0, :, 0].tolist() == before + tokens[fed : fed + n].tolist()
+        assert values[0, :, 0].tolist() == (-keys[0, :, 0]).tolist()
+        fed += n
+    assert compactions >= 3  # the storage was rebuilt (old tokens moved) several times along the way

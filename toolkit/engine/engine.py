@@ -43,8 +43,12 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running rows; more: QueueFull (the server's 429)
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: a decoding step of the running rows in between
 PROMPT_LOGPROBS_CHUNK = 128  # a prompt_logprobs prefill keeps every position's logits: 128 x vocab at a time
-PREFILL_STEP_RATIO = 1.0  # while rows decode, a prefill chunk takes at most this many decoding steps' time
+PREFILL_STEP_RATIO = 0.5  # while rows decode, a prefill chunk takes at most this many decoding steps' time
 MIN_CHUNK = 16
+# While prompt chunks ride on every pass, one pass in this many carries none, to re-measure the decoding step alone:
+# the running rows grow while a long prompt joins (a 30k prompt takes tens of seconds on CPU), and a step time
+# measured before it arrived would size its chunks against a step that no longer exists.
+STEP_REMEASURE_PASSES = 16
 # An idle engine waits this long for more requests to share the first prefill. Requests that arrive while rows
 # run join between steps anyway (all that waits is admitted together), so a wait only saves one prefill pass at
 # the start of a burst, and a lone request pays it in time to first token (measured on the tiny base: 15 ms to
@@ -186,6 +190,7 @@ class Engine:
         # None: fixed chunks of `prefill_chunk` (the same pass boundaries in every run, for exact comparisons).
         self.prefill_step_ratio = prefill_step_ratio
         self._step_s: float | None = None  # smoothed seconds of one decoding step
+        self._paced_passes = 0  # paced passes since the last one without prompt chunks (STEP_REMEASURE_PASSES)
         self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
         self.layout = KVLayout.of(model, dtype)
         import torch
@@ -309,6 +314,10 @@ class Engine:
             self._prefill_some(generic)
         decoding = [r for r in self._rows if r.logits is not None]
         pieces, paced = self._plan_pieces(lean, paced=bool(decoding)) if lean else ([], False)
+        if paced:
+            self._paced_passes += 1
+            if self._paced_passes > STEP_REMEASURE_PASSES:  # this pass decodes alone: the step is re-measured
+                pieces, self._paced_passes = [], 0
         if decoding or pieces:
             self._step(decoding, pieces, paced)
         self._update_stats()

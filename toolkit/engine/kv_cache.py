@@ -113,7 +113,9 @@ class RowKV:
             self.length[layer] = 0
         buf, length = self.keys[layer], self.length[layer]
         if buf is None or length + n > buf.shape[1]:
-            keep = length if w is None else min(length, w - 1 - n)  # old tokens still needed after the append
+            # old tokens still needed after the append: a sliding layer keeps window-1 of them beside a few new ones
+            # (`last` then returns what those new tokens attend to, without a copy), else only what stays in view
+            keep = length if w is None else min(length, w - 1 if n <= SLIDING_SLACK else w - 1 - n)
             cap = self.layout.capacity(w, keep + n, self.limit)
             nk = torch.empty((k.shape[0], cap, k.shape[2]), dtype=k.dtype, device=k.device)
             nv = torch.empty_like(nk)
@@ -124,6 +126,13 @@ class RowKV:
         self.keys[layer][:, length : length + n] = k
         self.values[layer][:, length : length + n] = v
         self.length[layer] = length + n
+
+    def last(self, layer: int, n: int) -> tuple[Any, Any]:
+        """The newest `n` tokens stored in `layer` (a view). In a sliding layer, right after appending up to
+        SLIDING_SLACK tokens to `held` ones, `last(layer, held + new)` is what the new tokens attend to."""
+        length = self.length[layer]
+        assert n <= length, (n, length)
+        return self.keys[layer][:, length - n : length], self.values[layer][:, length - n : length]
 
     def held_bytes(self) -> int:
         """Bytes of storage allocated (capacity, not just filled)."""
