@@ -252,13 +252,15 @@ READING = (
     "0.76-0.97). Measured and ruled out: HTTP's latency (a request's next one reaches the engine a median 6.7 ms "
     "after the previous one's last token, p90 9.9 ms, less than one 16-row step, so it joins the next step as "
     "in-process; in a traced 16-client run 15.8 of 16 requests were in flight on average outside the first and last"
-    " 10%), and the server's CPU (busy in ~3% of py-spy's samples). What differs is where the rest of the work "
-    "runs: the HTTP clients and the server share the second core with nothing else, in-process there is nothing "
-    "there, and on this VM the engine's single-threaded step slows when the other core is busy (seen the same day "
-    'with OpenMP\'s spinning worker: a 15-row step 12.2 ms alone, 15-17.5 ms beside it; see "Long context"). Mixed '
-    "adapters: a batch whose rows all use one adapter takes a direct LoRA sum in the lean step, while mixed batches"
-    " go through peft's per-row split (index lists per layer, per token when prompt chunks ride along), so the "
-    "mixed / one ratio fell as the one-adapter case got faster."
+    " 10%), and the server's CPU (busy in ~3% of py-spy's samples). What is left is not identified. A busy second "
+    "core did not measurably slow the in-process engine (a spinning process, or 2 ms bursts every 10 ms, beside "
+    "three alternating in-process runs: within the machine's +-15% noise). One difference in the load itself: "
+    "in-process, the 16 closed-loop clients stay in lock step (16 prompts prefilled in one pass, then steps of "
+    "exactly 16 rows), while over HTTP they drift apart and most steps carry a prompt piece beside 15-16 decoding "
+    "rows (a step carries 14.6 rows on average over HTTP, 16.5 in-process, counted on 2026-12-02). Mixed adapters: "
+    "a batch whose rows all use one adapter takes a direct LoRA sum in the lean step, while mixed batches go "
+    "through peft's per-row split (index lists per layer, per token when prompt chunks ride along), so the mixed / "
+    "one ratio fell as the one-adapter case got faster."
 )
 
 

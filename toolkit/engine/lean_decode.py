@@ -33,6 +33,12 @@ PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries
 # a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
 # one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
 PARALLEL_MATMUL = 1 << 23
+# In a pass that is otherwise single-threaded, attention goes to every thread only from this many keys x queries:
+# the parallel region leaves GNU OpenMP's worker spinning for ~10 ms, beside which the engine thread's following
+# single-threaded ops ran 25-45% slower (the tiny base: a 15-row step 12.2 ms alone, 15.2-17.6 ms right after a pass
+# whose 16-token prompt chunk attended to 25k keys on two threads; 12.0 ms when it ran on one, 9.6 ms instead of
+# 4.8). Passes that use every thread anyway (large projections, a 262k-row LM head) keep PARALLEL_KEYS.
+PARALLEL_KEYS_LONE = 1 << 20
 
 
 def _text_model(model: Any) -> Any:
@@ -90,6 +96,11 @@ class LeanDecoder:
             for layer in self.text.layers
         ]
         self.final_norm = (1.0 + self.text.norm.weight.float()).detach()
+        mlp = self.text.layers[0].mlp
+        self._widest = max(  # the largest projection's in x out (PARALLEL_MATMUL's gate, per token)
+            m.in_features * m.out_features for m in (_base(mlp.gate_proj), _base(mlp.down_proj))
+        )
+        self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -138,7 +149,11 @@ class LeanDecoder:
         # Not a token count: prompt chunks ride on decoding steps, and a step of small ops (norms, rotary, one row's
         # attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two 26-token
         # prompts beside 15 decoding rows cost 24 ms over an 11 ms step when the pass ran on two threads.
-        with parallel(self.threads, total * self.text.config.hidden_size >= PARALLEL_ELEMENTS):
+        everywhere = total * self.text.config.hidden_size >= PARALLEL_ELEMENTS
+        self._threaded = (
+            everywhere or self.head.weight.numel() >= PARALLEL_ELEMENTS or total * self._widest >= PARALLEL_MATMUL
+        )
+        with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
             hidden = self._layers(hidden, rope, rows, names, sizes)
@@ -249,7 +264,7 @@ class LeanDecoder:
             mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
             args = (qi, keys[None], values[None])
             kw = {"attn_mask": mask, "is_causal": causal, "scale": attn.scaling, "enable_gqa": gqa}
-            if keys.shape[1] * m < PARALLEL_KEYS:
+            if keys.shape[1] * m < (PARALLEL_KEYS if self._threaded else PARALLEL_KEYS_LONE):
                 o = F.scaled_dot_product_attention(*args, **kw)
             else:
                 with parallel(self.threads):
@@ -257,6 +272,11 @@ class LeanDecoder:
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+
+def _base(module: Any) -> Any:
+    """A projection without its LoRA wrapper."""
+    return getattr(module, "base_layer", module)
 
 
 def _chunk_mask(keys: int, m: int, window: int | None) -> Any:
