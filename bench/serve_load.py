@@ -260,14 +260,13 @@ READING = (
     "rows (a step carries 14.6 rows on average over HTTP, 16.5 in-process, counted on 2026-12-02). Decomposed the "
     "same day (tokens/s = rows per decoding step x steps per second, three alternating pairs of 256 requests): "
     "steps per second were equal within noise (53.8 vs 52.1, 57.8 vs 59.5, 64.0 vs 59.1 in-process vs HTTP) and "
-    "rows per step were 16.5 vs 14.5-14.7, so the loss is occupancy, not slower steps. A finished row's successor "
-    "arrives over HTTP during the next pass, is admitted a round later and its prompt rides on that pass, so its "
-    "slot decodes nothing for about two steps per request; in-process all 16 finish together and their successors' "
-    "prompts take one pass of their own. Next: let a waiting request's prompt ride on the pass in which a slot "
-    "frees (admit beyond max_batch for the prompt piece only). Mixed adapters: a batch whose rows all use one "
-    "adapter takes a direct LoRA sum in the lean step, while mixed batches go through peft's per-row split (index "
-    "lists per layer, per token when prompt chunks ride along), so the mixed / one ratio fell as the one-adapter "
-    "case got faster."
+    "rows per step were 16.5 vs 14.5-14.7, so the loss is occupancy, not slower steps. Where the occupancy goes is "
+    "only partly explained: a finished row's successor arrives over HTTP during the pass after it finished (a "
+    "median 6.7 ms later) and is admitted at the next round, so its slot sits out about one pass per 32-token "
+    "request (~3%); in-process all 16 finish at one sampling and their successors' prompts share the next pass. The"
+    " other ~8% is not accounted for. Mixed adapters: a batch whose rows all use one adapter takes a direct LoRA "
+    "sum in the lean step, while mixed batches go through peft's per-row split (index lists per layer, per token "
+    "when prompt chunks ride along), so the mixed / one ratio fell as the one-adapter case got faster."
 )
 
 
