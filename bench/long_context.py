@@ -59,7 +59,8 @@ class Stream:
 
 
 def _start_shorts(base, chunk: int, seed: int):
-    """An engine with the SHORTS short rows decoding (the same prompts for a given seed), and the long prompt."""
+    """An engine with the SHORTS short rows decoding (the same prompts for a given seed), their requests and streams,
+    the stats probe, and the random generator (which draws the long prompt next)."""
     from toolkit.engine.engine import Engine, Request, SamplingParams
 
     rng = random.Random(seed)
@@ -75,6 +76,14 @@ def _start_shorts(base, chunk: int, seed: int):
     return engine, shorts, streams, requests, probe, rng
 
 
+def _end_shorts(requests: list, streams: list) -> None:
+    """Cancel the short rows and wait until each has ended."""
+    for r in requests:
+        r.cancel()
+    for st in streams:
+        assert st.done.wait(60)
+
+
 def control_gaps(base, chunk: int, tokens: int, seed: int = 0) -> list[float]:
     """The same short rows without the long prompt, until stream 0 has `tokens` tokens: its gaps, by token index.
     The denominator of the gap ratio: the rows grow (their attention lengthens) while a long prompt joins, so the
@@ -83,10 +92,7 @@ def control_gaps(base, chunk: int, tokens: int, seed: int = 0) -> list[float]:
     try:
         while len(streams[0].times) < tokens + 1:
             time.sleep(0.01)
-        for r in requests:
-            r.cancel()
-        for st in streams:
-            assert st.done.wait(60)
+        _end_shorts(requests, streams)
     finally:
         engine.close()
     t = streams[0].times
@@ -106,10 +112,7 @@ def mixed_load(base, long_tokens: int, chunk: int, seed: int = 0) -> dict:
         lg = Stream(probe)
         engine.submit(Request(long, [0] * len(long), None, None, SamplingParams(4, 0, ignore_eos=True), lg))
         assert lg.done.wait(3600) and not isinstance(lg.finish, Exception), lg.finish
-        for r in requests:
-            r.cancel()
-        for st in streams:
-            assert st.done.wait(60)
+        _end_shorts(requests, streams)
     finally:
         engine.close()
     first_long = lg.times[0]

@@ -58,7 +58,6 @@ class LeanDecoder:
     `threads` threads."""
 
     def __init__(self, model: Any, threads: int = 1) -> None:
-        from peft.tuners.lora import LoraLayer
         from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
         self.model, self.threads = model, threads
@@ -76,7 +75,6 @@ class LeanDecoder:
         image_id = getattr(top, "image_token_id", None)
         # Gemma3Model swaps an out-of-vocabulary image token for 0 before the embedding; a sampled one gets the same
         self.image_id = image_id if image_id is not None and image_id >= self.embed.num_embeddings else None
-        self._lora = LoraLayer
         self._only: str | None = None  # the one adapter every row of the current pass uses, if so
         # Gemma's RMSNorm scales by (1 + weight) in float32; F.rms_norm with that weight gives the module's output
         # bit for bit (checked in tests) in one op instead of six. The norms are frozen: computed once.
@@ -100,6 +98,7 @@ class LeanDecoder:
         self._widest = max(  # the largest projection's in x out (PARALLEL_MATMUL's gate, per token)
             m.in_features * m.out_features for m in (_base(mlp.gate_proj), _base(mlp.down_proj))
         )
+        self._head_parallel = self.head.weight.numel() >= PARALLEL_ELEMENTS  # e.g. the 262k-row head
         self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
 
     @staticmethod
@@ -150,9 +149,7 @@ class LeanDecoder:
         # attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two 26-token
         # prompts beside 15 decoding rows cost 24 ms over an 11 ms step when the pass ran on two threads.
         everywhere = total * self.text.config.hidden_size >= PARALLEL_ELEMENTS
-        self._threaded = (
-            everywhere or self.head.weight.numel() >= PARALLEL_ELEMENTS or total * self._widest >= PARALLEL_MATMUL
-        )
+        self._threaded = everywhere or self._head_parallel or total * self._widest >= PARALLEL_MATMUL
         with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
@@ -161,7 +158,7 @@ class LeanDecoder:
             row.seen += m
         hidden = hidden[:, 0] if total == n else hidden[torch.tensor(sizes).cumsum(0) - 1, 0]  # rows' last tokens
         hidden = self._norm(hidden, self.final_norm)
-        with parallel(self.threads, self.head.weight.numel() >= PARALLEL_ELEMENTS):
+        with parallel(self.threads, self._head_parallel):
             if n == 1 and self._plain_head(hidden):
                 # one row: torch.mv is CPU's matrix-vector kernel, the same logits bit for bit as F.linear's
                 # (tested) in 15 ms instead of 22 for the 270M's 262k x 640 bfloat16 head on 2 cores
@@ -201,7 +198,7 @@ class LeanDecoder:
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
     def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
-        base = module.base_layer if isinstance(module, self._lora) else module
+        base = _base(module)
         if getattr(base, "lean_op", None) is not None:  # the int4 kernel's op itself (gptq_backend's shim)
             plain = lambda: base.lean_op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)  # noqa: E731
         else:
