@@ -8,7 +8,7 @@ import pytest
 
 from toolkit.data import template as chat
 from toolkit.data.schema import parse_messages
-from toolkit.engine.engine import Engine, Request, SamplingParams, generate_greedy
+from toolkit.engine.engine import Engine, Request, SamplingParams, _Row, generate_greedy
 
 
 def _prompt(base, text: str):
@@ -286,3 +286,45 @@ def test_a_round_that_raises_fails_its_requests_and_the_engine_goes_on(base, mon
     _submit(engine, prompt, 4, second)
     assert second.done.wait(30) and second.finish == ("length", None) and len(second.tokens) == 4
     engine.close()
+
+
+def _paced_engine(base, chunk_n: int) -> Engine:
+    engine = Engine.for_base(base, start=False)
+    engine._step_s, engine._chunk_n = 0.01, chunk_n  # as measured while rows decode
+    return engine
+
+
+def _waiting_row(length: int, fed: int = 0) -> _Row:
+    request = Request(list(range(length)), None, None, None, SamplingParams(8), lambda kind, value: None)
+    return _Row(request, None, None, 0, fed=fed)
+
+
+def test_paced_pieces_take_short_prompts_whole_and_long_ones_by_the_chunk(base):
+    """While rows decode, a fresh 26-token prompt against a 16-token chunk goes whole, ahead of a long prompt in
+    progress (split, its last 10 tokens would idle its slot for a pass); a second waits for the next pass, as
+    whole it would take the pass past two chunks; the prompt in progress gets what is left of the chunk."""
+    engine = _paced_engine(base, 16)
+    a, b, long = _waiting_row(26), _waiting_row(26), _waiting_row(1000, fed=100)
+    pieces, paced = engine._plan_pieces([long, a, b], paced=True)
+    assert paced and [(row, n) for row, n in pieces] == [(a, 26)]
+    engine._chunk_n = 64
+    pieces, _ = engine._plan_pieces([long, a, b], paced=True)
+    assert pieces == [(a, 26), (b, 26), (long, 12)]
+    pieces, _ = engine._plan_pieces([long, _waiting_row(70)], paced=True)  # within two chunks: whole
+    assert [n for _, n in pieces] == [70]
+    pieces, _ = engine._plan_pieces([_waiting_row(200)], paced=True)  # a long fresh prompt: one chunk
+    assert [n for _, n in pieces] == [64]
+    pieces, paced = engine._plan_pieces([_waiting_row(600)], paced=False)  # nothing decodes: unpaced
+    assert not paced and [n for _, n in pieces] == [512]
+
+
+def test_pacing_shrinks_the_chunk_only_for_pieces_that_cost_too_much(base):
+    """A pass whose pieces were smaller than the chunk (nothing left to fill it) and cheap keeps the chunk; a
+    full chunk that was cheap may double; one that cost more than `prefill_step_ratio` steps shrinks it."""
+    engine = _paced_engine(base, 64)
+    engine._pace(10, 0.001)  # 10 tokens for a tenth of a step
+    assert engine._chunk_n == 64
+    engine._pace(64, 0.001)
+    assert engine._chunk_n == 128
+    engine._pace(128, 0.02)  # two steps for 128 tokens: a quarter of them fit half a step
+    assert engine._chunk_n == 32

@@ -49,6 +49,11 @@ MIN_CHUNK = 16
 # the running rows grow while a long prompt joins (a 30k prompt takes tens of seconds on CPU), and a step time
 # measured before it arrived would size its chunks against a step that no longer exists.
 STEP_REMEASURE_PASSES = 16
+# While rows decode, fresh prompts go whole as long as the pass's prompt tokens stay within this many paced chunks
+# (about one decoding step at PREFILL_STEP_RATIO 0.5). Each pass a prompt waits is a decoding slot left idle: with
+# 16 clients whose requests arrive a few ms apart (HTTP), splitting 26-token prompts against a half-step chunk left
+# 14.6 rows per step where 16 fit (docs/BENCHMARKS.md, "Serving load").
+FRESH_PROMPT_CHUNKS = 2
 # An idle engine waits this long for more requests to share the first prefill. Requests that arrive while rows
 # run join between steps anyway (all that waits is admitted together), so a wait only saves one prefill pass at
 # the start of a burst, and a lone request pays it in time to first token (measured on the tiny base: 15 ms to
@@ -403,20 +408,30 @@ class Engine:
 
         Fresh prompts that fit the chunk whole go first (a short request does not queue behind a long prompt's
         chunks), then the others in arrival order. While rows decode, the chunk is paced to about
-        `prefill_step_ratio` decoding steps (`_chunk_n`, resized after each pass) and a piece may end anywhere;
+        `prefill_step_ratio` decoding steps (`_chunk_n`, resized after each pass), a piece may end anywhere, and
+        fresh prompts go whole while the pass's prompt tokens stay within FRESH_PROMPT_CHUNKS chunks;
         unpaced (ratio None), a row's pieces end only at multiples of `prefill_chunk` of its own prompt, so its
         pass boundaries are the same in every run (exact comparisons with serving it alone)."""
         chunk = self.prefill_chunk or 1 << 62
         paced = paced and self.prefill_step_ratio is not None and self._step_s is not None and self.prefill_chunk > 0
         budget = min(chunk, self._chunk_n) if paced else chunk
-        order = sorted(rows, key=lambda r: not (r.fed == 0 and r.prompt_left <= budget))  # stable: arrival order
+        whole = (FRESH_PROMPT_CHUNKS - 1) * budget if paced else 0  # room past the chunk for whole fresh prompts
+        short = min(chunk, budget + whole)
+        order = sorted(rows, key=lambda r: not (r.fed == 0 and r.prompt_left <= short))  # stable: arrival order
         pieces, left = [], budget
         for row in order:
-            n = min(row.prompt_left, left if paced else chunk - row.fed % chunk)
-            if n > left:  # unpaced: its next whole piece waits for a pass with room
-                if pieces:
-                    continue
-                n = left
+            if paced:
+                n = min(row.prompt_left, left)
+                if row.fed == 0 and row.prompt_left <= min(chunk, left + whole):
+                    # whole: split, the rest would cost its row another pass (a decoding slot that sits idle, a
+                    # step more to its first token) to save at most a chunk's time in this one
+                    n = row.prompt_left
+            else:
+                n = min(row.prompt_left, chunk - row.fed % chunk)
+                if n > left:  # its next whole piece waits for a pass with room
+                    if pieces:
+                        continue
+                    n = left
             if n <= 0:
                 break
             pieces.append((row, n))
@@ -465,7 +480,10 @@ class Engine:
     def _pace(self, n: int, extra_s: float) -> None:
         """Resize the paced chunk after `n` prompt tokens cost `extra_s` seconds beside the decoding step."""
         scale = min(2.0, self.prefill_step_ratio * self._step_s / max(extra_s, 1e-6))
-        self._chunk_n = max(MIN_CHUNK, min(self.prefill_chunk, int(n * scale)))
+        size = int(n * scale)
+        if scale >= 1:  # cheap enough; pieces smaller than the chunk (no prompt left to fill it) say no more
+            size = max(size, self._chunk_n)
+        self._chunk_n = max(MIN_CHUNK, min(self.prefill_chunk, size))
 
     def _prefill_fresh(self, group: list[_Row]) -> None:
         """Whole prompts of rows with nothing cached yet, left-padded so every row's last token is last."""
