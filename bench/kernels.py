@@ -22,7 +22,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -285,8 +284,8 @@ def table(results: dict) -> list[str]:
 
     lines = [
         "| kernel | layer | dtype | decode tok/s (1 row) | decode tok/s (16 rows) | prefill tok/s | logits max diff "
-        "| top-1 agree | LoRA wraps | LoRA grad rel diff | input grad rel diff | train tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 agree | LoRA wraps | LoRA grad rel diff | input grad rel diff | train tok/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
         if "unavailable" in r:
@@ -299,12 +298,7 @@ def table(results: dict) -> list[str]:
             f"| {f(r.get('logits_max_abs_diff'), '{:.3g}')} | {f(r.get('top1_agreement'), '{:.2f}')} "
             f"| {'yes' if wrap.get('ok') else ('no' if wrap else '-')} "
             f"| {f(r.get('lora_grad_max_rel_diff'), '{:.2g}')} | {f(r.get('input_grad_max_rel_diff'), '{:.2g}')} "
-            f"| {f(r.get('train_tokens_per_s'))} |"
-            + (
-                f" error: {r.get('inference_error') or r.get('train_error')}"
-                if "inference_error" in r or "train_error" in r
-                else ""
-            )
+            f"| {f(r.get('train_tokens_per_s'))} | {r.get('inference_error') or r.get('train_error') or ''} |"
         )
     return lines
 
@@ -319,7 +313,7 @@ def main() -> None:
     ap.add_argument("--kernels", default=None, help="comma-separated subset")
     ap.add_argument("--out", default=None, help="write the table into this BENCHMARKS.md")
     args = ap.parse_args()
-    from report import cpus, replace_section
+    from report import cpu_label, cpus, replace_section
 
     from toolkit.base import builder, kernels
 
@@ -349,7 +343,7 @@ def main() -> None:
                 f"## Kernels ({label}, {args.device})",
                 "",
                 f"`bench/kernels.py --size {args.size}{f' --layers {args.layers}' if args.layers else ''}`, "
-                f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()} with {cpus()} cores "
+                f"{time.strftime('%Y-%m-%d')}, {cpu_label()} with {cpus()} cores "
                 "shared with other work (timing rounds alternate between kernels; median of "
                 f"{args.rounds}). Reference: the torch kernel in float32. auto picks "
                 f"{summary['auto']['inference']} for inference and {summary['auto']['training']} for training.",

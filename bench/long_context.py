@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from report import cpus, replace_section  # noqa: E402
+from report import cpu_label, cpus, replace_section  # noqa: E402
 
 SHORTS = 15
 
@@ -164,6 +163,14 @@ def _against_control(run: dict, control: list[float]) -> None:
     run["control_median_gap_s"] = statistics.median(control[first : last + 1])
     run["control_longest_gap_s"] = max(control[first : last + 1])  # the machine's own jitter, no long prompt
     run["gap_ratio"] = run["longest_gap_joining_s"] / run["control_median_gap_s"]
+    # the 99th percentile beside the longest: one isolated stall of the shared machine (controls had 77 ms ones at a
+    # 12-15 ms median) sets the longest gap, while the engine's own slowdown shows across the whole join
+    run["p99_gap_ratio"] = _p99(run["gaps_joining_s"]) / run["control_median_gap_s"]
+    run["control_p99_gap_ratio"] = _p99(control[first : last + 1]) / run["control_median_gap_s"]
+
+
+def _p99(gaps: list[float]) -> float:
+    return sorted(gaps)[int(0.99 * (len(gaps) - 1))]
 
 
 def main() -> None:
@@ -208,7 +215,8 @@ def main() -> None:
         "whole prompt in one pass: "
         f"{whole['gap_ratio']:.1f}; / its median gap before the prompt arrived: {chunked['gap_ratio_vs_before']:.2f}; "
         f"without the long prompt, longest / median gap: "
-        f"{chunked['control_longest_gap_s'] / chunked['control_median_gap_s']:.2f})"
+        f"{chunked['control_longest_gap_s'] / chunked['control_median_gap_s']:.2f}; 99th percentile gap / the same "
+        f"median: {chunked['p99_gap_ratio']:.2f} joining, {chunked['control_p99_gap_ratio']:.2f} without)"
     )
     print(f"peak training memory of one long row, chunked loss / plain: {train} (goal <= 0.5)")
     print(json.dumps({"chunked": chunked, "whole": whole, "training": train_report}))
@@ -219,10 +227,11 @@ def main() -> None:
     c, w = chunked, whole
     cl = c["control_longest_gap_s"] / c["control_median_gap_s"]
     pairs = ", ".join(f"{x:.2f}" for x in c["pair_gap_ratios"])
+    p99 = f"{c['p99_gap_ratio']:.2f}; {c['control_p99_gap_ratio']:.2f}"
     ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731
     section = f"""## Long context (`bench/long_context.py`)
 
-Measured {when} on {platform.machine()} CPU ({cpus()} cores, shared with other jobs: timings are noisy), tiny base
+Measured {when} on {cpu_label()} ({cpus()} cores, shared with other jobs: timings are noisy), tiny base
 with 32,768 positions (4 layers: 3 sliding-window layers of 1,024, 1 global), in-process engine, greedy. Load: {SHORTS}
 short rows ({c["short_lengths"][0]}-{c["short_lengths"][1]} tokens when measured) decoding, then one prompt of
 {args.long:,} tokens submitted among them.
@@ -235,6 +244,7 @@ short rows ({c["short_lengths"][0]}-{c["short_lengths"][1]} tokens when measured
 | (the same ratio in each pair; the row above is their median) | {pairs} | |
 | (the same longest gap / the median gap before the prompt came) | {c["gap_ratio_vs_before"]:.2f} | |
 | (without the long prompt: longest gap / median gap over the same tokens) | {cl:.2f} | |
+| (99th percentile gap / the same median: while it joins; without the long prompt) | {p99} | |
 | (for contrast: the whole prompt in one prefill pass) | {w["gap_ratio"]:.1f} | |
 | peak training memory of one long row, chunked loss / plain | {train} | <= 0.5 |
 

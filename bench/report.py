@@ -12,6 +12,19 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def cpu_label() -> str:
+    """The CPU's model name and whether it has AVX512-BF16 (which decides the CPU kernel: docs/DEPENDENCIES.md)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    bf16 = "avx512_bf16" in info.split()
+    return f"{name or platform.machine()} ({'AVX512-BF16' if bf16 else 'no AVX512-BF16'})"
+
+
 def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:
     text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")

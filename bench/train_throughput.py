@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from report import cpus, replace_section  # noqa: E402
+from report import cpu_label, cpus, replace_section  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
@@ -61,6 +60,18 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
     from trl import SFTConfig, SFTTrainer
 
     model = AutoModelForImageTextToText.from_pretrained(str(base))
+    fallback = ""
+    if any(getattr(m, "SUPPORTS_TRAINING", True) is False for m in model.modules()):
+        # On an AVX512-BF16 CPU GPTQModel picks TorchCpuAvx512Linear, which is inference-only: SFTTrainer's
+        # model.train() raises NotImplementedError. A user then asks transformers for a trainable kernel, with the
+        # `backend` its GPTQConfig documents ("auto_trainable"), which is what the baseline does too.
+        from transformers import GPTQConfig
+
+        picked = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+        fallback = f" (the default pick, {', '.join(picked)}, cannot train: reloaded with backend auto_trainable)"
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(base), quantization_config=GPTQConfig(bits=4, backend="auto_trainable")
+        )
     processor = AutoProcessor.from_pretrained(str(base))
     rows = []
     data_dir = ROOT / "recipes" / "data" / "quickstart"
@@ -112,7 +123,7 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
         ),
     )
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-    _KERNELS["hand-written"] = f"{', '.join(kernels)} {str(model.dtype).replace('torch.', '')}"
+    _KERNELS["hand-written"] = f"{', '.join(kernels)} {str(model.dtype).replace('torch.', '')}{fallback}"
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
 
@@ -165,7 +176,7 @@ def main() -> None:
     lines = [
         "## Training throughput: `toolkit train` vs a plain transformers + peft + TRL script",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({cpus()} cores, shared with other jobs: "
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_label()} ({cpus()} cores, shared with other jobs: "
         f"noisy), quickstart training rows, {args.steps} optimizer steps of batch 4, LoRA r 16 on the 7 projections, "
         f"no gradient checkpointing, {args.repeats} alternating runs each (`bench/train_throughput.py`). The baseline "
         "loads the GPTQ-layout folder with `AutoModelForImageTextToText.from_pretrained` (the kernel transformers "

@@ -33,7 +33,8 @@ def use_chunked_loss(setting: str, max_seq_len: int) -> bool:
 
 
 def sft_trainer_class(chunked: bool) -> Any:
-    """TRL's SFTTrainer, or a subclass whose loss is the model's own over the full logits (`chunked=False`).
+    """TRL's SFTTrainer (its FLOPs count taking the parameter count once), or further a subclass whose loss is the
+    model's own over the full logits (`chunked=False`).
 
     SFTTrainer always installs the fused LM head; with it off, `compute_loss` calls the model with its labels, as
     transformers' Trainer does (the model's forward without `fused_lm_head=True` is the original one). The entropy
@@ -42,10 +43,22 @@ def sft_trainer_class(chunked: bool) -> Any:
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if chunked:
-        return SFTTrainer
+    class ToolkitSFTTrainer(SFTTrainer):
+        def floating_point_ops(self, inputs: dict) -> int:
+            # Trainer's FLOPs log counts the model's parameters (a walk over every module) on every step: 5 ms of a
+            # ~100 ms step on the tiny base; the count does not change while training, so it is taken once
+            model = self.model
+            if getattr(self, "_counted", (None,))[0] is not model:
+                count = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else None
+                self._counted = (model, count)
+            ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
+            count = self._counted[1]
+            return 0 if ids is None or count is None else 6 * ids.numel() * count
 
-    class FullLogitsSFTTrainer(SFTTrainer):
+    if chunked:
+        return ToolkitSFTTrainer
+
+    class FullLogitsSFTTrainer(ToolkitSFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False  # as SFTTrainer does: no KV cache while training
             return Trainer.compute_loss(

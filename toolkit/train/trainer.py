@@ -196,6 +196,7 @@ def train(
     from toolkit.base.loader import load_base, load_processor, prepare_recipe_base
     from toolkit.data.datasets import load_data
     from toolkit.lora.config import apply_lora
+    from toolkit.train import image_masks
     from toolkit.train.loss import sft_trainer_class, use_chunked_loss
 
     # arguments
@@ -229,6 +230,7 @@ def train(
     device = None if recipe.base.device == "auto" else recipe.base.device
     base = load_base(base_path, device=device, training=True, kernel=recipe.base.kernel)
     model = apply_lora(base.model, recipe.lora)
+    image_masks.install(model)  # batches with images: their attention masks without transformers' vmap
     if recipe.training.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
