@@ -173,3 +173,36 @@ def test_one_rows_head_through_torch_mv_gives_f_linears_logits():
     assert got.argmax() == want.argmax()
     head.forward = head.forward  # an instance forward (loader.py's float32 tiles) is not a plain head
     assert not lean._plain_head(hidden)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dtype", "helper"),
+    [
+        (2, 1, torch.float32, False),
+        (8, 4, torch.float32, True),
+        (4, 2, torch.bfloat16, True),
+        (2, 1, torch.float32, True),
+    ],
+)
+@pytest.mark.parametrize("m", [7, 1])
+def test_a_chunk_over_a_long_past_in_unmasked_parts_is_sdpa_with_the_chunk_mask(heads, kv_heads, dtype, helper, m):
+    """A global layer's prompt chunk (m 7) or decoding query (m 1): past (no mask; with a helper thread, its older
+    half there) and chunk (causal)
+    joined by log-sum-exps, as SDPA with the boolean chunk mask gives it (GQA groups folded into the past part's
+    queries)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit.engine.lean_decode import _chunk_mask, _past_then_chunk
+
+    torch.manual_seed(0)
+    past, d = 301, 32
+    q = torch.randn(1, heads, m, d).to(dtype)
+    k, v = (torch.randn(1, kv_heads, past + m, d).to(dtype) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=_chunk_mask(past + m, m, None), scale=0.2, enable_gqa=True
+    )
+    with ThreadPoolExecutor(1) as pool:
+        got = _past_then_chunk(q, k, v, scale=0.2, enable_gqa=True, helper=pool if helper else None)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got, want, **tol)

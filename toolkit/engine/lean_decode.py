@@ -39,6 +39,17 @@ PARALLEL_MATMUL = 1 << 23
 # whose 16-token prompt chunk attended to 25k keys on two threads; 12.0 ms when it ran on one, 9.6 ms instead of
 # 4.8). Passes that use every thread anyway (large projections, a 262k-row LM head) keep PARALLEL_KEYS.
 PARALLEL_KEYS_LONE = 1 << 20
+# A chunk's attention over a long past (global layers) in a pass that is otherwise single-threaded: from this many
+# keys x queries its past is split in two, half on a helper thread (_past_then_chunk). Measured on the tiny base
+# (one thread): the hand-off costs ~0.25 ms; 16 queries over 4k keys 1.18 ms alone, 0.97 split; one query over 30k
+# keys 1.88 and 1.42 (one query's cost is mostly reading the keys: it counts as 4)
+HELPER_KEYS = 1 << 16
+# One decoding query over at least this many keys of a global layer, in a single-threaded pass, also goes through
+# _past_then_chunk (its GQA group folded into one head: 1.9 ms instead of SDPA's 2.8 over 30k keys on the tiny
+# base; in a pass on every thread SDPA's own split over heads serves it)
+LONG_ROW_KEYS = 8192
+# SDPA's own CPU kernel with its log-sum-exp (private; without it chunks keep SDPA with the boolean mask)
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _text_model(model: Any) -> Any:
@@ -100,6 +111,15 @@ class LeanDecoder:
         )
         self._head_parallel = self.head.weight.numel() >= PARALLEL_ELEMENTS  # e.g. the 262k-row head
         self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
+        self._executor = None  # _helper's, made on first use
+
+    def _helper(self) -> Any:
+        """A one-thread executor (on one intra-op thread) for half of a long chunk's attention (_past_then_chunk)."""
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, "lean-attention", initializer=torch.set_num_threads, initargs=(1,))
+        return self._executor
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -258,14 +278,20 @@ class LeanDecoder:
             # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
             # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
-            mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
-            args = (qi, keys[None], values[None])
-            kw = {"attn_mask": mask, "is_causal": causal, "scale": attn.scaling, "enable_gqa": gqa}
-            if keys.shape[1] * m < (PARALLEL_KEYS if self._threaded else PARALLEL_KEYS_LONE):
-                o = F.scaled_dot_product_attention(*args, **kw)
+            kw = {"scale": attn.scaling, "enable_gqa": gqa}
+            work, lone = keys.shape[1] * m, not self._threaded
+            long_past = (m > 1 and not causal) or (m == 1 and lone and keys.shape[1] >= LONG_ROW_KEYS)
+            if long_past and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
+                # a chunk (or one query) over its row's long past in a global layer: unmasked parts (_past_then_chunk)
+                helper = keys.shape[1] * max(m, 4) >= HELPER_KEYS and lone and self.threads > 1
+                helper = self._helper() if helper else None
+                with parallel(self.threads, helper is None and work >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)):
+                    o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
             else:
-                with parallel(self.threads):
-                    o = F.scaled_dot_product_attention(*args, **kw)
+                mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
+                args = (qi, keys[None], values[None])
+                with parallel(self.threads, work >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)):
+                    o = F.scaled_dot_product_attention(*args, attn_mask=mask, is_causal=causal, **kw)
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
@@ -274,6 +300,47 @@ class LeanDecoder:
 def _base(module: Any) -> Any:
     """A projection without its LoRA wrapper."""
     return getattr(module, "base_layer", module)
+
+
+def _past_then_chunk(q: Any, keys: Any, values: Any, *, scale: float, enable_gqa: bool, helper: Any = None) -> Any:
+    """SDPA of a prompt chunk's m queries [1, heads, m, d] (or one decoding query) over its row's keys
+    [1, kv_heads, past + m, d] in a global layer: every query sees the whole past and, causally, the chunk. The
+    same result as SDPA with `_chunk_mask`, computed as unmasked parts joined by their log-sum-exps (flash
+    attention's own rule).
+
+    Why by hand: this is what a chunk late in a 32k prompt adds to the decoding step it rides on (the gap of every
+    running stream), and public SDPA serves it badly on a CPU. Given a boolean mask it reads the mask for every key
+    (16 queries over 30k keys: 8.8 ms against 6.6 here); its CPU kernel parallelises over heads x blocks of 32
+    queries, so a small chunk is one block on one thread; and an OpenMP region started from the engine's thread
+    leaves its worker spinning beside the single-threaded ops after it (threads.py, PARALLEL_KEYS_LONE). So the past
+    part folds each GQA group's query heads into one head (no mask ties a query to its position there) and, given a
+    `helper` (a one-thread executor), hands the older half of the past to it while this thread does the rest: a
+    Python thread waits on a lock, not in a spin. The chunk part is square and plainly causal.
+    `_scaled_dot_product_flash_attention_for_cpu` is SDPA's own CPU kernel, the one that returns the log-sum-exp."""
+    flash = FLASH_CPU
+    _, heads, m, d = q.shape
+    kv_heads, past = keys.shape[1], keys.shape[2] - m
+    group = heads // kv_heads
+    folded = q.reshape(1, kv_heads, group * m, d)
+    parts = []
+
+    def unfold(o: Any, lse: Any) -> tuple[Any, Any]:
+        return o.reshape(1, heads, m, d), lse.reshape(1, heads, m)
+
+    half = past // 2 if helper is not None else 0
+    older = helper.submit(flash, folded, keys[:, :, :half], values[:, :, :half], scale=scale) if half else None
+    parts.append(unfold(*flash(folded, keys[:, :, half:past], values[:, :, half:past], scale=scale)))
+    k_new, v_new = keys[:, :, past:], values[:, :, past:]
+    if enable_gqa and group > 1:
+        k_new, v_new = k_new.repeat_interleave(group, dim=1), v_new.repeat_interleave(group, dim=1)
+    parts.append(flash(q, k_new, v_new, is_causal=True, scale=scale))
+    if older is not None:
+        parts.append(unfold(*older.result()))
+    lse = torch.logaddexp(*(part[1] for part in parts[:2]))
+    if len(parts) == 3:
+        lse = torch.logaddexp(lse, parts[2][1])
+    out = sum(o.float() * (part_lse - lse).exp()[..., None] for o, part_lse in parts)
+    return out.to(q.dtype)
 
 
 def _chunk_mask(keys: int, m: int, window: int | None) -> Any:
