@@ -44,7 +44,10 @@ DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running rows; more: QueueF
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: a decoding step of the running rows in between
 PROMPT_LOGPROBS_CHUNK = 128  # a prompt_logprobs prefill keeps every position's logits: 128 x vocab at a time
 PREFILL_STEP_RATIO = 0.5  # while rows decode, a prefill chunk takes at most this many decoding steps' time
-MIN_CHUNK = 16
+# The paced chunk's floor. Late in a 32k prompt even a small piece attends to every key before it: on the tiny base
+# a pass carrying 8 tokens at 30k keys ran a median of 1.57 decoding steps (16 tokens: 1.95), while the prompt still
+# joined in 52 s (16: 49 s; 4: 48 s, no better) since the mask-free attention (lean_decode._past_then_chunk)
+MIN_CHUNK = 8
 # While prompt chunks ride on every pass, one pass in this many carries none, to re-measure the decoding step alone:
 # the running rows grow while a long prompt joins (a 30k prompt takes tens of seconds on CPU), and a step time
 # measured before it arrived would size its chunks against a step that no longer exists.
@@ -54,6 +57,9 @@ STEP_REMEASURE_PASSES = 16
 # 16 clients whose requests arrive a few ms apart (HTTP), splitting 26-token prompts against a half-step chunk left
 # 14.6 rows per step where 16 fit (docs/BENCHMARKS.md, "Serving load").
 FRESH_PROMPT_CHUNKS = 2
+# ... of at least this many tokens each: the paced chunk's floor (MIN_CHUNK) is sized for a long prompt's last
+# pieces, not for the room a short fresh prompt needs to go whole
+FRESH_CHUNK_FLOOR = 16
 # An idle engine waits this long for more requests to share the first prefill. Requests that arrive while rows
 # run join between steps anyway (all that waits is admitted together), so a wait only saves one prefill pass at
 # the start of a burst, and a lone request pays it in time to first token (measured on the tiny base: 15 ms to
@@ -196,7 +202,7 @@ class Engine:
         self.prefill_step_ratio = prefill_step_ratio
         self._step_s: float | None = None  # smoothed seconds of one decoding step
         self._paced_passes = 0  # paced passes since the last one without prompt chunks (STEP_REMEASURE_PASSES)
-        self._chunk_n = min(self.prefill_chunk, 4 * MIN_CHUNK)  # grows (x2 a pass at most) once measured
+        self._chunk_n = min(self.prefill_chunk, 64)  # the first paced chunk; resized (x2 a pass at most) once measured
         self.layout = KVLayout.of(model, dtype)
         import torch
 
@@ -415,7 +421,8 @@ class Engine:
         chunk = self.prefill_chunk or 1 << 62
         paced = paced and self.prefill_step_ratio is not None and self._step_s is not None and self.prefill_chunk > 0
         budget = min(chunk, self._chunk_n) if paced else chunk
-        whole = (FRESH_PROMPT_CHUNKS - 1) * budget if paced else 0  # room past the chunk for whole fresh prompts
+        # room past the chunk for whole fresh prompts
+        whole = FRESH_PROMPT_CHUNKS * max(budget, FRESH_CHUNK_FLOOR) - budget if paced else 0
         short = min(chunk, budget + whole)
         order = sorted(rows, key=lambda r: not (r.fed == 0 and r.prompt_left <= short))  # stable: arrival order
         pieces, left = [], budget
