@@ -117,22 +117,26 @@ def kernel_choice(device: str | None = None, kernel: str = "auto") -> dict:
 def summary_lines(info: dict) -> list[str]:
     q = info["quantization"]
     specials = ", ".join(f"{k}={v}" for k, v in info["special_tokens"].items())
-    return [
-        f"{info['path']}",
-        f"  architecture   {info['architecture']} ({info['layers']} layers, hidden {info['hidden_size']}, "
-        f"vocab {info['vocab_size']})",
-        f"  parameters     {info['parameters']:,}",
-        f"  quantisation   {q['format']}, {q['bits']}-bit, group size {q['group_size']}, "
-        f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {q['quantized_layers']} quantised linear layers",
-        f"  vision         {'yes' if info['vision'] else 'no'}"
-        + (f" ({info['tokens_per_image']} tokens per image)" if info["vision"] else ""),
-        f"  context        {info['context_length']} tokens",
-        f"  special tokens {specials}",
-        f"  fingerprint    {info['fingerprint']}",
-    ] + _built_lines(info.get("built")) + [
-        f"  kernel         {phase} on {k['device']}: "
-        + (f"{c['kernel']} ({c['layer']}), {c['dtype']}, {c['reason']}" if "kernel" in c else c["error"])
-        for k in [info.get("kernel") or {}]
-        for phase, c in k.items()
-        if phase != "device"
-    ]
+    return (
+        [
+            f"{info['path']}",
+            f"  architecture   {info['architecture']} ({info['layers']} layers, hidden {info['hidden_size']}, "
+            f"vocab {info['vocab_size']})",
+            f"  parameters     {info['parameters']:,}",
+            f"  quantisation   {q['format']}, {q['bits']}-bit, group size {q['group_size']}, "
+            f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {q['quantized_layers']} quantised linear layers",
+            f"  vision         {'yes' if info['vision'] else 'no'}"
+            + (f" ({info['tokens_per_image']} tokens per image)" if info["vision"] else ""),
+            f"  context        {info['context_length']} tokens",
+            f"  special tokens {specials}",
+            f"  fingerprint    {info['fingerprint']}",
+        ]
+        + _built_lines(info.get("built"))
+        + [
+            f"  kernel         {phase} on {k['device']}: "
+            + (f"{c['kernel']} ({c['layer']}), {c['dtype']}, {c['reason']}" if "kernel" in c else c["error"])
+            for k in [info.get("kernel") or {}]
+            for phase, c in k.items()
+            if phase != "device"
+        ]
+    )
