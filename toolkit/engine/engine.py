@@ -280,6 +280,8 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._lean is not None:
+            self._lean.close()
 
     # ------------------------------------------------------------------------------------------------ thread
     def _run(self) -> None:

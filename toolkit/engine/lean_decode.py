@@ -121,6 +121,12 @@ class LeanDecoder:
             self._executor = ThreadPoolExecutor(1, "lean-attention", initializer=torch.set_num_threads, initargs=(1,))
         return self._executor
 
+    def close(self) -> None:
+        """End the helper thread, if one was started (the engine's close)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
     @staticmethod
     def supports(model: Any) -> bool:
         text = _text_model(model)
