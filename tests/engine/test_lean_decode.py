@@ -68,10 +68,10 @@ def _generic_last(model, prompts, names):
     return torch.stack(out)
 
 
-def _compare(model, dtype, prompts, names, steps=6, chunk=None):
+def _compare(model, dtype, prompts, names, steps=6, chunk=None, threads=1):
     """Decoding steps (and, with `chunk`, the prompts' prefill too) lean vs generic; the largest logit difference
     relative to the largest logit. Greedy choices and the stored keys/values must agree."""
-    lean = LeanDecoder(model)
+    lean = LeanDecoder(model, threads)
     generic_rows = _prefill(model, dtype, prompts, names)
     worst = 0.0
     if chunk:
@@ -126,6 +126,23 @@ def test_the_lean_pass_truncates_sliding_layers_as_the_generic_forward_does(base
 
 def test_the_lean_prefill_of_prompt_chunks_gives_the_whole_forwards_logits(base):
     worst = _compare(base.model, base.dtype, _prompts(), None, steps=3, chunk=32)
+    assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst
+
+
+def test_chunks_and_long_rows_through_unmasked_parts_and_the_helper_give_the_generic_forwards_logits(base, monkeypatch):
+    """The engine's path for long rows (global-layer chunks over their past, decoding queries over 8k+ keys, the
+    older half on a helper thread), made to run on these short prompts: the same logits as the generic forward."""
+    import toolkit.engine.lean_decode as lean_decode
+
+    monkeypatch.setattr(lean_decode, "HELPER_KEYS", 1)
+    monkeypatch.setattr(lean_decode, "LONG_ROW_KEYS", 1)
+    calls = []
+    real = lean_decode._past_then_chunk
+    monkeypatch.setattr(
+        lean_decode, "_past_then_chunk", lambda *a, **kw: calls.append(kw["helper"] is not None) or real(*a, **kw)
+    )
+    worst = _compare(base.model, base.dtype, _prompts(), None, steps=4, chunk=16, threads=2)
+    assert calls and all(calls), calls  # every global-layer chunk and decoding query took it, with the helper
     assert worst < (1e-5 if base.dtype == torch.float32 else 2e-2), worst
 
 
@@ -184,8 +201,10 @@ def test_one_rows_head_through_torch_mv_gives_f_linears_logits():
         (2, 1, torch.float32, True),
     ],
 )
-@pytest.mark.parametrize("m", [7, 1])
-def test_a_chunk_over_a_long_past_in_unmasked_parts_is_sdpa_with_the_chunk_mask(heads, kv_heads, dtype, helper, m):
+@pytest.mark.parametrize(("m", "past"), [(7, 301), (1, 301), (7, 1), (7, 0)])
+def test_a_chunk_over_a_long_past_in_unmasked_parts_is_sdpa_with_the_chunk_mask(
+    heads, kv_heads, dtype, helper, m, past
+):
     """A global layer's prompt chunk (m 7) or decoding query (m 1): past (no mask; with a helper thread, its older
     half there) and chunk (causal)
     joined by log-sum-exps, as SDPA with the boolean chunk mask gives it (GQA groups folded into the past part's
@@ -195,7 +214,7 @@ def test_a_chunk_over_a_long_past_in_unmasked_parts_is_sdpa_with_the_chunk_mask(
     from toolkit.engine.lean_decode import _chunk_mask, _past_then_chunk
 
     torch.manual_seed(0)
-    past, d = 301, 32
+    d = 32
     q = torch.randn(1, heads, m, d).to(dtype)
     k, v = (torch.randn(1, kv_heads, past + m, d).to(dtype) for _ in range(2))
     want = torch.nn.functional.scaled_dot_product_attention(

@@ -44,9 +44,10 @@ DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running rows; more: QueueF
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: a decoding step of the running rows in between
 PROMPT_LOGPROBS_CHUNK = 128  # a prompt_logprobs prefill keeps every position's logits: 128 x vocab at a time
 PREFILL_STEP_RATIO = 0.5  # while rows decode, a prefill chunk takes at most this many decoding steps' time
-# The paced chunk's floor. Late in a 32k prompt even a small piece attends to every key before it: on the tiny base
-# a pass carrying 8 tokens at 30k keys ran a median of 1.57 decoding steps (16 tokens: 1.95), while the prompt still
-# joined in 52 s (16: 49 s; 4: 48 s, no better) since the mask-free attention (lean_decode._past_then_chunk)
+# The paced chunk's floor. Late in a 32k prompt even a small piece attends to every key before it. Measured on the
+# tiny base with the mask-free chunk attention (lean_decode._past_then_chunk), 30k prompt beside 15 decoding rows:
+# with a floor of 8 the passes that carry a piece took a median of 1.57 decoding steps (16: 1.95; 4: 1.48, no
+# steadier), and the prompt joined in 52 s (16: 49 s; 4: 48 s); before that attention, 8 took 73-80 s to join.
 MIN_CHUNK = 8
 # While prompt chunks ride on every pass, one pass in this many carries none, to re-measure the decoding step alone:
 # the running rows grow while a long prompt joins (a 30k prompt takes tens of seconds on CPU), and a step time
@@ -280,7 +281,7 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self._lean is not None:
+        if self._lean is not None and not self._thread.is_alive():  # (a pass still running keeps its helper)
             self._lean.close()
 
     # ------------------------------------------------------------------------------------------------ thread
@@ -417,7 +418,8 @@ class Engine:
         Fresh prompts that fit the chunk whole go first (a short request does not queue behind a long prompt's
         chunks), then the others in arrival order. While rows decode, the chunk is paced to about
         `prefill_step_ratio` decoding steps (`_chunk_n`, resized after each pass), a piece may end anywhere, and
-        fresh prompts go whole while the pass's prompt tokens stay within FRESH_PROMPT_CHUNKS chunks;
+        fresh prompts go whole while the pass's prompt tokens stay within FRESH_PROMPT_CHUNKS chunks (of at least
+        FRESH_CHUNK_FLOOR tokens each);
         unpaced (ratio None), a row's pieces end only at multiples of `prefill_chunk` of its own prompt, so its
         pass boundaries are the same in every run (exact comparisons with serving it alone)."""
         chunk = self.prefill_chunk or 1 << 62

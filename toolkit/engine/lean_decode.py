@@ -7,7 +7,8 @@ step (docs/BENCHMARKS.md, "Lean decoding step": 2.1 ms here vs 7.1 ms generic fo
 run the same arithmetic in the same order (the model's own norms, rotary embedding, projections, MLP, LM head and
 SDPA), but attention runs per row over that row's own keys and values (kv_cache.RowKV), so no row pads another:
 a decoding query sees every token its row holds (sliding layers hold the last window - 1, plus the new one), a
-prompt chunk gets its causal (and sliding-window) mask, a fresh prompt is plainly causal. Each row's adapter goes
+prompt chunk gets its causal (and sliding-window) mask or, in a global layer of a single-threaded pass, two
+unmasked parts (`_past_then_chunk`), a fresh prompt is plainly causal. Each row's adapter goes
 straight to peft's per-row LoRA path (`_mixed_batch_forward`); rows that all use one adapter get the same sum
 directly.
 
@@ -40,7 +41,8 @@ PARALLEL_MATMUL = 1 << 23
 # 4.8). Passes that use every thread anyway (large projections, a 262k-row LM head) keep PARALLEL_KEYS.
 PARALLEL_KEYS_LONE = 1 << 20
 # A chunk's attention over a long past (global layers) in a pass that is otherwise single-threaded: from this many
-# keys x queries its past is split in two, half on a helper thread (_past_then_chunk). Measured on the tiny base
+# keys x max(queries, 4), with more than one thread, its past is split in two, half on a helper thread
+# (_past_then_chunk). Measured on the tiny base
 # (one thread): the hand-off costs ~0.25 ms; 16 queries over 4k keys 1.18 ms alone, 0.97 split; one query over 30k
 # keys 1.88 and 1.42 (one query's cost is mostly reading the keys: it counts as 4)
 HELPER_KEYS = 1 << 16
@@ -66,7 +68,7 @@ class LeanDecoder:
     """Decoding steps on one model: `logits = decoder(tokens, rows, adapters)`; rows are kv_cache.RowKV.
 
     Called on one intra-op thread (the engine's default, threads.py); the LM head and long rows' attention go to
-    `threads` threads."""
+    `threads` threads (a long chunk's, in an otherwise single-threaded pass, to this thread and one helper)."""
 
     def __init__(self, model: Any, threads: int = 1) -> None:
         from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
@@ -114,11 +116,12 @@ class LeanDecoder:
         self._executor = None  # _helper's, made on first use
 
     def _helper(self) -> Any:
-        """A one-thread executor (on one intra-op thread) for half of a long chunk's attention (_past_then_chunk)."""
+        """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
+        (_past_then_chunk)."""
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(1, "lean-attention", initializer=torch.set_num_threads, initargs=(1,))
+            self._executor = ThreadPoolExecutor(1, "lean-attention", initializer=_one_thread)
         return self._executor
 
     def close(self) -> None:
@@ -286,10 +289,12 @@ class LeanDecoder:
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
             kw = {"scale": attn.scaling, "enable_gqa": gqa}
             work, lone = keys.shape[1] * m, not self._threaded
-            long_past = (m > 1 and not causal) or (m == 1 and lone and keys.shape[1] >= LONG_ROW_KEYS)
-            if long_past and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
-                # a chunk (or one query) over its row's long past in a global layer: unmasked parts (_past_then_chunk)
-                helper = keys.shape[1] * max(m, 4) >= HELPER_KEYS and lone and self.threads > 1
+            # in a single-threaded pass, a chunk over its row's past (or one query over a long one) in a global
+            # layer: unmasked parts (_past_then_chunk). A pass on every thread keeps SDPA, whose split over heads
+            # the folded heads would undo (e.g. the 270M's 4 heads, 1 KV head).
+            past_then_chunk = (m > 1 and not causal) or (m == 1 and keys.shape[1] >= LONG_ROW_KEYS)
+            if past_then_chunk and lone and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
+                helper = keys.shape[1] * max(m, 4) >= HELPER_KEYS and self.threads > 1
                 helper = self._helper() if helper else None
                 with parallel(self.threads, helper is None and work >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)):
                     o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
@@ -301,6 +306,13 @@ class LeanDecoder:
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+
+def _one_thread() -> None:
+    """Pin the calling thread to one intra-op thread. The get comes first: a thread's first torch op sets its
+    count up from the last value any thread set, which would override a plain set_num_threads(1) made before it."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def _base(module: Any) -> Any:
@@ -317,16 +329,21 @@ def _past_then_chunk(q: Any, keys: Any, values: Any, *, scale: float, enable_gqa
     Why by hand: this is what a chunk late in a 32k prompt adds to the decoding step it rides on (the gap of every
     running stream), and public SDPA serves it badly on a CPU. Given a boolean mask it reads the mask for every key
     (16 queries over 30k keys: 8.8 ms against 6.6 here); its CPU kernel parallelises over heads x blocks of 32
-    queries, so a small chunk is one block on one thread; and an OpenMP region started from the engine's thread
-    leaves its worker spinning beside the single-threaded ops after it (threads.py, PARALLEL_KEYS_LONE). So the past
-    part folds each GQA group's query heads into one head (no mask ties a query to its position there) and, given a
-    `helper` (a one-thread executor), hands the older half of the past to it while this thread does the rest: a
-    Python thread waits on a lock, not in a spin. The chunk part is square and plainly causal.
+    queries (below 192), so a small chunk is one block on one thread; and an OpenMP region started from the engine's
+    thread leaves its worker spinning beside the single-threaded ops after it (threads.py, PARALLEL_KEYS_LONE). So the
+    past part folds each GQA group's query heads into one head (no mask ties a query to its position there) and,
+    given a `helper` (a one-thread executor), hands the older half of the past to it while this thread does the
+    rest: a Python thread waits on a lock, not in a spin. The chunk part is square and plainly causal.
     `_scaled_dot_product_flash_attention_for_cpu` is SDPA's own CPU kernel, the one that returns the log-sum-exp."""
     flash = FLASH_CPU
     _, heads, m, d = q.shape
     kv_heads, past = keys.shape[1], keys.shape[2] - m
     group = heads // kv_heads
+    k_new, v_new = keys[:, :, past:], values[:, :, past:]
+    if enable_gqa and group > 1:
+        k_new, v_new = k_new.repeat_interleave(group, dim=1), v_new.repeat_interleave(group, dim=1)
+    if past == 0:  # (the kernel divides by the key count: no empty part)
+        return flash(q, k_new, v_new, is_causal=True, scale=scale)[0]
     folded = q.reshape(1, kv_heads, group * m, d)
     parts = []
 
@@ -336,9 +353,6 @@ def _past_then_chunk(q: Any, keys: Any, values: Any, *, scale: float, enable_gqa
     half = past // 2 if helper is not None else 0
     older = helper.submit(flash, folded, keys[:, :, :half], values[:, :, :half], scale=scale) if half else None
     parts.append(unfold(*flash(folded, keys[:, :, half:past], values[:, :, half:past], scale=scale)))
-    k_new, v_new = keys[:, :, past:], values[:, :, past:]
-    if enable_gqa and group > 1:
-        k_new, v_new = k_new.repeat_interleave(group, dim=1), v_new.repeat_interleave(group, dim=1)
     parts.append(flash(q, k_new, v_new, is_causal=True, scale=scale))
     if older is not None:
         parts.append(unfold(*older.result()))
