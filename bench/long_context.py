@@ -160,14 +160,15 @@ def training_ratio() -> tuple[str, dict | None]:
 def _against_control(run: dict, control: list[float]) -> None:
     """The run's longest joining gap against the control run's gaps over the same token indices."""
     first, last = run["joining_gap_indices"]
-    run["control_median_gap_s"] = statistics.median(control[first : last + 1])
-    run["control_longest_gap_s"] = max(control[first : last + 1])  # the machine's own jitter, no long prompt
+    same = control[first : last + 1]  # the control's gaps over the same tokens
+    run["control_median_gap_s"] = statistics.median(same)
+    run["control_longest_gap_s"] = max(same)  # the machine's own jitter, no long prompt
     run["gap_ratio"] = run["longest_gap_joining_s"] / run["control_median_gap_s"]
     run["longest_gap_ratio"] = run["longest_gap_joining_s"] / run["control_longest_gap_s"]  # like against like
     # the 99th percentile beside the longest: one isolated stall of the shared machine (controls had 77 ms ones at a
     # 12-15 ms median) sets the longest gap, while the engine's own slowdown shows across the whole join
     run["p99_gap_ratio"] = _p99(run["gaps_joining_s"]) / run["control_median_gap_s"]
-    run["control_p99_gap_ratio"] = _p99(control[first : last + 1]) / run["control_median_gap_s"]
+    run["control_p99_gap_ratio"] = _p99(same) / run["control_median_gap_s"]
     # the typical pass that carries a piece of the prompt, against a decoding step (the pacing aims at 1 + its ratio)
     run["median_gap_ratio"] = statistics.median(run["gaps_joining_s"]) / run["control_median_gap_s"]
 

@@ -49,6 +49,11 @@ def run_toolkit(base: Path, steps: int, out: Path, recipe_file: Path = RECIPE) -
     return m["tokens_seen"] / (m["runtime_s"] + m["data_encoding_s"])
 
 
+def _kernel_names(model) -> str:
+    """The 4-bit linear classes in `model` (GPTQModel's kernels keep their packed `qweight`)."""
+    return ", ".join(sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}))
+
+
 def run_hand_written(base: Path, steps: int, out: Path) -> float:
     """What a user writes from the transformers, peft and TRL docs: the GPTQ folder loaded with `from_pretrained`
     (transformers and GPTQModel pick the kernel and dtype), conversational rows with images, the processor, a
@@ -67,8 +72,7 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
         # `backend` its GPTQConfig documents ("auto_trainable"), which is what the baseline does too.
         from transformers import GPTQConfig
 
-        picked = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-        fallback = f" (the default pick, {', '.join(picked)}, cannot train: reloaded with backend auto_trainable)"
+        fallback = f" (the default pick, {_kernel_names(model)}, cannot train: reloaded with backend auto_trainable)"
         model = AutoModelForImageTextToText.from_pretrained(
             str(base), quantization_config=GPTQConfig(bits=4, backend="auto_trainable")
         )
@@ -122,8 +126,7 @@ def run_hand_written(base: Path, steps: int, out: Path) -> float:
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         ),
     )
-    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-    _KERNELS["hand-written"] = f"{', '.join(kernels)} {str(model.dtype).replace('torch.', '')}{fallback}"
+    _KERNELS["hand-written"] = f"{_kernel_names(model)} {str(model.dtype).replace('torch.', '')}{fallback}"
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
 

@@ -46,7 +46,7 @@ def test_vision_masks_equal_transformers_masks():
         assert not ours["full_attention"][0, 0, 3, 10]  # ... but not the next image
 
 
-def test_training_with_the_broadcast_masks_matches_the_models_own(tiny_ct):
+def test_training_with_the_broadcast_masks_matches_the_models_own(tiny_ct, monkeypatch):
     from toolkit.base.loader import load_base
     from toolkit.lora.config import apply_lora
     from toolkit.recipe import LoraSection
@@ -76,13 +76,10 @@ def test_training_with_the_broadcast_masks_matches_the_models_own(tiny_ct):
 
     calls = []
     original = image_masks.vision_masks
-    image_masks.vision_masks = lambda *a: calls.append(1) or original(*a)
-    try:
-        before, grads_before = loss_and_grads()
-        assert image_masks.install(model)
-        after, grads_after = loss_and_grads()
-    finally:
-        image_masks.vision_masks = original
+    monkeypatch.setattr(image_masks, "vision_masks", lambda *a: calls.append(1) or original(*a))
+    before, grads_before = loss_and_grads()
+    assert image_masks.install(model)
+    after, grads_after = loss_and_grads()
     assert calls, "the hook did not build the masks"
     assert torch.equal(before, after)
     assert grads_before.keys() == grads_after.keys() and grads_before

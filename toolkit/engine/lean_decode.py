@@ -21,6 +21,7 @@ tests/engine/test_lean_decode.py checks logits and stored keys/values against th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch  # imported lazily by the engine, never at toolkit import time
@@ -288,21 +289,23 @@ class LeanDecoder:
             # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
             kw = {"scale": attn.scaling, "enable_gqa": gqa}
-            work, lone = keys.shape[1] * m, not self._threaded
+            lone = not self._threaded
+            big = keys.shape[1] * m >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)  # worth every thread
             # in a single-threaded pass, a chunk over its row's past (or one query over a long one) in a global
             # layer: unmasked parts (_past_then_chunk). A pass on every thread keeps SDPA, whose split over heads
             # the folded heads would undo (e.g. the 270M's 4 heads, 1 KV head).
             past_then_chunk = (m > 1 and not causal) or (m == 1 and keys.shape[1] >= LONG_ROW_KEYS)
             if past_then_chunk and lone and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
-                helper = keys.shape[1] * max(m, 4) >= HELPER_KEYS and self.threads > 1
-                helper = self._helper() if helper else None
-                with parallel(self.threads, helper is None and work >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)):
+                split = keys.shape[1] * max(m, 4) >= HELPER_KEYS and self.threads > 1
+                helper = self._helper() if split else None
+                with parallel(self.threads, big and not split):
                     o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
             else:
                 mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
-                args = (qi, keys[None], values[None])
-                with parallel(self.threads, work >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)):
-                    o = F.scaled_dot_product_attention(*args, attn_mask=mask, is_causal=causal, **kw)
+                with parallel(self.threads, big):
+                    o = F.scaled_dot_product_attention(
+                        qi, keys[None], values[None], attn_mask=mask, is_causal=causal, **kw
+                    )
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
@@ -356,9 +359,7 @@ def _past_then_chunk(q: Any, keys: Any, values: Any, *, scale: float, enable_gqa
     parts.append(flash(q, k_new, v_new, is_causal=True, scale=scale))
     if older is not None:
         parts.append(unfold(*older.result()))
-    lse = torch.logaddexp(*(part[1] for part in parts[:2]))
-    if len(parts) == 3:
-        lse = torch.logaddexp(lse, parts[2][1])
+    lse = functools.reduce(torch.logaddexp, (part_lse for _, part_lse in parts))
     out = sum(o.float() * (part_lse - lse).exp()[..., None] for o, part_lse in parts)
     return out.to(q.dtype)
 
