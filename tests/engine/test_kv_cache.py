@@ -57,3 +57,20 @@ def test_a_sliding_layer_serves_what_new_tokens_attend_to_in_place_across_compac
         assert values[0, :, 0].tolist() == (-keys[0, :, 0]).tolist()
         fed += n
     assert compactions >= 3  # the storage was rebuilt (old tokens moved) several times along the way
+
+
+def test_a_prompt_fed_in_chunks_is_stored_without_a_copy_until_it_is_complete():
+    """A row told its prompt length allocates a full layer for all of it at the first chunk: no re-copy of the
+    growing prompt while it joins (each one stalled every running row), and no more than the row may hold."""
+    layout = KVLayout(windows=(16, None), kv_heads=1, head_dim=2, elem_bytes=4)
+    row = RowKV(layout, limit=1004, prompt=1000)
+    allocations, storage = 0, None
+    for _ in range(1000 // 40):
+        k = torch.zeros((1, 40, 2))
+        for layer in (0, 1):
+            row.append(layer, k, k)
+        row.seen += 40
+        allocations += row.keys[1] is not storage
+        storage = row.keys[1]
+    assert allocations == 1 and row.keys[1].shape[1] == 1000 + 4  # one allocation, capped at the row's limit
+    assert row.held_bytes() <= layout.reserve_bytes(1004)

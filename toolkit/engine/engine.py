@@ -377,7 +377,7 @@ class Engine:
             except Exception as exc:  # bad parameters fail their request, not the engine
                 r.on_event("error", exc)
                 continue
-            self._rows.append(_Row(r, state, RowKV(self.layout, limit), need))
+            self._rows.append(_Row(r, state, RowKV(self.layout, limit, len(r.input_ids)), need))
             self._reserved += need
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(r.input_ids)
