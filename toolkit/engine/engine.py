@@ -132,6 +132,11 @@ class Request:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @property
+    def token_limit(self) -> int:
+        """The most tokens its row can ever hold: the prompt and max_tokens (what the KV budget reserves)."""
+        return len(self.input_ids) + max(self.params.max_tokens, 0)
+
 
 @dataclass(eq=False)  # an entity: `row in rows` and `rows.remove(row)` by identity, never comparing tensors
 class _Row:
@@ -367,23 +372,19 @@ class Engine:
             self._pending = deque(r for r in self._pending if not self._finish_if_cancelled(r))
         while self._pending and len(self._rows) < self.max_batch:
             r = self._pending[0]
-            need = self._reserve_bytes(r)
+            need = self.layout.reserve_bytes(r.token_limit)
             if self.kv_budget is not None and self._reserved + need > self.kv_budget:
                 break  # the oldest waits for room (first come, first served: no overtaking by smaller ones)
             self._pending.popleft()
-            limit = len(r.input_ids) + max(r.params.max_tokens, 0)
             try:
                 state = RowState.new(r.params, r.input_ids)
             except Exception as exc:  # bad parameters fail their request, not the engine
                 r.on_event("error", exc)
                 continue
-            self._rows.append(_Row(r, state, RowKV(self.layout, limit, len(r.input_ids)), need))
+            self._rows.append(_Row(r, state, RowKV(self.layout, r.token_limit, len(r.input_ids)), need))
             self._reserved += need
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(r.input_ids)
-
-    def _reserve_bytes(self, r: Request) -> int:
-        return self.layout.reserve_bytes(len(r.input_ids) + max(r.params.max_tokens, 0))
 
     def _release(self, row: _Row) -> None:
         if row in self._rows:  # idempotent: a failing forward may release rows that already finished
@@ -718,7 +719,7 @@ def check_admissible(request: Request, layout: Any, kv_budget: int | None, waiti
     one the KV budget can never hold, QueueFull. Shared with the server's handle on an engine in another process."""
     if not request.input_ids:
         raise ToolkitError("the prompt has no tokens", where="prompt", fix="send at least one token")
-    need = layout.reserve_bytes(len(request.input_ids) + max(request.params.max_tokens, 0))
+    need = layout.reserve_bytes(request.token_limit)
     if kv_budget is not None and need > kv_budget:
         tokens = len(request.input_ids) + request.params.max_tokens
         raise RequestTooLarge(
