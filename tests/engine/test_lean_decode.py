@@ -161,6 +161,49 @@ def test_the_lean_step_applies_each_rows_adapter(trained, mix):
     assert worst < (1e-5 if dtype == torch.float32 else 2e-2), worst
 
 
+def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(trained):
+    """A mixed pass groups its rows by adapter (each adapter's LoRA over one slice of tokens) and hands the logits
+    back in the caller's order: the same as peft's per-row split in the model's forward, decoding and chunked
+    prefill alike, with the rows given out of adapter order."""
+    model = trained.model
+    from toolkit.lora.registry import enable_mixed_adapter_batches
+
+    enable_mixed_adapter_batches()
+    first = next(iter(model.peft_config))
+    model.load_adapter(str(trained.adapter_dir), adapter_name="second")
+    try:
+        with torch.no_grad():  # a different adapter: its own B weights
+            for module in model.modules():
+                if hasattr(module, "lora_B") and "second" in module.lora_B:
+                    module.lora_B["second"].weight.mul_(-2.0).add_(0.01)
+        model.set_adapter(first)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        prompts = _prompts() + [[2, 700, 701, 702, 703]]
+        names = ["second", "__base__", first, "second"]
+        worst = _compare(model, dtype, prompts, names, chunk=16)
+        assert worst < (1e-5 if dtype == torch.float32 else 2e-2), worst
+        # the adapters do differ: the same prompt on each gives other logits
+        lean, layout = LeanDecoder(model), KVLayout.of(model, dtype)
+
+        def last() -> torch.Tensor:
+            return lean.forward([prompts[0]] * 3, [RowKV(layout) for _ in range(3)], [first, "second", "__base__"])
+
+        before = last()
+        assert not torch.allclose(before[0], before[1]) and not torch.allclose(before[1], before[2])
+        # weights changed in place between passes (as serve's runtime adapters may): no stale stacked copy is used
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "lora_B") and "second" in module.lora_B:
+                    module.lora_B["second"].weight.mul_(0.5)
+        after, want = last()[1], _generic_last(model, [prompts[0]], ["second"])[0]
+        assert not torch.allclose(after, before[1])
+        assert ((after.float() - want.float()).abs().max() / want.float().abs().max()).item() < (
+            1e-5 if dtype == torch.float32 else 2e-2
+        )
+    finally:
+        model.delete_adapter("second")
+
+
 def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
