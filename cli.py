@@ -71,7 +71,7 @@ def info(
     from toolkit.base.info import describe, kernel_choice, summary_lines
 
     data = describe(dir)
-    data["kernel"] = kernel_choice(device, kernel)
+    data["kernel"] = kernel_choice(device, kernel, base=dir)
     typer.echo(json.dumps(data, indent=2) if as_json else "\n".join(summary_lines(data)))
 
 

@@ -346,7 +346,13 @@ def main() -> None:
                 f"{time.strftime('%Y-%m-%d')}, {cpu_label()} with {cpus()} cores "
                 "shared with other work (timing rounds alternate between kernels; median of "
                 f"{args.rounds}). Reference: the torch kernel in float32. auto picks "
-                f"{summary['auto']['inference']} for inference and {summary['auto']['training']} for training.",
+                f"{summary['auto']['inference']} for inference; for training "
+                + (
+                    "the fastest trainable kernel, timed on the base at its first training load on the machine "
+                    "(toolkit/base/kernel_probe.py)."
+                    if args.device == "cpu"
+                    else f"{summary['auto']['training']}."
+                ),
                 "",
                 *table(results),
                 "",

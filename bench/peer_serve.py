@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from report import cpus, replace_section  # noqa: E402
+from report import cpu_label, cpus, replace_section  # noqa: E402
 
 PY = sys.executable
 PROMPTS = [
@@ -302,10 +301,11 @@ def write_section(out: Path, summary: dict, levels: list[int], args) -> None:
         "",
         f"`bench/peer_serve.py{f' --base {args.base}' if args.base else ''}"
         f"{' --llama-cpp GGUF' if args.llama_cpp else ''}`, {time.strftime('%Y-%m-%d')}, "
-        f"{platform.processor() or platform.machine()}, {cpus()} cores (rounds alternate between servers, median "
+        f"{cpu_label()}, {cpus()} cores (rounds alternate between servers, median "
         f"of {args.repeats}; `make {'peer-serve-270m' if args.base else 'peer-serve'}`). Streamed greedy chat "
         f"requests, max_tokens {args.max_tokens}, {args.per_client} per client in turn, each client on its own kept "
-        "connection; each server in its own process, the clients in the benchmark's.",
+        "connection; each server in its own process, the clients in the benchmark's; the toolkit's engine in a "
+        "process of its own behind its server (serve/engine_process.py).",
         "",
         "| server | " + " | ".join(f"{c} client(s): tokens/s, TTFT" for c in levels) + " |",
         "|---|" + "---|" * len(levels),
@@ -322,7 +322,7 @@ def write_section(out: Path, summary: dict, levels: list[int], args) -> None:
         peer, c = key.rsplit(" ", 1)
         goal = f" (goal >= {r['goal']}x: {'met' if r['met'] else '**not met**'})" if r["goal"] else ""
         lines.append(f"- toolkit / {peer} at {c} client(s): {r['ratio']:.2f}x{goal}")
-    lines += ["", READING, ""]
+    lines += ["", READING + kernel_sentence(args.kernel), ""]
     replace_section(out, f"## Peer serving ({label})", "\n".join(lines))
 
 
@@ -337,9 +337,19 @@ READING = (
     "logits, 15 ms instead of 22 for the 270M), and a streamed choice wakes the server's event loop at most every "
     "5 ms (serve/serving.py `STREAM_INTERVAL_S`); transformers serve runs `generate` over the full modeling code; "
     "llama.cpp runs a compiled graph without Python in the loop (built for AVX512 without AMX: `make llama-cpp`). "
-    "The toolkit runs the kernel and dtype it measured best for this CPU (`toolkit info`: cpu_avx512, bfloat16 on "
-    "this Intel Xeon with AVX512-BF16), transformers the one GPTQModel picks for `from_pretrained`."
 )
+
+
+def kernel_sentence(kernel: str) -> str:
+    """What each side ran on this CPU: the toolkit's pick comes from the same function `toolkit info` prints."""
+    from toolkit.base.info import kernel_choice
+
+    c = kernel_choice("cpu", kernel)["inference"]
+    picked = f"{c['kernel']}, {c['dtype']}" if "kernel" in c else c["error"]
+    return (
+        f"The toolkit ran `--kernel {kernel}` (`toolkit info`: {picked} on this {cpu_label()}), "
+        "transformers the kernel GPTQModel picks for `from_pretrained`."
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ def cpu_label() -> str:
 
 
 def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:
+    """Put `section` where the section titled `heading` stands (its readers' links and order stay), else at the end."""
     text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")
-    others = ["## " + p.rstrip() + "\n" for p in parts[1:] if not ("## " + p).startswith(heading)]
-    path.write_text("\n".join([parts[0].rstrip() + "\n", *others, section]))
+    sections = ["## " + p.rstrip() + "\n" for p in parts[1:]]
+    at = next((i for i, s in enumerate(sections) if s.startswith(heading)), len(sections))
+    sections = [s for s in sections if not s.startswith(heading)]
+    sections.insert(at, section.rstrip() + "\n")
+    path.write_text("\n".join([parts[0].rstrip() + "\n", *sections]))

@@ -157,7 +157,8 @@ def test_the_token_matrix_is_held_in_bfloat16_and_gives_the_float32_logits(tiny_
             assert (head(hidden) - torch.nn.functional.linear(hidden, w)).abs().max() < 1e-5
         ids = torch.randint(0, w.shape[0], (2, 5))
         assert torch.equal(embed(ids), torch.nn.functional.embedding(ids, w) * embed.embed_scale.float())
-    training = load_base(tiny_ct, device="cpu", training=True)  # training keeps the float32 matrix autograd uses
+    # a float32 training load keeps the float32 matrix autograd uses
+    training = load_base(tiny_ct, device="cpu", kernel="torch", training=True)
     assert training.model.get_input_embeddings().weight.dtype == torch.float32
 
 
@@ -175,3 +176,14 @@ def test_the_lean_int4_forward_gives_the_same_logits_as_gptqmodels_own(tiny_ct, 
             assert torch.equal(lean.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
     layers = [m for m in lean.model.modules() if gptq_backend.is_quantized_linear(m)]
     assert layers and all(m.lean_op is not None for m in layers)
+
+
+@pytest.mark.parametrize("kernel", [k for k in CPU_KERNELS if kernels.get(k, "cpu").trains])
+def test_training_dequantisation_equals_gptqmodels_own_bit_for_bit(tiny_ct, kernel):
+    """A CPU training load dequantises with broadcast group scales (gptq_backend._fast_training_dequant)."""
+    model = load_base(tiny_ct, device="cpu", kernel=kernel, training=True).model
+    model.train()  # as the trainer does: TorchAtenLinear converts its zero points here
+    layers = [m for m in model.modules() if gptq_backend.is_quantized_linear(m)]
+    assert layers and all("dequantize_weight" in vars(m) for m in layers)
+    for m in layers:
+        assert torch.equal(m.dequantize_weight(), type(m).dequantize_weight(m))

@@ -21,7 +21,8 @@ def _lora_model(path, attn: str = "sdpa"):
     from toolkit.lora.config import apply_lora
     from toolkit.recipe import LoraSection
 
-    model = load_base(path, device="cpu", training=True).model
+    # the float32 reference kernel, whatever auto times fastest here: the tolerances below are float32's
+    model = load_base(path, device="cpu", kernel="torch", training=True).model
     model.set_attn_implementation(attn)
     torch.manual_seed(0)  # the same LoRA initialisation for every model compared
     model = apply_lora(model, LoraSection(r=8, alpha=16, dropout=0.0))

@@ -97,15 +97,28 @@ def _built_lines(built: dict | None) -> list[str]:
     ]
 
 
-def kernel_choice(device: str | None = None, kernel: str = "auto") -> dict:
-    """The GPTQ kernel and dtype a load on `device` would use, for inference and for training (kernels.py)."""
-    from toolkit.base import kernels
+def kernel_choice(device: str | None = None, kernel: str = "auto", base: str | Path | None = None) -> dict:
+    """The GPTQ kernel and dtype a load on `device` would use, for inference and for training (kernels.py).
+
+    On a CPU auto's training kernel is timed on the base at its first training load (kernel_probe.py): given the
+    `base` folder, the timing kept for it on this machine is reported; before one exists, what auto will do.
+    """
+    from toolkit.base import kernel_probe, kernels
 
     device = base_mod.pick_device(device)
     if kernel != "auto":
         kernels.get(kernel, device)  # an unknown name is an error; an inference-only one is noted for training
     out: dict = {"device": device}
     for phase in kernels.PHASES:
+        if phase == "training" and kernel == "auto" and kernels.device_type(device) == "cpu":
+            hit = kernel_probe.cached(base_mod.check_base(base_mod.resolve_path(base))[0]) if base else None
+            if hit:
+                k = kernels.get(hit[0], device)
+                out[phase] = {"kernel": k.name, "layer": k.layer, "dtype": k.dtype, "reason": hit[1]}
+            else:
+                timed = ", ".join(kernel_probe.CANDIDATES)
+                out[phase] = {"note": f"auto: the fastest of {timed}, timed at the first training run on this machine"}
+            continue
         try:
             c = kernels.choose(device, phase, kernel)
             out[phase] = {"kernel": c.kernel.name, "layer": c.kernel.layer, "dtype": c.dtype, "reason": c.reason}
@@ -134,7 +147,11 @@ def summary_lines(info: dict) -> list[str]:
         + _built_lines(info.get("built"))
         + [
             f"  kernel         {phase} on {k['device']}: "
-            + (f"{c['kernel']} ({c['layer']}), {c['dtype']}, {c['reason']}" if "kernel" in c else c["error"])
+            + (
+                f"{c['kernel']} ({c['layer']}), {c['dtype']}, {c['reason']}"
+                if "kernel" in c
+                else c.get("error", c.get("note"))
+            )
             for k in [info.get("kernel") or {}]
             for phase, c in k.items()
             if phase != "device"

@@ -51,6 +51,7 @@ KERNELS: tuple[Kernel, ...] = (
 # `auto`: the measured preference per (device, phase); the first kernel this machine offers wins.
 AUTO: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "inference"): ("cpu_avx512", "torch_fused", "torch"),
+    # A fallback only: on a CPU the loader times the trainable kernels on the base itself (kernel_probe.py).
     ("cpu", "training"): ("torch",),
     # Measured on an H100 (bench/results/gpu_path_h100.json, 27b-shapes, bf16): ExLlama v2 decodes 160 tok/s at
     # one row and 2,588 at 16, Triton 126 / 2,010, torch 122 / 1,914; Marlin 32 / 490, since GPTQModel 7.7 built
@@ -128,8 +129,3 @@ def choose(device: str, phase: str = "inference", requested: str = "auto", *, av
             return Choice(kernel, phase, "auto" + (f" ({'; '.join(skipped)})" if skipped else ""))
         skipped.append(f"{name}: {why}")
     raise ToolkitError(f"no GPTQ kernel runs here: {'; '.join(skipped)}", where="kernel", fix="install GPTQModel")
-
-
-def training_choice(device: str, requested: str = "auto") -> Choice:
-    """The kernel and dtype `toolkit train` (and a hand-written baseline that wants the same) loads with."""
-    return choose(device, "training", requested)

@@ -189,8 +189,11 @@ def load_base(
     from toolkit.base import gptq_backend, kernels
 
     device = pick_device(device)
-    choice = kernels.choose(device, "training" if training else "inference", kernel)
     gptq_dir = quant_format.ensure_gptq(path)
+    if training and kernel == "auto" and kernels.device_type(device) == "cpu":
+        choice = _measured_training_choice(gptq_dir, config)
+    else:
+        choice = kernels.choose(device, "training" if training else "inference", kernel)
     try:
         model = gptq_backend.load_gptq(gptq_dir, device=device, kernel=choice.kernel, training=training)
     except (ValueError, KeyError, OSError) as exc:  # GPTQModel reports bad checkpoints as these
@@ -206,6 +209,18 @@ def load_base(
     processor = AutoProcessor.from_pretrained(path)
     dtype = getattr(torch, choice.dtype)
     return Base(model, processor, path, spec, device, dtype, fingerprint(config), config, kernel=choice.kernel.name)
+
+
+def _measured_training_choice(gptq_dir: Path, config: dict) -> Any:
+    """On a CPU, auto trains with the kernel timed fastest on this base and machine (kernel_probe.py)."""
+    import sys
+
+    from toolkit.base import gptq_backend, kernel_probe, kernels
+
+    name, reason = kernel_probe.fastest_training_kernel(
+        gptq_dir, config, gptq_backend.unavailable, progress=lambda line: print(line, file=sys.stderr)
+    )
+    return kernels.Choice(kernels.get(name, "cpu"), "training", reason)
 
 
 HEAD_TILE = 1024  # LM head rows upcast per matmul: bf16 -> fp32 tiles of 1024 x hidden stay in the CPU's cache

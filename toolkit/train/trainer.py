@@ -276,6 +276,7 @@ def train(
             "data_encoding_s": round(data_s, 3),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "chunked_loss": chunked,
+            "kernel": f"{base.kernel} {str(base.dtype).removeprefix('torch.')}",
         }
     }
     if data.eval:  # the same scoring as `toolkit eval`, on the model in memory

@@ -1,0 +1,91 @@
+"""auto's CPU training kernel: timed on the base at its first training load, kept per machine and shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+
+from toolkit.base import gptq_backend, kernel_probe, kernels, quant_format
+from toolkit.base.loader import check_base, load_base
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "kernel-choice.json"
+
+
+def _config(hidden: int = 256) -> dict:
+    return {"text_config": {"hidden_size": hidden, "intermediate_size": 768, "num_hidden_layers": 4}}
+
+
+def test_pick_takes_the_fastest_unless_an_earlier_kernel_is_within_the_margin():
+    assert kernel_probe.pick({"torch": 1.0, "torch_fused": 0.9, "torch_aten": 0.5}) == "torch_aten"
+    assert kernel_probe.pick({"torch": 1.0, "torch_fused": 0.9}) == "torch"  # 1.0 <= 0.9 x 1.15
+    assert kernel_probe.pick({"torch": 1.2, "torch_fused": 1.0, "torch_aten": 0.95}) == "torch_fused"
+    assert kernel_probe.pick({"torch_aten": 2.0, "torch_fused": 1.0}) == "torch_fused"
+
+
+def test_the_first_training_load_times_each_kernel_once_and_keeps_the_answer(tmp_path, cache):
+    timed, lines = [], []
+    seconds = {"torch": 1.0, "torch_fused": 0.8, "torch_aten": 0.4}
+
+    def timer(folder, kernel):
+        timed.append(kernel.name)
+        return seconds[kernel.name]
+
+    def choose(config):
+        return kernel_probe.fastest_training_kernel(tmp_path, config, lambda k: None, lines.append, timer)
+
+    name, reason = choose(_config())
+    assert (name, sorted(timed)) == ("torch_aten", sorted(kernel_probe.CANDIDATES))
+    assert "measured now" in reason and "torch_aten 1280 tokens/s" in reason and lines
+    assert choose(_config()) == ("torch_aten", reason.replace("measured now", "measured on this machine"))
+    assert len(timed) == 3  # kept: not timed again
+    [(key, entry)] = json.loads(cache.read_text()).items()
+    assert "probe" in key and "256x768x4" in key and entry["kernel"] == "torch_aten"
+    seconds["torch"] = 0.3
+    assert choose(_config(hidden=512))[0] == "torch"  # another shape is timed on its own
+    assert len(timed) == 6 and len(json.loads(cache.read_text())) == 2
+
+
+def test_only_available_kernels_are_timed_and_an_unwritable_cache_still_trains(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TOOLKIT_CACHE", str(blocker / "below-a-file"))
+    lines = []
+    name, _ = kernel_probe.fastest_training_kernel(
+        tmp_path,
+        _config(),
+        lambda k: None if k.name != "torch_aten" else "no int4pack",
+        lines.append,
+        lambda folder, kernel: {"torch": 1.0, "torch_fused": 0.5}[kernel.name],
+    )
+    assert name == "torch_fused" and "could not keep the kernel timing" in lines[-1]
+    only = kernel_probe.fastest_training_kernel(tmp_path, _config(), lambda k: k.name != "torch" and "no", print)
+    assert only == ("torch", "auto (one trainable kernel here)")
+
+
+def test_a_cpu_training_load_times_the_real_kernels_then_uses_the_kept_choice(tiny_ct, cache):
+    config, _ = check_base(tiny_ct)
+    name, reason = kernel_probe.fastest_training_kernel(
+        quant_format.ensure_gptq(tiny_ct), config, gptq_backend.unavailable, print
+    )
+    usable = [n for n in kernel_probe.CANDIDATES if gptq_backend.unavailable(kernels.get(n, "cpu")) is None]
+    assert name in usable and all(f"{n} " in reason for n in usable)
+    # whatever was timed, the loader and `toolkit info` follow the kept entry: make it name a bfloat16 kernel
+    known = json.loads(cache.read_text())
+    known[kernel_probe.cache_key(config)]["kernel"] = "torch_aten"
+    cache.write_text(json.dumps(known))
+    loaded = load_base(tiny_ct, device="cpu", training=True)
+    assert (loaded.kernel, loaded.dtype) == ("torch_aten", torch.bfloat16)
+    assert gptq_backend.layer_kernels(loaded.model) == ["TorchAtenLinear"]
+    info = run_cli("info", tiny_ct, "--device", "cpu")
+    assert info.returncode == 0 and "training on cpu: torch_aten (TorchAtenLinear), bfloat16, auto (measured" in (
+        info.stdout
+    )
+    cache.unlink()
+    assert "timed at the first training run" in run_cli("info", tiny_ct, "--device", "cpu").stdout

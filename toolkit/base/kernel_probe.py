@@ -1,0 +1,131 @@
+"""`auto`'s training kernel on a CPU: timed on the base being trained, once per machine and base shape.
+
+Why measure here rather than keep a fixed preference: the fastest trainable CPU kernel differs between CPUs that
+report the same features. bench/kernels.py on the `small` base, LoRA forward + backward (docs/BENCHMARKS.md,
+"Kernels"): on an Intel Xeon with AVX512-BF16 the float32 reference (torch) trained at 376 tokens/s, torch_aten
+(bfloat16) at 301; on an AMD EPYC with AVX512-BF16, 362 against 735. No CPU flag tells the two apart, so the first
+training load of a base on a machine times one LoRA step per trainable kernel and keeps the answer in the
+toolkit's cache (`$TOOLKIT_CACHE`, default ~/.cache/gemma3-lora-toolkit/kernel-choice.json), keyed by the CPU,
+the torch and GPTQModel versions and the base's shape. Every candidate trains correctly (tests/base/test_kernels.py
+compares its gradients with the reference); this only decides which is fastest.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CANDIDATES = ("torch", "torch_fused", "torch_aten")  # on a near tie the earlier wins: float32 first
+MARGIN = 1.15  # a later candidate must be this much faster: a close call keeps the more exact kernel
+BATCH, TOKENS, STEPS = 4, 128, 3
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+REVISION = 1  # part of the cache key: bump when the toolkit's own kernel shims (gptq_backend.py) change speeds
+
+
+def cache_file() -> Path:
+    from toolkit.base.real_weights import cache_root
+
+    return cache_root() / "kernel-choice.json"
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(config: dict) -> str:
+    """What the timing depends on: the CPU, the libraries and the base's shapes (not its weights)."""
+    from importlib.metadata import version
+
+    import torch
+
+    text = config.get("text_config", config)
+    shape = "x".join(str(text.get(k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    libraries = f"torch {torch.__version__} | gptqmodel {version('gptqmodel')} | probe {REVISION}"
+    return f"{cpu_name()} | {torch.get_num_threads()} threads | {libraries} | {shape}"
+
+
+def pick(seconds: dict[str, float]) -> str:
+    """The earliest candidate within MARGIN of the fastest."""
+    fastest = min(seconds.values())
+    return next(name for name in CANDIDATES if name in seconds and seconds[name] <= fastest * MARGIN)
+
+
+def step_seconds(folder: Path, kernel) -> float:
+    """Median seconds of one LoRA forward + backward of BATCH x TOKENS tokens with `kernel` (after a warm-up)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from toolkit.base import gptq_backend
+
+    model = gptq_backend.load_gptq(folder, device="cpu", kernel=kernel, training=True)
+    model.requires_grad_(False)
+    # the recipes' default LoRA shape (toolkit.lora sits above this layer, so peft is called directly)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    model.train()
+    ids = torch.randint(10, 200, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(STEPS + 1):
+        start = time.perf_counter()
+        out = model(input_ids=ids, labels=ids, token_type_ids=torch.zeros_like(ids))
+        out.loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def _read() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(config: dict) -> tuple[str, str] | None:
+    """The kept measurement for this base's shape on this machine, if one was taken: (kernel, reason)."""
+    entry = _read().get(cache_key(config))
+    if entry and entry.get("kernel") in CANDIDATES:
+        return entry["kernel"], f"auto (measured on this machine: {entry['summary']})"
+    return None
+
+
+def fastest_training_kernel(
+    folder: Path,
+    config: dict,
+    available: Callable[[object], str | None],
+    progress: Callable[[str], None] = print,
+    timer: Callable[[Path, object], float] = step_seconds,
+) -> tuple[str, str]:
+    """The trainable CPU kernel auto uses for this base on this machine, and why (cached after the first call)."""
+    from toolkit.base import kernels
+
+    hit = cached(config)
+    if hit:
+        return hit
+    key, path, known = cache_key(config), cache_file(), _read()
+    usable = [kernels.get(n, "cpu") for n in CANDIDATES if available(kernels.get(n, "cpu")) is None]
+    if len(usable) < 2:
+        return (usable[0].name if usable else "torch"), "auto (one trainable kernel here)"
+    progress(f"timing {len(usable)} training kernels on this base (once per machine; kept in {path})")
+    seconds = {k.name: timer(folder, k) for k in usable}
+    name = pick(seconds)
+    summary = ", ".join(f"{n} {BATCH * TOKENS / s:.0f}" for n, s in seconds.items()) + " tokens/s"
+    known[key] = {"kernel": name, "summary": summary, "seconds": seconds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{id(known)}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)  # atomic: two runs starting together never read half a file
+    except OSError as exc:  # a read-only home still trains, it just measures again next time
+        progress(f"could not keep the kernel timing ({exc}); it will be measured again")
+    return name, f"auto (measured now: {summary})"
