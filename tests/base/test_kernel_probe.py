@@ -71,9 +71,14 @@ def test_only_available_kernels_are_timed_and_an_unwritable_cache_still_trains(t
 
 def test_a_cpu_training_load_times_the_real_kernels_then_uses_the_kept_choice(tiny_ct, cache):
     config, _ = check_base(tiny_ct)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     name, reason = kernel_probe.fastest_training_kernel(
         quant_format.ensure_gptq(tiny_ct), config, gptq_backend.unavailable, print
     )
+    # the timing leaves the global generator where it was: a training run's seeded LoRA init does not depend on it
+    assert torch.equal(torch.rand(3), expected)
     usable = [n for n in kernel_probe.CANDIDATES if gptq_backend.unavailable(kernels.get(n, "cpu")) is None]
     assert name in usable and all(f"{n} " in reason for n in usable)
     # whatever was timed, the loader and `toolkit info` follow the kept entry: make it name a bfloat16 kernel

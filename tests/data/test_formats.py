@@ -342,10 +342,12 @@ def test_datasets_image_feature_parquet_and_folder_read_and_train_like_the_messa
     result = train(recipe)
     assert result.step == 1
     batch = pad_batch([r.encoded.__dict__ for r in reference], processor.tokenizer.pad_token_id)
-    # the training kernel's float32 model (the `base` fixture is the inference load: bfloat16 on AVX512-BF16 CPUs)
-    fp32 = load_base(tiny_ct, device="cpu", kernel="torch")
+    # the kernel training ran on (timed fastest here, kernel_probe.py), loaded the same way (the `base` fixture is
+    # the inference load: bfloat16 on AVX512-BF16 CPUs)
+    kernel = result.metrics["train"]["kernel"].split()[0]
+    same = load_base(tiny_ct, device="cpu", kernel=kernel, training=True)
     with torch.no_grad():
-        expected = fp32.model(**batch).loss.item()
+        expected = same.model(**batch).loss.item()
     assert result.metrics["train"]["train_loss"] == pytest.approx(expected, rel=1e-4)
 
 

@@ -158,7 +158,15 @@ def test_the_lean_step_applies_each_rows_adapter(trained, mix):
     names = [name if n != "__base__" else n for n in mix]
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     worst = _compare(model, dtype, _prompts(), names, chunk=16)
-    assert worst < (1e-5 if dtype == torch.float32 else 2e-2), worst
+    assert worst < _trained_tolerance(model, dtype), worst
+
+
+def _trained_tolerance(model, dtype) -> float:
+    """The trained model runs on the kernel its training was timed fastest on (kernel_probe.py): exact float32
+    only with TorchLinear; torch_fused multiplies in bfloat16 inside a float32 model."""
+    from toolkit.base.gptq_backend import layer_kernels
+
+    return 1e-5 if dtype == torch.float32 and layer_kernels(model) == ["TorchLinear"] else 2e-2
 
 
 def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(trained):
@@ -181,7 +189,7 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         prompts = _prompts() + [[2, 700, 701, 702, 703]]
         names = ["second", "__base__", first, "second"]
         worst = _compare(model, dtype, prompts, names, chunk=16)
-        assert worst < (1e-5 if dtype == torch.float32 else 2e-2), worst
+        assert worst < _trained_tolerance(model, dtype), worst
         # the adapters do differ: the same prompt on each gives other logits
         lean, layout = LeanDecoder(model), KVLayout.of(model, dtype)
 
@@ -198,7 +206,7 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         after, want = last()[1], _generic_last(model, [prompts[0]], ["second"])[0]
         assert not torch.allclose(after, before[1])
         assert ((after.float() - want.float()).abs().max() / want.float().abs().max()).item() < (
-            1e-5 if dtype == torch.float32 else 2e-2
+            _trained_tolerance(model, dtype)
         )
     finally:
         model.delete_adapter("second")

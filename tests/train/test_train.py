@@ -87,7 +87,9 @@ def test_plain_peft_reload_reproduces_the_trained_logits(trained, tiny_ct):
 
     from toolkit.base.loader import load_base
 
-    base = load_base(tiny_ct, device="cpu", kernel="torch")  # the kernel training ran on: exact comparison
+    # the kernel training ran on (timed fastest here, kernel_probe.py), in its training mode: an exact comparison
+    kernel = trained.metrics["train"]["kernel"].split()[0]
+    base = load_base(tiny_ct, device="cpu", kernel=kernel, training=True)
     reloaded = PeftModel.from_pretrained(base.model, str(trained.adapter_dir))
     reloaded.eval()
     ids = torch.tensor([[2, 105, 400, 500, 600, 106, 105]])

@@ -117,7 +117,12 @@ def fastest_training_kernel(
     if len(usable) < 2:
         return (usable[0].name if usable else "torch"), "auto (one trainable kernel here)"
     progress(f"timing {len(usable)} training kernels on this base (once per machine; kept in {path})")
-    seconds = {k.name: timer(folder, k) for k in usable}
+    import torch
+
+    # the timed models draw their LoRA initialisation from the global generator: without this, a run that times
+    # would start its own adapter from other random weights than the same run once the answer is kept
+    with torch.random.fork_rng(devices=[]):
+        seconds = {k.name: timer(folder, k) for k in usable}
     name = pick(seconds)
     summary = ", ".join(f"{n} {BATCH * TOKENS / s:.0f}" for n, s in seconds.items()) + " tokens/s"
     known[key] = {"kernel": name, "summary": summary, "seconds": seconds}
