@@ -72,10 +72,10 @@ def load_gptq(folder: Path, device: str, kernel, training: bool):
         # weights into the inference-only layout (whose matmul runs under no_grad: no gradient to the input).
         if training and hasattr(module, "linear_mode"):
             module.linear_mode = "train"
-        if training and device == "cpu":
+        if device == "cpu" and training:
             _fast_training_dequant(module)
         elif device == "cpu" and type(module).__name__ in ("TorchFusedLinear", "TorchCpuAvx512Linear"):
-            _lean_inference_forward(module)
+            _lean_inference_forward(module)  # inference loads only
     devices = set((getattr(model, "hf_device_map", None) or {}).values())
     if len(devices) == 1:
         # Shim: GPTQModel records a per-module device map even when every module is on one device; accelerate

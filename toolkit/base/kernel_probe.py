@@ -13,6 +13,7 @@ compares its gradients with the reference); this only decides which is fastest.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -91,12 +92,16 @@ def _read() -> dict:
         return {}
 
 
-def cached(config: dict) -> tuple[str, str] | None:
-    """The kept measurement for this base's shape on this machine, if one was taken: (kernel, reason)."""
-    entry = _read().get(cache_key(config))
+def _kept(known: dict, key: str) -> tuple[str, str] | None:
+    entry = known.get(key)
     if entry and entry.get("kernel") in CANDIDATES:
         return entry["kernel"], f"auto (measured on this machine: {entry['summary']})"
     return None
+
+
+def cached(config: dict) -> tuple[str, str] | None:
+    """The kept measurement for this base's shape on this machine, if one was taken: (kernel, reason)."""
+    return _kept(_read(), cache_key(config))
 
 
 def fastest_training_kernel(
@@ -107,18 +112,18 @@ def fastest_training_kernel(
     timer: Callable[[Path, object], float] = step_seconds,
 ) -> tuple[str, str]:
     """The trainable CPU kernel auto uses for this base on this machine, and why (cached after the first call)."""
+    import torch
+
     from toolkit.base import kernels
 
-    hit = cached(config)
+    key, path, known = cache_key(config), cache_file(), _read()
+    hit = _kept(known, key)
     if hit:
         return hit
-    key, path, known = cache_key(config), cache_file(), _read()
     usable = [kernels.get(n, "cpu") for n in CANDIDATES if available(kernels.get(n, "cpu")) is None]
     if len(usable) < 2:
         return (usable[0].name if usable else "torch"), "auto (one trainable kernel here)"
     progress(f"timing {len(usable)} training kernels on this base (once per machine; kept in {path})")
-    import torch
-
     # the timed models draw their LoRA initialisation from the global generator: without this, a run that times
     # would start its own adapter from other random weights than the same run once the answer is kept
     with torch.random.fork_rng(devices=[]):
@@ -128,7 +133,7 @@ def fastest_training_kernel(
     known[key] = {"kernel": name, "summary": summary, "seconds": seconds}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{id(known)}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: two runs never share a temporary
         tmp.write_text(json.dumps(known, indent=1))
         tmp.replace(path)  # atomic: two runs starting together never read half a file
     except OSError as exc:  # a read-only home still trains, it just measures again next time

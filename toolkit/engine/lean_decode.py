@@ -246,10 +246,11 @@ class LeanDecoder:
         base, only = _base(module), self._only
         wide = x.shape[0] * x.shape[1] * base.in_features * base.out_features >= PARALLEL_MATMUL
         lora = names is not None and base is not module and (only is None or only in module.lora_A)
-        present = [only] if only is not None else [name for name, _, _ in self._slices]
-        if lora and any(name in module.lora_variant for name in present):
-            with parallel(self.threads, wide):
-                return module(x, adapter_names=names)  # a LoRA variant (e.g. DoRA): peft's per-row split
+        if lora:
+            present = [only] if only is not None else [name for name, _, _ in self._slices]
+            if any(name in module.lora_variant for name in present):
+                with parallel(self.threads, wide):
+                    return module(x, adapter_names=names)  # a LoRA variant (e.g. DoRA): peft's per-row split
         # Only the base op goes to every thread (e.g. 16 rows through the 270M's 640 x 1024): the LoRA ops (rank-r
         # matmuls, a scale, an add) are small, and each op run in a parallel region pays the ~80 us wake
         # (threads.py). Measured on the tiny base, 15 decoding rows and 2 fresh 26-token prompts on one adapter:
