@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from peer_serve import Server, free_port  # noqa: E402
-from report import cpus, replace_section  # noqa: E402
+from report import cpu_label, cpus, replace_section  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
 FULL_LENGTH = {"temperature": 0, "ignore_eos": True}  # every request generates exactly max_tokens
@@ -132,8 +131,8 @@ def main() -> None:
     # 16 requests per client: a run of 2 (the default before 2026-12-02) is mostly its start and its tail, where
     # fewer than 16 clients are active and requests that arrive over HTTP a few ms apart decode out of step
     ap.add_argument("--requests", type=int, default=256)
-    # the machine's speed drifts between runs (+-20% on a shared 2-core VM): the HTTP / in-process ratio is the
-    # median of this many alternating pairs
+    # the machine's speed drifts between runs (+-20% on a shared 2-core VM): the HTTP / in-process and mixed / one
+    # ratios are medians over this many rounds of alternating runs
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
@@ -170,21 +169,32 @@ def main() -> None:
             # timed run's first pass came 0.26-0.5 s after its start when the warm-up had opened 4 of them)
             engine_load(state, "a0", 16, 16, 4)
             http_load(url, ["a0"], 16, 16, 4)
-            pairs = [
-                (engine_load(state, "a0", n, 16, mt), http_load(url, ["a0"], n, 16, mt)) for _ in range(args.pairs)
+            http_load(url, names, 16, 16, 4)
+            # each round: in-process, HTTP on one adapter, HTTP on 4 adapters mixed, one after the other; a ratio is
+            # the median of its per-round ratios (a run against the one beside it: the machine's speed drifts by
+            # more than the ratios' margins within one benchmark, e.g. one request at a time 187 then 145 tokens/s)
+            rounds = [
+                (
+                    engine_load(state, "a0", n, 16, mt),
+                    http_load(url, ["a0"], n, 16, mt),
+                    http_load(url, names, n, 16, mt),
+                )
+                for _ in range(args.pairs)
             ]
-            in_process = statistics.median(a for a, _ in pairs)
-            concurrent = statistics.median(b for _, b in pairs)
-            paired = statistics.median(b / a for a, b in pairs)  # each HTTP run against the in-process run beside it
+            in_process = statistics.median(a for a, _, _ in rounds)
+            concurrent = statistics.median(b for _, b, _ in rounds)
+            mixed = statistics.median(c for _, _, c in rounds)
+            paired = statistics.median(b / a for a, b, _ in rounds)
+            mixed_paired = statistics.median(c / b for _, b, c in rounds)
             sequential = median3(lambda: http_load(url, ["a0"], max(4, n // 8), 1, mt))
-            mixed = median3(lambda: http_load(url, names, n, 16, mt))
             ttft, full = zip(*(first_token(url, "a0", mt) for _ in range(3)), strict=True)
         finally:
             server.stop()
             state.engine.close()
     res = {
         "requests": n,
-        "http_vs_in_process_runs": [b / a for a, b in pairs],
+        "http_vs_in_process_runs": [b / a for a, b, _ in rounds],
+        "mixed_vs_one_runs": [c / b for _, b, c in rounds],
         "tokens_per_s": {
             "one_at_a_time": sequential,
             "16_clients": concurrent,
@@ -194,7 +204,7 @@ def main() -> None:
         "ratios": {
             "concurrency": concurrent / sequential,
             "http_vs_in_process": paired,
-            "mixed_adapters_vs_one": mixed / concurrent,
+            "mixed_adapters_vs_one": mixed_paired,
         },
         "ttft_s": statistics.median(ttft),
         "full_response_s": statistics.median(full),
@@ -205,11 +215,11 @@ def main() -> None:
         [
             "## Serving load (`bench/serve_load.py`)",
             "",
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU ({cpus()} cores), tiny base, "
+            f"Measured {time.strftime('%Y-%m-%d')} on {cpu_label()} ({cpus()} cores), tiny base, "
             f"4 copies of the quickstart adapter, {n} requests of exactly {mt} greedy tokens each "
-            "(`ignore_eos`), `--max-batch 16`. Completion tokens per second, median of 3 runs (HTTP and in-process "
-            f"16-client runs: median of {len(pairs)} alternating pairs; their ratio is the median of the per-pair "
-            "ratios):",
+            "(`ignore_eos`), `--max-batch 16`. Completion tokens per second: one request at a time, median of 3 "
+            f"runs; the 16-client runs (in-process, HTTP on one adapter, HTTP on 4 mixed), median of {len(rounds)} "
+            "rounds of the three one after the other, and their ratios the medians of the per-round ratios:",
             "",
             "| load | tokens/s |",
             "|---|---|",
@@ -232,9 +242,8 @@ def main() -> None:
             "requests the same way (16 closed-loop clients, each sending its next request when one is done), so "
             "the ratio is the cost of HTTP, JSON and detokenising, which run beside the model on the same cores "
             "(`toolkit serve` in its own process, the HTTP clients in the benchmark's). A mixed pass groups its "
-            "rows by adapter and runs the present adapters' LoRA stacked, a few ops per layer whatever their "
-            "number (engine/lean_decode.py); what it adds weighs more on the tiny base than it would on the 27B, "
-            "where the base matmuls dominate.",
+            "rows by adapter and runs their LoRA as two batched GEMMs, one adapter's tokens per batch entry: the "
+            "multiply-adds and about the ops of a one-adapter pass (engine/lean_decode.py).",
             "",
             READING,
             "",
@@ -269,10 +278,21 @@ READING = (
     "Mixed adapters: until 2026-12-03 a batch whose rows all used one adapter took a direct LoRA sum in the lean "
     "step, while mixed batches went through peft's per-row split (index lists, gathers and scatters in every LoRA "
     "layer, ~7 ops per adapter), so the mixed / one ratio fell as the one-adapter case got faster (0.51-0.55). "
-    "Now the lean pass sorts a mixed pass's rows by adapter and runs every present adapter's A and B stacked, each "
+    "Then the lean pass sorted a mixed pass's rows by adapter and ran every present adapter's A and B stacked, each "
     "token keeping its own adapter's columns through a mask made once per pass: a pass of 16 decoding rows on 4 "
     "adapters took 13.3 ms against 8.1 (one adapter: 7.4-7.6), 14 rows and 2 fresh prompts 30.4 against 13.9 "
-    "(alternating, median of 30, tiny base). The same day the LoRA ops left the parallel region of a wide "
+    "(alternating, median of 30, tiny base, Intel Xeon: mixed / one 0.90 here). On an AMD EPYC it gave 0.74-0.83: "
+    "every token went through every adapter's A and B, 4x one adapter's multiply-adds, which on the tiny base "
+    "(hidden 256, rank 16) is not small. Since the evening of 2026-12-03 each adapter's group of tokens is one "
+    "entry of two batched GEMMs over the adapters' stacked weights (scaling folded in; a shorter group padded; a "
+    "prompt's tokens past the groups' size through two GEMMs of their adapter's own), so a mixed pass does one "
+    "adapter's multiply-adds in about its ops. Measured on the AMD EPYC, lean passes in one process, one adapter "
+    "and 4 alternating, median of 10, two runs each (time on one / time mixed, so mixed / one in throughput): 16 "
+    "decoding rows 1.02 and 1.07 (the mask: 0.87 "
+    "and 0.88), 16 fresh 26-token prompts in one pass 1.01 and 1.10 (0.82, 0.88), 15 decoding rows beside one "
+    "fresh prompt 0.90 and 0.79 (0.87, 0.90: the prompt's own two GEMMs per layer and the gathers are a few more ops, "
+    "which on these 2 cores cost about what the extra multiply-adds did)."
+    " The LoRA ops also left the parallel region of a wide "
     "projection (each op in it paid the ~80 us wake): 15 decoding rows and 2 fresh 26-token prompts on one adapter, "
     "33.6 ms a pass against 26.8."
 )

@@ -212,6 +212,52 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         model.delete_adapter("second")
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["second", "third", "first", "second", "third", "first"],  # equal groups: batched GEMMs over every token
+        ["first", "second", "second", "third", "third"],  # a shorter group, padded to the others
+        ["third", "__base__", "first", "second", "first"],  # base rows between the groups
+    ],
+)
+def test_a_pass_of_three_adapters_and_the_base_with_a_fresh_prompt_gets_each_rows_own_lora(trained, layout):
+    """The batched LoRA of a mixed pass (each adapter's group of tokens one batch entry; a shorter group padded, a
+    fresh prompt's tokens past the groups' size through its adapter's own GEMMs): the logits of peft's per-row
+    split in the model's forward, for decoding steps and for a pass that also prefills a prompt."""
+    model = trained.model
+    from toolkit.lora.registry import enable_mixed_adapter_batches
+
+    enable_mixed_adapter_batches()
+    first = next(iter(model.peft_config))
+    for extra, factor in (("second", -2.0), ("third", 0.5)):
+        model.load_adapter(str(trained.adapter_dir), adapter_name=extra)
+        with torch.no_grad():  # each its own B weights
+            for module in model.modules():
+                if hasattr(module, "lora_B") and extra in module.lora_B:
+                    module.lora_B[extra].weight.mul_(factor).add_(0.01)
+    try:
+        model.set_adapter(first)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        tolerance = _trained_tolerance(model, dtype)
+        names = [first if n == "first" else n for n in layout]
+        prompts = [[2] + list(range(300 + 50 * i, 305 + 50 * i + 7 * i)) for i in range(len(names))]
+        worst = _compare(model, dtype, prompts, names)
+        assert worst < tolerance, worst
+        # one pass: every row's next token, and a 30-token prompt on the first row's adapter
+        lean = LeanDecoder(model)
+        generic_rows = _prefill(model, dtype, prompts, names)
+        lean_rows = copy.deepcopy(generic_rows) + [RowKV(KVLayout.of(model, dtype))]
+        fresh = [2] + list(range(900, 929))
+        tokens = [ids[-1] for ids in prompts]
+        got = lean.forward([[t] for t in tokens] + [fresh], lean_rows, names + [names[0]])
+        want = torch.cat([_generic_step(model, tokens, generic_rows, names), _generic_last(model, [fresh], names[:1])])
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < tolerance
+    finally:
+        model.delete_adapter("second")
+        model.delete_adapter("third")
+
+
 def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 

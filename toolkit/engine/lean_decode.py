@@ -90,8 +90,7 @@ class LeanDecoder:
         image_id = getattr(top, "image_token_id", None)
         # Gemma3Model swaps an out-of-vocabulary image token for 0 before the embedding; a sampled one gets the same
         self.image_id = image_id if image_id is not None and image_id >= self.embed.num_embeddings else None
-        self._only: str | None = None  # the one adapter every row of the current pass uses, if so
-        self._slices: list[tuple[str, int, int]] = []  # otherwise each adapter's tokens: (name, first, end)
+        self._slices: list[tuple[str, int, int]] = []  # the current pass's tokens per adapter: (name, first, end)
         # Gemma's RMSNorm scales by (1 + weight) in float32; F.rms_norm with that weight gives the module's output
         # bit for bit (checked in tests) in one op instead of six. The norms are frozen: computed once.
         self.eps = config.rms_norm_eps
@@ -118,7 +117,7 @@ class LeanDecoder:
         self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
         self._executor = None  # _helper's, made on first use
         self._stacks: dict[int, tuple] = {}  # per LoRA layer: its adapters' weights stacked (_stacked)
-        self._masks: dict[tuple, Any] = {}  # per pass: which stacked LoRA columns each token keeps, scaled
+        self._grouping: dict[tuple, Any] = {}  # per pass: how its adapters' tokens go into batched GEMMs (_groups)
 
     def _helper(self) -> Any:
         """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
@@ -164,14 +163,13 @@ class LeanDecoder:
         adapter's LoRA once over its rows' tokens; only attention goes row by row."""
         n = len(rows)
         names = None if adapters is None or all(a == BASE_ADAPTER for a in adapters) else adapters
-        self._only = names[0] if names and all(a == names[0] for a in names) else None  # one adapter for all
         order = None
-        if names is not None and self._only is None:  # mixed: each adapter's rows side by side (stable)
-            order = sorted(range(n), key=names.__getitem__)
+        if names is not None and any(a != names[0] for a in names):  # mixed: each adapter's rows side by side
+            order = sorted(range(n), key=names.__getitem__)  # (stable)
             tokens, rows, names = [tokens[i] for i in order], [rows[i] for i in order], [names[i] for i in order]
         sizes = [len(ts) for ts in tokens]
-        self._slices = _slices(names, sizes) if order is not None else []
-        self._masks.clear()
+        self._slices = _slices(names, sizes) if names is not None else []
+        self._grouping.clear()
         flat = [t for ts in tokens for t in ts]
         if self.image_id is not None:
             flat = [0 if t == self.image_id else t for t in flat]
@@ -243,58 +241,84 @@ class LeanDecoder:
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
     def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
-        base, only = _base(module), self._only
+        base = _base(module)
         wide = x.shape[0] * x.shape[1] * base.in_features * base.out_features >= PARALLEL_MATMUL
-        lora = names is not None and base is not module and (only is None or only in module.lora_A)
-        if lora:
-            present = [only] if only is not None else [name for name, _, _ in self._slices]
-            if any(name in module.lora_variant for name in present):
-                with parallel(self.threads, wide):
-                    return module(x, adapter_names=names)  # a LoRA variant (e.g. DoRA): peft's per-row split
+        slices = [] if names is None or base is module else [s for s in self._slices if s[0] in module.lora_A]
+        if any(name in module.lora_variant for name, _, _ in slices):
+            with parallel(self.threads, wide):
+                return module(x, adapter_names=names)  # a LoRA variant (e.g. DoRA): peft's per-row split
         # Only the base op goes to every thread (e.g. 16 rows through the 270M's 640 x 1024): the LoRA ops (rank-r
-        # matmuls, a scale, an add) are small, and each op run in a parallel region pays the ~80 us wake
-        # (threads.py). Measured on the tiny base, 15 decoding rows and 2 fresh 26-token prompts on one adapter:
-        # 33.6 ms a pass with them inside, 26.8 ms outside.
+        # matmuls) are small, and each op run in a parallel region pays the ~80 us wake (threads.py). Measured on
+        # the tiny base, 15 decoding rows and 2 fresh 26-token prompts on one adapter: 33.6 ms a pass with them
+        # inside, 26.8 ms outside.
         with parallel(self.threads, wide):
             result = self._plain(base, x)
-        if not lora:  # no adapter, or one that leaves this layer alone
-            return result
-        if only is not None:  # one adapter: its LoRA directly (five small ops, cheaper than checking a stack)
-            return self._one_lora(module, only, result, x)
-        slices = self._slices
-        stack = self._stacked(module, [name for name, _, _ in slices if name in module.lora_A])
-        if stack is None:
-            for name, first, end in slices:
-                if name in module.lora_A:
-                    self._one_lora(module, name, result[first:end], x[first:end])  # in place, into its rows' slice
-            return result
-        # The present adapters' LoRA in one go: A stacked ([tokens, sum of ranks]), each token's columns of its own
-        # adapter kept and scaled (a mask made once per pass), then B stacked. Six ops per layer whatever the number
-        # of adapters, where peft's split (and _one_lora per adapter) take ~7 per adapter, most of what a mixed
-        # step added on a small model; the extra multiply-adds (every adapter's A for every token) are a rank-r
-        # matmul's, small beside the base layer's.
-        a_all, b_all, parts = stack
-        mask = self._masks.get(parts)
-        if mask is None:
-            mask = self._masks[parts] = torch.zeros(x.shape[0], a_all.shape[0], dtype=a_all.dtype, device=a_all.device)
-            columns = dict(parts)
-            for name, first, end in slices:
-                if name in columns:
-                    c0, c1, scale = columns[name]
-                    mask[first:end, c0:c1] = scale
-        xa = F.linear(x.reshape(-1, x.shape[-1]).to(a_all.dtype), a_all).mul_(mask)
-        result += torch.mm(xa, b_all).view(result.shape).to(result.dtype)
+        if slices:  # (none: no adapter in this pass, or its adapters leave this layer alone)
+            self._add_lora(module, slices, result, x)
         return result
 
-    def _stacked(self, module: Any, names: list[str]) -> tuple[Any, Any, tuple] | None:
-        """`names`' A weights stacked [sum of ranks, in], their B weights transposed and stacked [sum of ranks,
-        out], and each adapter's (name, (first column, end, scaling)); cached per layer while the same adapters'
-        weights stay the same tensors, unchanged (serve's runtime adapters load and unload between passes). None
-        where the plain LoRA sum does not hold (dropout in training, a bias, weights of two dtypes): those take
-        _one_lora."""
-        if not names or module.training:
+    def _add_lora(self, module: Any, slices: list[tuple[str, int, int]], result: Any, x: Any) -> None:
+        """Add each slice's adapter's LoRA into its tokens' rows of `result` in place: scaling x
+        lora_B(lora_A(x)), the sum peft's `_mixed_batch_forward` adds without its per-row split (index lists,
+        gathers and scatters, ~7 ops per adapter in every LoRA layer of every pass).
+
+        Several adapters whose groups of tokens are about the same size (decoding rows) go through two batched
+        GEMMs over their stacked weights, one group per batch entry (_stacked, _groups): the same multiply-adds as
+        one adapter's, in the same number of ops. Otherwise (one adapter, or a long prompt on one of them) each
+        adapter takes two GEMMs over its own slice, the scaling (addmm's alpha) and, in a float32 model, the add
+        (its beta) folded into the second; a bfloat16 model's sums gather in one float32 buffer, converted and
+        added once. Measured on the tiny base, 16 decoding rows on 4 adapters: see docs/BENCHMARKS.md "Serving
+        load"."""
+        flat = x.reshape(-1, x.shape[-1])
+        target = result.view(flat.shape[0], -1)
+        stack = self._stacked(module, tuple(name for name, _, _ in slices)) if len(slices) > 1 else None
+        if stack is not None:
+            a_all, b_all = stack
+            rows, valid, dest, slices = self._groups(tuple(slices), flat.shape[0], flat.device)
+            xs = flat.to(a_all.dtype)
+            xs = (xs if rows is None else xs.index_select(0, rows)).view(len(a_all), -1, xs.shape[1])
+            y = torch.bmm(torch.bmm(xs, a_all), b_all).view(-1, target.shape[1])
+            y = (y if valid is None else y.index_select(0, valid)).to(target.dtype)
+            if isinstance(dest, slice):
+                target[dest] += y
+            else:
+                target.index_add_(0, dest, y)
+            if not slices:
+                return
+        lora_a, lora_b = module.lora_A, module.lora_B
+        dtype = lora_a[slices[0][0]].weight.dtype
+        if module.training or any(
+            lora_a[n].bias is not None or lora_b[n].bias is not None or lora_a[n].weight.dtype != dtype
+            for n, _, _ in slices
+        ):  # dropout in training, a LoRA bias, adapters of two dtypes: each adapter through its own modules
+            for name, first, end in slices:
+                self._one_lora(module, name, target[first:end], flat[first:end])
+            return
+        lo, hi = slices[0][1], slices[-1][2]  # (slices are in token order)
+        xs = flat[lo:hi].to(dtype)
+        if target.dtype == dtype:  # the sums go straight into the result
+            delta = target[lo:hi]
+        else:  # tokens between the slices (the base model's, another adapter's) must get nothing
+            covered = sum(end - first for _, first, end in slices) == hi - lo
+            delta = (torch.empty if covered else torch.zeros)(hi - lo, target.shape[1], dtype=dtype, device=xs.device)
+        for name, first, end in slices:
+            xa = F.linear(xs[first - lo : end - lo], lora_a[name].weight)
+            beta = 1 if delta.dtype == target.dtype else 0  # (an empty buffer's contents are ignored at 0)
+            delta[first - lo : end - lo].addmm_(xa, lora_b[name].weight.t(), beta=beta, alpha=module.scaling[name])
+        if delta.dtype != target.dtype:
+            target[lo:hi] += delta.to(target.dtype)
+
+    def _stacked(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
+        """`names`' A weights stacked and transposed [adapters, in, rank] and their B weights transposed and
+        scaled [adapters, rank, out], cached per layer while the same adapters' weights stay the same tensors,
+        unchanged (serve's runtime adapters load and unload between passes; the check reads peft's modules'
+        `_modules` / `_parameters` dicts directly, ~10x cheaper than nn.Module's attribute lookup, which summed
+        to ~0.4 ms of a ~9 ms pass on the tiny base). None where a batched sum does not hold (dropout in training,
+        a bias, ranks or dtypes that differ, inference tensors with no version counter): those take the slices."""
+        if module.training:
             return None
-        weights = tuple(w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight))
+        lora_a, lora_b = module.lora_A._modules, module.lora_B._modules
+        weights = tuple(w for n in names for w in (lora_a[n]._parameters["weight"], lora_b[n]._parameters["weight"]))
         try:
             versions = tuple(w._version for w in weights)
         except RuntimeError:  # inference tensors keep no version counter: nothing to check a copy against
@@ -302,20 +326,43 @@ class LeanDecoder:
         hit = self._stacks.get(id(module))
         if hit is not None and hit[0] == versions and all(a is b for a, b in zip(hit[1], weights, strict=True)):
             return hit[2]
-        if any(module.lora_B[n].bias is not None or module.lora_A[n].bias is not None for n in names) or any(
-            w.dtype != weights[0].dtype for w in weights
+        first = weights[0]
+        if any(lora_a[n].bias is not None or lora_b[n].bias is not None for n in names) or any(
+            w.dtype != first.dtype or w.shape != weights[i % 2].shape for i, w in enumerate(weights)
         ):
-            return None
-        parts, start = [], 0
-        for n in names:
-            rank = module.lora_A[n].weight.shape[0]
-            parts.append((n, (start, start + rank, float(module.scaling[n]))))
-            start += rank
-        a_all = torch.cat([module.lora_A[n].weight for n in names])
-        b_all = torch.cat([module.lora_B[n].weight.t() for n in names])
-        stack = (a_all, b_all, tuple(parts))
+            stack = None
+        else:
+            a_all = torch.stack([lora_a[n].weight.t() for n in names])
+            b_all = torch.stack([lora_b[n].weight.t() * float(module.scaling[n]) for n in names])
+            stack = (a_all, b_all)
         self._stacks[id(module)] = (versions, weights, stack)
         return stack
+
+    def _groups(self, slices: tuple[tuple[str, int, int], ...], total: int, device: Any) -> tuple:
+        """How the pass's tokens go into the batched GEMMs, one adapter's group of `size` tokens per batch entry
+        (cached per pass): (the rows to gather, or None when the groups are equal and cover every token in order;
+        which products are real, or None for all; where they go: a slice of rows or each one's row; the slices
+        left over). The size is the groups' lower median: a shorter group repeats its last token (computed, then
+        left out); a longer one's tokens past it (a prompt on one adapter beside decoding rows) are left over for
+        the per-adapter GEMMs."""
+        hit = self._grouping.get(slices)
+        if hit is not None:
+            return hit
+        sizes = [end - first for _, first, end in slices]
+        size = sorted(sizes)[(len(sizes) - 1) // 2]
+        rows = [min(first + j, end - 1) for _, first, end in slices for j in range(size)]
+        real = [g * size + j for g, m in enumerate(sizes) for j in range(min(m, size))]
+        dest = [first + j for (_, first, end), m in zip(slices, sizes, strict=True) for j in range(min(m, size))]
+        rest = tuple((name, first + size, end) for name, first, end in slices if end - first > size)
+        contiguous = dest == list(range(dest[0], dest[0] + len(dest)))
+        plan = (
+            None if rows == list(range(total)) else torch.tensor(rows, device=device),
+            None if len(real) == len(rows) else torch.tensor(real, device=device),
+            slice(dest[0], dest[0] + len(dest)) if contiguous else torch.tensor(dest, device=device),
+            rest,
+        )
+        self._grouping[slices] = plan
+        return plan
 
     @staticmethod
     def _plain(base: Any, x: Any) -> Any:
