@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     # the machine's speed drifts between runs (+-20% on a shared 2-core VM): the HTTP / in-process and mixed / one
     # ratios are medians over this many rounds of alternating runs
-    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -149,9 +149,6 @@ def main() -> None:
             shutil.copytree(source, Path(tmp) / name)
         adapters = [f"{n}={Path(tmp) / n}" for n in names]
         n, mt = args.requests, args.max_tokens
-
-        def median3(run) -> float:  # one run on 2 shared cores is noisy
-            return statistics.median(run() for _ in range(3))
 
         # The in-process engine (in this process) and `toolkit serve` (its own process, as users run it; the
         # clients stay in this one) are both up; their runs alternate, so drift in the machine's speed hits both.
@@ -170,31 +167,29 @@ def main() -> None:
             engine_load(state, "a0", 16, 16, 4)
             http_load(url, ["a0"], 16, 16, 4)
             http_load(url, names, 16, 16, 4)
-            # each round: in-process, HTTP on one adapter, HTTP on 4 adapters mixed, one after the other; a ratio is
-            # the median of its per-round ratios (a run against the one beside it: the machine's speed drifts by
-            # more than the ratios' margins within one benchmark, e.g. one request at a time 187 then 145 tokens/s)
+            # each round: in-process, HTTP on one adapter, HTTP on 4 adapters mixed, HTTP one request at a time,
+            # one after the other; a ratio is the median of its per-round ratios (a run against the one beside it:
+            # the machine's speed drifts by more than the ratios' margins within one benchmark, e.g. one request at
+            # a time 187 then 145 tokens/s)
             rounds = [
                 (
                     engine_load(state, "a0", n, 16, mt),
                     http_load(url, ["a0"], n, 16, mt),
                     http_load(url, names, n, 16, mt),
+                    http_load(url, ["a0"], max(4, n // 8), 1, mt),
                 )
                 for _ in range(args.pairs)
             ]
-            in_process = statistics.median(a for a, _, _ in rounds)
-            concurrent = statistics.median(b for _, b, _ in rounds)
-            mixed = statistics.median(c for _, _, c in rounds)
-            paired = statistics.median(b / a for a, b, _ in rounds)
-            mixed_paired = statistics.median(c / b for _, b, c in rounds)
-            sequential = median3(lambda: http_load(url, ["a0"], max(4, n // 8), 1, mt))
+            in_process, concurrent, mixed, sequential = (statistics.median(r[i] for r in rounds) for i in range(4))
             ttft, full = zip(*(first_token(url, "a0", mt) for _ in range(3)), strict=True)
         finally:
             server.stop()
             state.engine.close()
     res = {
         "requests": n,
-        "http_vs_in_process_runs": [b / a for a, b, _ in rounds],
-        "mixed_vs_one_runs": [c / b for _, b, c in rounds],
+        "http_vs_in_process_runs": [b / a for a, b, _, _ in rounds],
+        "mixed_vs_one_runs": [c / b for _, b, c, _ in rounds],
+        "concurrency_runs": [b / d for _, b, _, d in rounds],
         "tokens_per_s": {
             "one_at_a_time": sequential,
             "16_clients": concurrent,
@@ -202,9 +197,9 @@ def main() -> None:
             "16_clients_4_adapters": mixed,
         },
         "ratios": {
-            "concurrency": concurrent / sequential,
-            "http_vs_in_process": paired,
-            "mixed_adapters_vs_one": mixed_paired,
+            "concurrency": statistics.median(b / d for _, b, _, d in rounds),
+            "http_vs_in_process": statistics.median(b / a for a, b, _, _ in rounds),
+            "mixed_adapters_vs_one": statistics.median(c / b for _, b, c, _ in rounds),
         },
         "ttft_s": statistics.median(ttft),
         "full_response_s": statistics.median(full),
@@ -217,9 +212,9 @@ def main() -> None:
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {cpu_label()} ({cpus()} cores), tiny base, "
             f"4 copies of the quickstart adapter, {n} requests of exactly {mt} greedy tokens each "
-            "(`ignore_eos`), `--max-batch 16`. Completion tokens per second: one request at a time, median of 3 "
-            f"runs; the 16-client runs (in-process, HTTP on one adapter, HTTP on 4 mixed), median of {len(rounds)} "
-            "rounds of the three one after the other, and their ratios the medians of the per-round ratios:",
+            "(`ignore_eos`), `--max-batch 16`. Completion tokens per second, median of "
+            f"{len(rounds)} rounds of the four runs one after the other; each ratio is the median of its per-round "
+            "ratios:",
             "",
             "| load | tokens/s |",
             "|---|---|",
@@ -233,6 +228,17 @@ def main() -> None:
             f"| 16 clients / one at a time | {r['concurrency']:.2f} | >= 6 |",
             f"| HTTP / in-process engine | {r['http_vs_in_process']:.2f} | >= 0.9 |",
             f"| 4 adapters mixed / one adapter | {r['mixed_adapters_vs_one']:.2f} | >= 0.85 |",
+            "",
+            "Per round: "
+            + "; ".join(
+                f"{label} " + ", ".join(f"{v:.2f}" for v in res[key])
+                for label, key in (
+                    ("16 clients / one at a time", "concurrency_runs"),
+                    ("HTTP / in-process", "http_vs_in_process_runs"),
+                    ("mixed / one", "mixed_vs_one_runs"),
+                )
+            )
+            + ".",
             "",
             f"Time to the first streamed token: {res['ttft_s'] * 1000:.0f} ms; full response of {mt} tokens: "
             f"{res['full_response_s'] * 1000:.0f} ms (median of 3, one client).",

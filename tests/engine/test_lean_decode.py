@@ -218,18 +218,20 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         ["second", "third", "first", "second", "third", "first"],  # equal groups: batched GEMMs over every token
         ["first", "second", "second", "third", "third"],  # a shorter group, padded to the others
         ["third", "__base__", "first", "second", "first"],  # base rows between the groups
+        ["first", "second", "third", "fourth"],  # the fresh prompt would pad 4 groups past PAD_LIMIT: its own GEMMs
     ],
 )
 def test_a_pass_of_three_adapters_and_the_base_with_a_fresh_prompt_gets_each_rows_own_lora(trained, layout):
-    """The batched LoRA of a mixed pass (each adapter's group of tokens one batch entry; a shorter group padded, a
-    fresh prompt's tokens past the groups' size through its adapter's own GEMMs): the logits of peft's per-row
+    """The batched LoRA of a mixed pass (each adapter's group of tokens one batch entry; a shorter group padded, or
+    a fresh prompt's tokens past the groups' size through its adapter's own GEMMs): the logits of peft's per-row
     split in the model's forward, for decoding steps and for a pass that also prefills a prompt."""
     model = trained.model
     from toolkit.lora.registry import enable_mixed_adapter_batches
 
     enable_mixed_adapter_batches()
     first = next(iter(model.peft_config))
-    for extra, factor in (("second", -2.0), ("third", 0.5)):
+    extras = (("second", -2.0), ("third", 0.5), ("fourth", 1.5))
+    for extra, factor in extras:
         model.load_adapter(str(trained.adapter_dir), adapter_name=extra)
         with torch.no_grad():  # each its own B weights
             for module in model.modules():
@@ -254,8 +256,8 @@ def test_a_pass_of_three_adapters_and_the_base_with_a_fresh_prompt_gets_each_row
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < tolerance
     finally:
-        model.delete_adapter("second")
-        model.delete_adapter("third")
+        for extra, _ in extras:
+            model.delete_adapter(extra)
 
 
 def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
