@@ -94,7 +94,8 @@ def _fast_training_dequant(module) -> None:
     contiguous groups (`g_idx = i // group_size`: the 27B's format and every tiny base) the same product
     broadcasts one row of scales and zeros over each group of rows. The nibbles are read as bytes rather than
     shifted out of int32 words. Bit-identical to GPTQModel's result (tests/base/test_kernels.py); on the small
-    base's 1024 x 4096 layers 7.7 ms instead of 21 in float32 (2 cores), which was a quarter of a training step.
+    base's 1024 x 4096 layers 2.2-2.7 ms instead of 21 in float32 (2 cores; GPTQModel's took a quarter of a
+    training step).
     Any other layout keeps GPTQModel's method.
     """
     import sys
@@ -122,11 +123,16 @@ def _fast_training_dequant(module) -> None:
         if num_itr != 1:
             return original(self, num_itr=num_itr)
         rows, cols = self.qweight.shape
-        packed = self.qweight.view(torch.uint8).reshape(rows, cols, 4)  # byte b holds values 2b (low), 2b+1
-        codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(rows, cols, 8).permute(0, 2, 1)
+        # byte b holds values 2b (low nibble) and 2b+1, read as int8 (a masked nibble is 0..15 either way) and
+        # written straight into their rows: no stack, permuted copy or int8 conversion of the full-size codes
+        # (small base, 1024 x 4096: 2.2-2.7 ms instead of 7.7-10.3 for the whole dequantisation, bit for bit)
+        packed = self.qweight.view(torch.int8).reshape(rows, cols, 4).permute(0, 2, 1)
+        codes = torch.empty(rows, 8, cols, dtype=torch.int8, device=packed.device)
+        torch.bitwise_and(packed, 15, out=codes[:, 0::2])
+        torch.bitwise_and(packed >> 4, 15, out=codes[:, 1::2])
         zeros = self.qzeros.view(torch.uint8)
-        zeros = torch.stack((zeros & 15, zeros >> 4), dim=-1).reshape(groups, cols)
-        diff = codes.reshape(groups, -1, cols).to(torch.int8) - zeros.to(torch.int8)[:, None, :]
+        zeros = torch.stack((zeros & 15, zeros >> 4), dim=-1).reshape(groups, cols).view(torch.int8)
+        diff = codes.view(groups, -1, cols).sub_(zeros[:, None, :])
         out = diff.to(self.scales.dtype)
         out.mul_(self.scales[:, None, :])
         return out.view(rows * 8, cols)
