@@ -268,13 +268,11 @@ class LeanDecoder:
         lora_B(lora_A(x)), the sum peft's `_mixed_batch_forward` adds without its per-row split (index lists,
         gathers and scatters, ~7 ops per adapter in every LoRA layer of every pass).
 
-        Several adapters whose groups of tokens are about the same size (decoding rows) go through two batched
-        GEMMs over their stacked weights, one group per batch entry (_stacked, _groups): the same multiply-adds as
-        one adapter's, in the same number of ops. Otherwise (one adapter, or a long prompt on one of them) each
-        adapter takes two GEMMs over its own slice, the scaling (addmm's alpha) and, in a float32 model, the add
-        (its beta) folded into the second; a bfloat16 model's sums gather in one float32 buffer, converted and
-        added once. Measured on the tiny base, 16 decoding rows on 4 adapters: see docs/BENCHMARKS.md "Serving
-        load"."""
+        Several adapters go through two batched GEMMs over their stacked weights, one adapter's group of tokens
+        per batch entry (_stacked; _groups pads the groups or leaves a long group's extra tokens over). One adapter,
+        and tokens left over, take two GEMMs per adapter over its own slice, the scaling (addmm's alpha) and, in a
+        float32 model, the add (its beta) folded into the second; a bfloat16 model's sums gather in one float32
+        buffer, converted and added once. Measured on the tiny base: docs/BENCHMARKS.md "Serving load"."""
         flat = x.reshape(-1, x.shape[-1])
         target = result.view(flat.shape[0], -1)
         stack = self._stacked(module, tuple(name for name, _, _ in slices)) if len(slices) > 1 else None
@@ -302,16 +300,17 @@ class LeanDecoder:
             return
         lo, hi = slices[0][1], slices[-1][2]  # (slices are in token order)
         xs = flat[lo:hi].to(dtype)
-        if target.dtype == dtype:  # the sums go straight into the result
+        direct = target.dtype == dtype  # the sums go straight into the result
+        if direct:
             delta = target[lo:hi]
         else:  # tokens between the slices (the base model's, another adapter's) must get nothing
             covered = sum(end - first for _, first, end in slices) == hi - lo
             delta = (torch.empty if covered else torch.zeros)(hi - lo, target.shape[1], dtype=dtype, device=xs.device)
-        for name, first, end in slices:
+        for name, first, end in slices:  # (at beta 0 an empty buffer's contents are ignored)
             xa = F.linear(xs[first - lo : end - lo], lora_a[name].weight)
-            beta = 1 if delta.dtype == target.dtype else 0  # (an empty buffer's contents are ignored at 0)
-            delta[first - lo : end - lo].addmm_(xa, lora_b[name].weight.t(), beta=beta, alpha=module.scaling[name])
-        if delta.dtype != target.dtype:
+            b = lora_b[name].weight.t()
+            delta[first - lo : end - lo].addmm_(xa, b, beta=int(direct), alpha=module.scaling[name])
+        if not direct:
             target[lo:hi] += delta.to(target.dtype)
 
     def _stacked(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
