@@ -180,10 +180,14 @@ def test_the_lean_int4_forward_gives_the_same_logits_as_gptqmodels_own(tiny_ct, 
 
 @pytest.mark.parametrize("kernel", [k for k in CPU_KERNELS if kernels.get(k, "cpu").trains])
 def test_training_dequantisation_equals_gptqmodels_own_bit_for_bit(tiny_ct, kernel):
-    """A CPU training load dequantises with broadcast group scales (gptq_backend._fast_training_dequant)."""
+    """A CPU training load dequantises with broadcast group scales (gptq_backend._fast_training_dequant), straight
+    into the dtype the layer's training matmul uses: the same bits as GPTQModel's result converted to it."""
     model = load_base(tiny_ct, device="cpu", kernel=kernel, training=True).model
     model.train()  # as the trainer does: TorchAtenLinear converts its zero points here
     layers = [m for m in model.modules() if gptq_backend.is_quantized_linear(m)]
     assert layers and all("dequantize_weight" in vars(m) for m in layers)
+    matmul_dtype = torch.bfloat16 if kernel in ("torch_fused", "torch_aten") else torch.float32
     for m in layers:
-        assert torch.equal(m.dequantize_weight(), type(m).dequantize_weight(m))
+        ours = m.dequantize_weight()
+        assert ours.dtype == matmul_dtype
+        assert torch.equal(ours, type(m).dequantize_weight(m).to(matmul_dtype))

@@ -96,6 +96,11 @@ def _fast_training_dequant(module) -> None:
     shifted out of int32 words. Bit-identical to GPTQModel's result (tests/base/test_kernels.py); on the small
     base's 1024 x 4096 layers 2.2-2.7 ms instead of 21 in float32 (2 cores; GPTQModel's took a quarter of a
     training step).
+    TorchFusedLinear multiplies in bfloat16 whatever the model's dtype (its training forward casts the input and
+    then the dequantised weight to bfloat16), so for it the weight is produced in bfloat16 directly: a code minus
+    its zero point (-15..15) times a bfloat16 scale is exact in float32, and bfloat16 arithmetic rounds that exact
+    product once, as GPTQModel's float32 result's conversion does: the same bits, without the float32 matrix and
+    the conversion pass (tested).
     Any other layout keeps GPTQModel's method.
     """
     import sys
@@ -118,6 +123,8 @@ def _fast_training_dequant(module) -> None:
     ):
         return
     original = type(module).dequantize_weight
+    # None: the scales' dtype (GPTQModel's); TorchFusedLinear's forward converts the weight to bfloat16 anyway
+    out_dtype = torch.bfloat16 if type(module).__name__ == "TorchFusedLinear" else None
 
     def dequantize_weight(self, num_itr: int = 1):
         if num_itr != 1:
@@ -133,8 +140,9 @@ def _fast_training_dequant(module) -> None:
         zeros = self.qzeros.view(torch.uint8)
         zeros = torch.stack((zeros & 15, zeros >> 4), dim=-1).reshape(groups, cols).view(torch.int8)
         diff = codes.view(groups, -1, cols).sub_(zeros[:, None, :])
-        out = diff.to(self.scales.dtype)
-        out.mul_(self.scales[:, None, :])
+        scales = self.scales if out_dtype is None else self.scales.to(out_dtype)
+        out = diff.to(scales.dtype)
+        out.mul_(scales[:, None, :])
         return out.view(rows * 8, cols)
 
     module.dequantize_weight = types.MethodType(dequantize_weight, module)

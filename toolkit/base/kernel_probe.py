@@ -23,7 +23,7 @@ CANDIDATES = ("torch", "torch_fused", "torch_aten")  # on a near tie the earlier
 MARGIN = 1.15  # a later candidate must be this much faster: a close call keeps the more exact kernel
 BATCH, TOKENS, STEPS = 4, 128, 3
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-REVISION = 1  # part of the cache key: bump when the toolkit's own kernel shims (gptq_backend.py) change speeds
+REVISION = 2  # part of the cache key: bump when the toolkit's own kernel shims (gptq_backend.py) change speeds
 
 
 def cache_file() -> Path:
