@@ -330,6 +330,8 @@ def serve(
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
+    # loop and http stay "auto": uvicorn then runs on uvloop and httptools (installed with the toolkit, except
+    # uvloop on Windows); tests/serve/test_server.py checks that they resolve
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
 
 

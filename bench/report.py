@@ -14,15 +14,13 @@ def cpus() -> int:
 
 def cpu_label() -> str:
     """The CPU's model name and whether it has AVX512-BF16 (which decides the CPU kernel: docs/DEPENDENCIES.md)."""
-    import platform
+    from toolkit.base.kernel_probe import cpu_name  # the name the kernel timing's cache is keyed by
 
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    bf16 = "avx512_bf16" in info.split()
-    return f"{name or platform.machine()} ({'AVX512-BF16' if bf16 else 'no AVX512-BF16'})"
+        return cpu_name()
+    return f"{cpu_name()} ({'AVX512-BF16' if bf16 else 'no AVX512-BF16'})"
 
 
 def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:

@@ -212,6 +212,40 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         model.delete_adapter("second")
 
 
+def test_passes_that_flip_between_sets_of_adapters_reuse_each_sets_stacked_weights(trained):
+    """A mixed pass's stacked LoRA weights are kept per set of adapters (the latest STACKED_SETS per layer), so
+    passes that alternate between two sets restack nothing; a set with an adapter since unloaded is dropped at the
+    layer's next restack, and the oldest set goes past the limit."""
+    from toolkit.engine import lean_decode
+
+    model = trained.model
+    first = next(iter(model.peft_config))
+    extras = ["second", "third", "fourth", "fifth"]
+    for extra in extras:
+        model.load_adapter(str(trained.adapter_dir), adapter_name=extra)
+    try:
+        lean = LeanDecoder(model)
+        module = next(m for m in model.modules() if hasattr(m, "lora_A") and "second" in m.lora_A)
+        one, two = (first, "second"), (first, "third")
+        a, b = lean._stacked(module, one), lean._stacked(module, two)
+        assert a is not None and b is not None
+        assert lean._stacked(module, one) is a and lean._stacked(module, two) is b  # no restack when flipping
+        assert torch.equal(a[0][1], module.lora_A["second"].weight.t())
+        model.delete_adapter("third")
+        c = lean._stacked(module, (first, "fourth"))  # a restack: the set holding the unloaded adapter goes
+        assert set(lean._stacks[id(module)]) == {one, (first, "fourth")}
+        assert c is not None and lean._stacked(module, (first, "fourth")) is c  # kept: the most recently used
+        others = [(first, "fifth"), ("second", "fourth"), ("second", "fifth"), ("fourth", "fifth"), (first, "second")]
+        for names in others[: lean_decode.STACKED_SETS - 1]:  # one set past the limit: the least recently used goes
+            lean._stacked(module, names)
+        sets = lean._stacks[id(module)]
+        assert len(sets) == lean_decode.STACKED_SETS and one not in sets and (first, "fourth") in sets
+    finally:
+        for extra in extras:
+            if extra in model.peft_config:
+                model.delete_adapter(extra)
+
+
 @pytest.mark.parametrize(
     "layout",
     [

@@ -24,6 +24,26 @@ def _image_uri(images, color):
     return "data:image/png;base64," + base64.b64encode(images[color].read_bytes()).decode()
 
 
+def test_the_server_runs_on_uvloop_and_httptools():
+    """`toolkit serve` leaves uvicorn's loop and HTTP parser on "auto" (cli.py): with the project's dependencies
+    installed they must resolve to uvloop and httptools, not asyncio's loop and the pure-Python h11, which cost
+    0.5 ms more server CPU per request (docs/BENCHMARKS.md, "Serving load")."""
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    async def app(scope, receive, send):  # any ASGI app: only the configuration is resolved
+        pass
+
+    config = uvicorn.Config(app, log_level="warning")
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    loop = config.get_loop_factory()()
+    try:
+        assert type(loop).__module__.split(".")[0] == "uvloop"
+    finally:
+        loop.close()
+
+
 def test_plain_completion_has_exactly_the_cards_shape(server):
     r = httpx.post(
         server.url + "/v1/chat/completions", json={"model": "quickstart", "messages": JAPAN, "temperature": 0}
