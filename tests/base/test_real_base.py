@@ -7,7 +7,7 @@ The base is GPTQ-built once per machine (minutes; CI's first run builds it) and 
 from __future__ import annotations
 
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -120,13 +120,19 @@ def _ask(url: str, messages: list, max_tokens: int = 12, model: str = "capitals"
     return r.json()["choices"][0]["message"]["content"]
 
 
+def _all_at_once(fn, items: list) -> list:
+    """`fn` over `items`, every call in its own thread at once (requests the server batches together)."""
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
 @pytest.fixture(scope="module")
 def server(real_base, capitals):
     from toolkit.serve.app import build_state
 
     # Fixed prefill chunks: paced chunks follow measured step times, so a prompt's pass boundaries (and its float
     # rounding) would differ between a run alone and a run beside others.
-    adapters = [f"capitals={capitals.adapter_dir}"]
+    adapters = [f"capitals={capitals.adapter_dir}", f"capitals-copy={capitals.adapter_dir}"]
     state = build_state(base=str(real_base), device="cpu", adapters=adapters, prefill_pacing=None)
     live = LiveServer(state)
     yield live
@@ -151,15 +157,27 @@ def test_long_prompts_past_the_sliding_window_answer_the_same_alone_and_batched(
     assert min(lengths) > 2 * 512, lengths  # the 512-token sliding window is crossed at least twice
     messages = [[{"role": "user", "content": p}] for p in prompts]
     alone = [_ask(server.url, m, max_tokens=8) for m in messages]
-    batched: list[str | None] = [None] * len(messages)
-
-    def ask(i: int) -> None:
-        batched[i] = _ask(server.url, messages[i], max_tokens=8)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(messages))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    batched = _all_at_once(lambda m: _ask(server.url, m, max_tokens=8), messages)
     assert batched == alone
     assert all(a for a in alone)
+
+
+def test_rows_on_two_adapters_and_the_base_in_one_batch_answer_as_each_alone(server):
+    """Mixed passes on the real shapes (262k-token head, 640 hidden): rows on two adapters and on the base, sent
+    together, are grouped by adapter with the adapters' LoRA stacked into batched GEMMs (engine/lean_decode.py);
+    each answer equals the one its request gets alone, the two names of one adapter answer alike, and the base's
+    rows get no LoRA (the adapter's one-word format is not theirs)."""
+    import httpx
+
+    base = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    questions = [f"What is the capital of {c}?" for c in ("Hungary", "Japan", "Kenya")]
+    jobs = [(model, q) for q in questions for model in ("capitals", base, "capitals-copy")]
+
+    def ask(job: tuple[str, str]) -> str:
+        return _ask(server.url, [{"role": "user", "content": job[1]}], model=job[0])
+
+    alone = {job: ask(job) for job in jobs}
+    assert dict(zip(jobs, _all_at_once(ask, jobs), strict=True)) == alone
+    assert all(alone[("capitals", q)] == alone[("capitals-copy", q)] for q in questions)
+    assert all(" " not in alone[("capitals", q)].strip() for q in questions)
+    assert any(alone[(base, q)] != alone[("capitals", q)] for q in questions)
