@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,35 @@ def test_only_available_kernels_are_timed_and_an_unwritable_cache_still_trains(t
     assert name == "torch_fused" and "could not keep the kernel timing" in lines[-1]
     only = kernel_probe.fastest_training_kernel(tmp_path, _config(), lambda k: k.name != "torch" and "no", print)
     assert only == ("torch", "auto (one trainable kernel here)")
+
+
+def _rank(rank: int, tmp: str) -> None:
+    """One rank of a 2-process gloo group on a cold cache of its own, its timings disagreeing with rank 0's."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["TOOLKIT_CACHE"] = f"{tmp}/cache-{rank}"
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    timed = []
+    seconds = {"torch": 1.0, "torch_fused": 0.5 if rank == 0 else 2.0, "torch_aten": 2.0 if rank == 0 else 0.2}
+
+    def timer(folder, kernel):
+        timed.append(kernel.name)
+        return seconds[kernel.name]
+
+    name, reason = kernel_probe.fastest_training_kernel(Path(tmp), _config(), lambda k: None, lambda line: None, timer)
+    Path(tmp, f"rank-{rank}.json").write_text(json.dumps({"name": name, "reason": reason, "timed": timed}))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_of_a_multi_process_launch_all_take_rank_0s_kernel(tmp_path):
+    """DDP broadcasts rank 0's parameters and buffers at its first step, and they differ between kernels: ranks
+    that timed apart and picked differently abort there. Rank 0 times; the others take its answer untimed."""
+    torch.multiprocessing.spawn(_rank, args=(str(tmp_path),), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert zero["name"] == one["name"] == "torch_fused" and zero["reason"] == one["reason"]
+    assert sorted(zero["timed"]) == sorted(kernel_probe.CANDIDATES) and one["timed"] == []
 
 
 def test_a_cpu_training_load_times_the_real_kernels_then_uses_the_kept_choice(tiny_ct, cache):

@@ -292,7 +292,15 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path, monkeypatch)
 
 
 def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_path):
-    """The documented multi-GPU command, with 2 processes: on a machine without GPUs DDP runs on CPU (gloo)."""
+    """The documented multi-GPU command, with 2 processes: on a machine without GPUs DDP runs on CPU (gloo).
+
+    As on a fresh machine: a cold cache and a checkpoint not yet repacked, so both ranks load it at once and auto's
+    training kernel is timed for their thread count (one each) by rank 0 alone, the other rank taking its answer
+    (ranks that timed apart could pick different kernels, and DDP's first broadcast aborted on that)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ct, base, ignore=shutil.ignore_patterns(".toolkit-gptq*"))
     cmd = [
         sys.executable,
         "-m",
@@ -306,14 +314,16 @@ def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_pa
         "train",
         QUICKSTART,
         "--set",
-        f"base.path={tiny_ct}",
+        f"base.path={base}",
         "--set",
         f"output.dir={tmp_path}",
         "--set",
         "training.epochs=2",
     ]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("training kernels on this base") == 1, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())
     assert manifest["metrics"]["train"]["steps"] == 22  # 84 rows split over 2 ranks, batch 4, 2 epochs
     assert r.stdout.count("adapter written to") == 1  # only the main process writes

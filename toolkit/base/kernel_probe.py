@@ -111,7 +111,27 @@ def fastest_training_kernel(
     progress: Callable[[str], None] = print,
     timer: Callable[[Path, object], float] = step_seconds,
 ) -> tuple[str, str]:
-    """The trainable CPU kernel auto uses for this base on this machine, and why (cached after the first call)."""
+    """The trainable CPU kernel auto uses for this base on this machine, and why (cached after the first call).
+
+    Under a multi-process launch every rank takes rank 0's answer: DDP's first step broadcasts rank 0's parameters
+    and buffers, which differ between kernels, so ranks that timed apart and picked differently abort there (seen:
+    a cold cache, two ranks on one CPU picking torch and torch_fused, gloo's broadcast killed by SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [_timed_or_kept(folder, config, available, progress, timer) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return _timed_or_kept(folder, config, available, progress, timer)
+
+
+def _timed_or_kept(
+    folder: Path,
+    config: dict,
+    available: Callable[[object], str | None],
+    progress: Callable[[str], None],
+    timer: Callable[[Path, object], float],
+) -> tuple[str, str]:
     import torch
 
     from toolkit.base import kernels

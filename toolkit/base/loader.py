@@ -217,6 +217,10 @@ def _measured_training_choice(gptq_dir: Path, config: dict) -> Any:
 
     from toolkit.base import gptq_backend, kernel_probe, kernels
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()  # the launch's process group, now (the Trainer's arguments reuse it): ranks agree over it
     name, reason = kernel_probe.fastest_training_kernel(
         gptq_dir, config, gptq_backend.unavailable, progress=lambda line: print(line, file=sys.stderr)
     )

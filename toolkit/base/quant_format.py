@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,16 +285,35 @@ def ensure_gptq(src: Path) -> Path:
     cache = gptq_cache_dir(src)
     stamp = cache / "toolkit_repack.json"
     fingerprint = source_fingerprint(src)
-    if stamp.exists() and json.loads(stamp.read_text()).get("source_fingerprint") == fingerprint:
+
+    def current() -> bool:
+        return stamp.exists() and json.loads(stamp.read_text()).get("source_fingerprint") == fingerprint
+
+    if current():
         return cache
+    from filelock import FileLock, Timeout
+
     cache.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted repack never leaves a half cache behind.
-    with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".repack-") as tmp:
-        repack_to_gptq(src, Path(tmp) / "out")
-        (Path(tmp) / "out" / "toolkit_repack.json").write_text(
-            json.dumps({"source": str(src.resolve()), "source_fingerprint": fingerprint}, indent=2) + "\n"
-        )
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(Path(tmp) / "out", cache)
-    return cache
+    # One repack at a time: a DDP launch's ranks (or a trainer and a server) start together, and a second repack
+    # would replace the folder the first one's process is loading (and write the 27B's 15 GB once per rank).
+    lock = FileLock(str(cache) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process's repack of {src} to GPTQ layout", file=sys.stderr)
+        lock.acquire()
+    try:
+        if current():  # the other process's repack
+            return cache
+        # Write beside the target and rename, so an interrupted repack never leaves a half cache behind.
+        with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".repack-") as tmp:
+            repack_to_gptq(src, Path(tmp) / "out")
+            (Path(tmp) / "out" / "toolkit_repack.json").write_text(
+                json.dumps({"source": str(src.resolve()), "source_fingerprint": fingerprint}, indent=2) + "\n"
+            )
+            if cache.exists():
+                shutil.rmtree(cache)
+            os.replace(Path(tmp) / "out", cache)
+        return cache
+    finally:
+        lock.release()
