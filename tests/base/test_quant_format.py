@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -52,29 +51,6 @@ def test_repack_is_cached_and_rebuilt_when_the_source_changes(tiny_ct, tmp_path)
     (src / "config.json").write_text(json.dumps(cfg))
     quant_format.ensure_gptq(src)
     assert json.loads((first / "config.json").read_text())["text_config"]["rope_theta"] == 12345.0
-
-
-def test_processes_loading_one_checkpoint_together_repack_it_once(tiny_ct, tmp_path, monkeypatch, capfd):
-    """A DDP launch's ranks load the checkpoint at the same moment: one repacks, the others wait and reuse it
-    (a second repack would replace the folder the first is loading from). Threads stand in for the ranks: the
-    lock is an OS file lock, held per open file, so threads of one process exclude each other as processes do."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    src = tmp_path / "src"
-    shutil.copytree(tiny_ct, src, ignore=shutil.ignore_patterns(".toolkit-gptq*"))
-    repack, calls = quant_format.repack_to_gptq, []
-
-    def slow_repack(*args):
-        calls.append(args)
-        time.sleep(1.0)  # long enough for every other caller to find the repack under way
-        repack(*args)
-
-    monkeypatch.setattr(quant_format, "repack_to_gptq", slow_repack)
-    with ThreadPoolExecutor(3) as pool:
-        folders = list(pool.map(lambda _: quant_format.ensure_gptq(src), range(3)))
-    assert len(calls) == 1 and folders == [folders[0]] * 3
-    assert (folders[0] / "toolkit_repack.json").is_file()
-    assert capfd.readouterr().err.count("waiting for another process's repack") == 2
 
 
 def test_gptq_format_and_compressed_tensors_give_the_same_logits(tiny_gptq, base):

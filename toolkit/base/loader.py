@@ -149,8 +149,11 @@ def prepare_recipe_base(section: Any) -> Path:
     path = Path(section.path)
     if section.tiny_seed is not None and not path.exists():
         from toolkit.base import builder as tiny_base
+        from toolkit.base.file_lock import exclusive
 
-        tiny_base.build(path, seed=section.tiny_seed)
+        with exclusive(path, "build of the tiny base"):
+            if not path.exists():  # not built meanwhile by another process (a DDP launch's other ranks)
+                tiny_base.build(path, seed=section.tiny_seed)
     return resolve_path(section.path)
 
 

@@ -19,12 +19,12 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit import constants as C
+from toolkit.base.file_lock import exclusive
 from toolkit.errors import ToolkitError
 
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -291,19 +291,8 @@ def ensure_gptq(src: Path) -> Path:
 
     if current():
         return cache
-    from filelock import FileLock, Timeout
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # One repack at a time: a DDP launch's ranks (or a trainer and a server) start together, and a second repack
-    # would replace the folder the first one's process is loading (and write the 27B's 15 GB once per rank).
-    lock = FileLock(str(cache) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting for another process's repack of {src} to GPTQ layout", file=sys.stderr)
-        lock.acquire()
-    try:
-        if current():  # the other process's repack
+    with exclusive(cache, f"repack of {src} to GPTQ layout"):
+        if current():  # another process's repack
             return cache
         # Write beside the target and rename, so an interrupted repack never leaves a half cache behind.
         with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".repack-") as tmp:
@@ -314,6 +303,4 @@ def ensure_gptq(src: Path) -> Path:
             if cache.exists():
                 shutil.rmtree(cache)
             os.replace(Path(tmp) / "out", cache)
-        return cache
-    finally:
-        lock.release()
+    return cache
