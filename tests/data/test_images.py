@@ -136,6 +136,29 @@ def test_http_fetch_is_refused_for_loopback_unless_allowed_then_cached(server, t
         load_image(f"{server}/nothing.png", policy=allowed)
 
 
+def test_two_fetches_of_one_url_at_once_both_cache_it(server, tmp_path, monkeypatch):
+    """A DDP launch's ranks read the same training rows at once: both fetch an uncached URL and write the cache.
+    Both writes are held until both are ready to rename (a shared temporary would be renamed away under one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import toolkit.data.images as images_module
+
+    both_written, replace = threading.Barrier(2, timeout=10), images_module.os.replace
+
+    def replace_together(src, dst):
+        both_written.wait()
+        replace(src, dst)
+
+    monkeypatch.setattr(images_module.os, "replace", replace_together)
+    policy = ImagePolicy(allow_private_urls=True, cache_dir=tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: load_image(f"{server}/red.png", policy=policy), range(2)))
+    assert [im.getpixel((32, 32)) for im in loaded] == [(255, 0, 0)] * 2
+    [cached] = tmp_path.iterdir()  # one cache file, no temporary left
+    assert load_image(f"{server}/red.png", policy=policy).getpixel((32, 32)) == (255, 0, 0)
+    assert cached.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_http_size_cap_and_timeout(server, tmp_path):
     capped = ImagePolicy(allow_private_urls=True, cache_dir=None, max_bytes=1024)
     with pytest.raises(ToolkitError, match="larger than 1024 bytes"):

@@ -15,6 +15,7 @@ import io
 import ipaddress
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,11 @@ def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
         data = b"".join(chunks)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            # a temporary of its own: a DDP launch's ranks (or the server's threads) may fetch one URL at once,
+            # and a shared name would be renamed away under the other writer
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, cache_file)
         return data
     raise ToolkitError(f"image URL {url!r} redirects more than {policy.max_redirects} times", where=where)
