@@ -114,8 +114,8 @@ def fastest_training_kernel(
     """The trainable CPU kernel auto uses for this base on this machine, and why (cached after the first call).
 
     Under a multi-process launch every rank takes rank 0's answer: DDP's first step broadcasts rank 0's parameters
-    and buffers, which differ between kernels, so ranks that timed apart and picked differently abort there (seen:
-    a cold cache, two ranks on one CPU picking torch and torch_fused, gloo's broadcast killed by SIGABRT)."""
+    and buffers, which differ between kernels, so ranks that timed apart and picked differently abort there (seen
+    on a cold cache: two ranks on one CPU timed at once near a tie and gloo's broadcast was killed by SIGABRT)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
