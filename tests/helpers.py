@@ -1,4 +1,5 @@
-"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, and a live
+"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, calls made
+all at once from threads, and a live
 server (a module-level name, so any test module can import it; every conftest.py is imported as `conftest`)."""
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ def run_cli(*args, cwd: str | Path | None = ROOT, **kwargs) -> subprocess.Comple
 def start_cli(*args, stdout: IO, stderr: IO, cwd: str | Path = ROOT) -> subprocess.Popen:
     """Start `toolkit ARGS` in the background (for tests that interrupt or kill it)."""
     return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, stdout=stdout, stderr=stderr)
+
+
+def all_at_once(fn, items: list) -> list:
+    """`fn` over `items`, every call in its own thread at once (requests a server batches together, processes
+    starting together on one file), results in `items`' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(fn, items))
 
 
 class LiveServer:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+
+from helpers import all_at_once
 
 from toolkit.base import builder, quant_format
 from toolkit.base.loader import prepare_recipe_base
@@ -29,16 +30,11 @@ def _slow(monkeypatch, module, name: str) -> list:
     return calls
 
 
-def _together(fn, callers: int = 3) -> list:
-    with ThreadPoolExecutor(callers) as pool:
-        return list(pool.map(lambda _: fn(), range(callers)))
-
-
 def test_processes_loading_one_checkpoint_together_repack_it_once(tiny_ct, tmp_path, monkeypatch, capfd):
     src = tmp_path / "src"
     shutil.copytree(tiny_ct, src, ignore=shutil.ignore_patterns(".toolkit-gptq*"))
     calls = _slow(monkeypatch, quant_format, "repack_to_gptq")
-    folders = _together(lambda: quant_format.ensure_gptq(src))
+    folders = all_at_once(lambda _: quant_format.ensure_gptq(src), range(3))
     assert len(calls) == 1 and folders == [folders[0]] * 3
     assert (folders[0] / "toolkit_repack.json").is_file()
     assert capfd.readouterr().err.count("waiting for another process's repack") == 2
@@ -47,7 +43,7 @@ def test_processes_loading_one_checkpoint_together_repack_it_once(tiny_ct, tmp_p
 def test_processes_starting_one_recipe_together_build_its_tiny_base_once(tmp_path, monkeypatch, capfd):
     section = SimpleNamespace(path=str(tmp_path / "build" / "tiny-base"), tiny_seed=0)
     calls = _slow(monkeypatch, builder, "build")
-    folders = _together(lambda: prepare_recipe_base(section))
+    folders = all_at_once(lambda _: prepare_recipe_base(section), range(3))
     assert len(calls) == 1 and folders == [folders[0]] * 3
     assert (folders[0] / "config.json").is_file()
     assert capfd.readouterr().err.count("waiting for another process's build of the tiny base") == 2

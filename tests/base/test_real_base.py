@@ -7,11 +7,10 @@ The base is GPTQ-built once per machine (minutes; CI's first run builds it) and 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, LiveServer, run_cli
+from helpers import ROOT, LiveServer, all_at_once, run_cli
 
 pytestmark = pytest.mark.real_base
 DATA = Path(__file__).parent / "data"
@@ -120,12 +119,6 @@ def _ask(url: str, messages: list, max_tokens: int = 12, model: str = "capitals"
     return r.json()["choices"][0]["message"]["content"]
 
 
-def _all_at_once(fn, items: list) -> list:
-    """`fn` over `items`, every call in its own thread at once (requests the server batches together)."""
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(fn, items))
-
-
 @pytest.fixture(scope="module")
 def server(real_base, capitals):
     from toolkit.serve.app import build_state
@@ -157,7 +150,7 @@ def test_long_prompts_past_the_sliding_window_answer_the_same_alone_and_batched(
     assert min(lengths) > 2 * 512, lengths  # the 512-token sliding window is crossed at least twice
     messages = [[{"role": "user", "content": p}] for p in prompts]
     alone = [_ask(server.url, m, max_tokens=8) for m in messages]
-    batched = _all_at_once(lambda m: _ask(server.url, m, max_tokens=8), messages)
+    batched = all_at_once(lambda m: _ask(server.url, m, max_tokens=8), messages)
     assert batched == alone
     assert all(a for a in alone)
 
@@ -177,7 +170,7 @@ def test_rows_on_two_adapters_and_the_base_in_one_batch_answer_as_each_alone(ser
         return _ask(server.url, [{"role": "user", "content": job[1]}], model=job[0])
 
     alone = {job: ask(job) for job in jobs}
-    assert dict(zip(jobs, _all_at_once(ask, jobs), strict=True)) == alone
+    assert dict(zip(jobs, all_at_once(ask, jobs), strict=True)) == alone
     assert all(alone[("capitals", q)] == alone[("capitals-copy", q)] for q in questions)
     assert all(" " not in alone[("capitals", q)].strip() for q in questions)
     assert any(alone[(base, q)] != alone[("capitals", q)] for q in questions)

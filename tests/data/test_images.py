@@ -10,6 +10,7 @@ import time
 import zlib
 
 import pytest
+from helpers import all_at_once
 
 from toolkit.data.images import ImagePolicy, _check_host, load_image
 from toolkit.errors import ToolkitError
@@ -139,8 +140,6 @@ def test_http_fetch_is_refused_for_loopback_unless_allowed_then_cached(server, t
 def test_two_fetches_of_one_url_at_once_both_cache_it(server, tmp_path, monkeypatch):
     """A DDP launch's ranks read the same training rows at once: both fetch an uncached URL and write the cache.
     Both writes are held until both are ready to rename (a shared temporary would be renamed away under one)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import toolkit.data.images as images_module
 
     both_written, replace = threading.Barrier(2, timeout=10), images_module.os.replace
@@ -151,8 +150,7 @@ def test_two_fetches_of_one_url_at_once_both_cache_it(server, tmp_path, monkeypa
 
     monkeypatch.setattr(images_module.os, "replace", replace_together)
     policy = ImagePolicy(allow_private_urls=True, cache_dir=tmp_path)
-    with ThreadPoolExecutor(2) as pool:
-        loaded = list(pool.map(lambda _: load_image(f"{server}/red.png", policy=policy), range(2)))
+    loaded = all_at_once(lambda _: load_image(f"{server}/red.png", policy=policy), range(2))
     assert [im.getpixel((32, 32)) for im in loaded] == [(255, 0, 0)] * 2
     [cached] = tmp_path.iterdir()  # one cache file, no temporary left
     assert load_image(f"{server}/red.png", policy=policy).getpixel((32, 32)) == (255, 0, 0)
