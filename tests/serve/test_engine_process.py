@@ -57,3 +57,13 @@ def test_when_the_engine_process_dies_requests_end_and_health_says_so(make_serve
     assert after.status_code == 503 and after.json()["error"]["code"] == "engine_gone"
     health = httpx.get(s.url + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "engine process exited"
+
+
+def test_the_engine_process_starts_without_third_party_log_lines(tiny_ct, capfd):
+    """The child writes to the server's terminal: a quiet start there, as the CLI's own (quiet.py)."""
+    from toolkit.serve.engine_process import EngineClient, EngineSpec
+
+    capfd.readouterr()
+    engine = EngineClient(EngineSpec(base=str(tiny_ct), adapters=[], device="cpu"))
+    engine.close()
+    assert capfd.readouterr().err == ""

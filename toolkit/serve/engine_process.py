@@ -325,5 +325,10 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 if __name__ == "__main__":  # the child: python -m toolkit.serve.engine_process FD
+    from toolkit.quiet import quiet_third_party
+
+    # before the base's imports, as the CLI does: the child's stderr is the server's terminal, and transformers'
+    # processor import pulls in torchao, which logs two torch warnings a user can do nothing about
+    quiet_third_party()
     connection = Connection(int(sys.argv[1]))
     _child_main(connection, _take(connection))
