@@ -13,11 +13,12 @@ compares its gradients with the reference); this only decides which is fastest.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from toolkit.atomic_file import write_atomic
 
 CANDIDATES = ("torch", "torch_fused", "torch_aten")  # on a near tie the earlier wins: float32 first
 MARGIN = 1.15  # a later candidate must be this much faster: a close call keeps the more exact kernel
@@ -152,10 +153,7 @@ def _timed_or_kept(
     summary = ", ".join(f"{n} {BATCH * TOKENS / s:.0f}" for n, s in seconds.items()) + " tokens/s"
     known[key] = {"kernel": name, "summary": summary, "seconds": seconds}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: two runs never share a temporary
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)  # atomic: two runs starting together never read half a file
+        write_atomic(path, json.dumps(known, indent=1).encode())  # two runs starting together never read half
     except OSError as exc:  # a read-only home still trains, it just measures again next time
         progress(f"could not keep the kernel timing ({exc}); it will be measured again")
     return name, f"auto (measured now: {summary})"

@@ -15,12 +15,12 @@ import io
 import ipaddress
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
+from toolkit.atomic_file import write_atomic
 from toolkit.errors import ToolkitError
 
 DEFAULT_CACHE = Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit")) / "images"
@@ -115,14 +115,8 @@ def _fetch(url: str, where: str, policy: ImagePolicy) -> bytes:
                 raise ToolkitError(f"fetching image {url!r} took longer than {policy.timeout_s} s", where=where)
             chunks.append(chunk)
         data = b"".join(chunks)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            # a temporary of its own: a DDP launch's ranks (or the server's threads) may fetch one URL at once,
-            # and a shared name would be renamed away under the other writer
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, cache_file)
+        if cache_file is not None:  # a DDP launch's ranks (or the server's threads) may fetch one URL at once
+            write_atomic(cache_file, data)
         return data
     raise ToolkitError(f"image URL {url!r} redirects more than {policy.max_redirects} times", where=where)
 
