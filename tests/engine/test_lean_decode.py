@@ -212,10 +212,11 @@ def test_rows_of_two_adapters_and_the_base_interleaved_get_each_rows_own_lora(tr
         model.delete_adapter("second")
 
 
-def test_passes_that_flip_between_sets_of_adapters_reuse_each_sets_stacked_weights(trained):
-    """A mixed pass's stacked LoRA weights are kept per set of adapters (the latest STACKED_SETS per layer), so
-    passes that alternate between two sets restack nothing; a set with an adapter since unloaded is dropped at the
-    layer's next restack, and the oldest set goes past the limit."""
+def test_passes_that_flip_between_sets_of_adapters_reuse_each_sets_stacked_weights(trained, monkeypatch):
+    """A mixed pass's stacked LoRA weights are kept per set of adapters (the latest sets per layer, up to
+    STACKED_COPIES adapters' copies), so passes that alternate between two sets restack nothing; a set with an
+    adapter since unloaded is dropped at the layer's next restack, the oldest sets go past the limit, and a pass's
+    own set stays whatever its size."""
     from toolkit.engine import lean_decode
 
     model = trained.model
@@ -235,11 +236,18 @@ def test_passes_that_flip_between_sets_of_adapters_reuse_each_sets_stacked_weigh
         c = lean._stacked(module, (first, "fourth"))  # a restack: the set holding the unloaded adapter goes
         assert set(lean._stacks[id(module)]) == {one, (first, "fourth")}
         assert c is not None and lean._stacked(module, (first, "fourth")) is c  # kept: the most recently used
-        others = [(first, "fifth"), ("second", "fourth"), ("second", "fifth"), ("fourth", "fifth"), (first, "second")]
-        for names in others[: lean_decode.STACKED_SETS - 1]:  # one set past the limit: the least recently used goes
+        monkeypatch.setattr(lean_decode, "STACKED_COPIES", 6)  # three sets of two adapters
+        newer = [(first, "fifth"), ("second", "fifth")]
+        for names in newer:  # one set past the limit: the least recently used goes
             lean._stacked(module, names)
         sets = lean._stacks[id(module)]
-        assert len(sets) == lean_decode.STACKED_SETS and one not in sets and (first, "fourth") in sets
+        assert list(sets) == [(first, "fourth"), *newer]
+        wide = (first, "second", "fourth", "fifth")
+        lean._stacked(module, wide)  # 4 copies: the oldest two sets make room
+        assert list(lean._stacks[id(module)]) == [newer[1], wide]
+        monkeypatch.setattr(lean_decode, "STACKED_COPIES", 2)
+        three = (first, "fourth", "fifth")
+        assert lean._stacked(module, three) is not None and list(lean._stacks[id(module)]) == [three]  # kept whole
     finally:
         for extra in extras:
             if extra in model.peft_config:

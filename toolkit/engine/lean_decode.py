@@ -58,10 +58,12 @@ LONG_ROW_KEYS = 8192
 # decoding rows and a fresh 26-token prompt on 4 adapters: +3.3 ms over one adapter's pass with the extra tokens in
 # their own GEMMs, +2.8 padded; 14 rows and two prompts on two adapters: +4.9 and +2.0)
 PAD_LIMIT = 3
-# Sets of adapters whose stacked weights each LoRA layer keeps (_stacked): a pass's set changes as rows of other
-# adapters join and leave, and restacking every layer's A and B costs ops on every pass that flips between sets.
-# Each set holds a copy of its adapters' weights (the 27B at rank 16: ~230 MB per adapter), so only the latest few.
-STACKED_SETS = 4
+# Adapter weights each LoRA layer keeps stacked (_stacked), counted per set with repeats: a pass's set changes as
+# rows of other adapters join and leave, and restacking every layer's A and B costs ops on every pass that flips
+# between sets. Each set holds a copy of its adapters' weights (the 27B at rank 16: ~230 MB per adapter), so the
+# latest sets are kept up to this many copies (at most ~3.7 GB on the 27B however many adapters a server mixes;
+# 4 sets of 4 adapters), and a pass's own set always.
+STACKED_COPIES = 16
 # SDPA's own CPU kernel with its log-sum-exp (private; without it chunks keep SDPA with the boolean mask)
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -126,7 +128,7 @@ class LeanDecoder:
         self._head_parallel = self.head.weight.numel() >= PARALLEL_ELEMENTS  # e.g. the 262k-row head
         self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
         self._executor = None  # _helper's, made on first use
-        # per LoRA layer: for its STACKED_SETS latest sets of adapters, their weights stacked (_stacked)
+        # per LoRA layer: for its latest sets of adapters (STACKED_COPIES), their weights stacked (_stacked)
         self._stacks: dict[int, dict[tuple[str, ...], tuple]] = {}
         self._grouping: dict[tuple, Any] = {}  # per pass: how its adapters' tokens go into batched GEMMs (_groups)
 
@@ -320,12 +322,12 @@ class LeanDecoder:
 
     def _stacked(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
         """`names`' A weights stacked and transposed [adapters, in, rank] and their B weights transposed and
-        scaled [adapters, rank, out], cached per layer (its latest STACKED_SETS sets) while the same adapters'
-        weights stay the same tensors, unchanged (serve's runtime adapters load and unload between passes; the
-        check reads peft's modules' `_modules` / `_parameters` dicts directly, ~10x cheaper than nn.Module's
-        attribute lookup, which summed to ~0.4 ms of a ~9 ms pass on the tiny base). None where a batched sum does
-        not hold (dropout in training, a bias, ranks or dtypes that differ, inference tensors with no version
-        counter): those take the slices."""
+        scaled [adapters, rank, out], cached per layer (its latest sets, up to STACKED_COPIES adapters' copies)
+        while the same adapters' weights stay the same tensors, unchanged (serve's runtime adapters load and unload
+        between passes; the check reads peft's modules' `_modules` / `_parameters` dicts directly, ~10x cheaper
+        than nn.Module's attribute lookup, which summed to ~0.4 ms of a ~9 ms pass on the tiny base). None where a
+        batched sum does not hold (dropout in training, a bias, ranks or dtypes that differ, inference tensors with
+        no version counter): those take the slices."""
         if module.training:
             return None
         lora_a, lora_b = module.lora_A._modules, module.lora_B._modules
@@ -351,7 +353,7 @@ class LeanDecoder:
             b_all = torch.stack([lora_b[n].weight.t() * float(module.scaling[n]) for n in names])
             stack = (a_all, b_all)
         sets[names] = (versions, weights, stack)
-        if len(sets) > STACKED_SETS:
+        while len(sets) > 1 and sum(len(key) for key in sets) > STACKED_COPIES:
             del sets[next(iter(sets))]  # the least recently used
         return stack
 
