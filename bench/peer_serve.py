@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from report import cpu_label, cpus, replace_section  # noqa: E402
+
+# GPTQModel's import sets the root logger to INFO: httpx would log every benchmark request on stderr
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PY = sys.executable
 PROMPTS = [
