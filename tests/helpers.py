@@ -1,6 +1,6 @@
-"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, calls made
-all at once from threads, and a live
-server (a module-level name, so any test module can import it; every conftest.py is imported as `conftest`)."""
+"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, calls made all at
+once from threads, and a live server (a module-level name, so any test module can import it; every conftest.py is
+imported as `conftest`)."""
 
 from __future__ import annotations
 

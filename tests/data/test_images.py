@@ -140,15 +140,15 @@ def test_http_fetch_is_refused_for_loopback_unless_allowed_then_cached(server, t
 def test_two_fetches_of_one_url_at_once_both_cache_it(server, tmp_path, monkeypatch):
     """A DDP launch's ranks read the same training rows at once: both fetch an uncached URL and write the cache.
     Both writes are held until both are ready to rename (a shared temporary would be renamed away under one)."""
-    import toolkit.data.images as images_module
+    import toolkit.atomic_file as atomic_file  # the cache's writes go through write_atomic
 
-    both_written, replace = threading.Barrier(2, timeout=10), images_module.os.replace
+    both_written, replace = threading.Barrier(2, timeout=10), atomic_file.os.replace
 
     def replace_together(src, dst):
         both_written.wait()
         replace(src, dst)
 
-    monkeypatch.setattr(images_module.os, "replace", replace_together)
+    monkeypatch.setattr(atomic_file.os, "replace", replace_together)
     policy = ImagePolicy(allow_private_urls=True, cache_dir=tmp_path)
     loaded = all_at_once(lambda _: load_image(f"{server}/red.png", policy=policy), range(2))
     assert [im.getpixel((32, 32)) for im in loaded] == [(255, 0, 0)] * 2
