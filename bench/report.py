@@ -1,11 +1,15 @@
-"""Shared by the benchmark scripts: rewrite one `## ...` section of docs/BENCHMARKS.md, keeping the others."""
+"""Shared by the benchmark scripts: rewrite one `## ...` section of docs/BENCHMARKS.md, keeping the others and its
+hand-written `### ` subsections."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-HEADER = "# Benchmarks\n\nMeasured ratios; each section names the script that wrote it (re-run it to refresh).\n"
+HEADER = (
+    "# Benchmarks\n\nMeasured ratios, re-run with the scripts named. A script rewrites its section down to the "
+    "section's first `###`\nheading and keeps what follows (earlier runs and readings, written by hand).\n"
+)
 
 
 def cpus() -> int:
@@ -24,11 +28,14 @@ def cpu_label() -> str:
 
 
 def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:
-    """Put `section` where the section titled `heading` stands (its readers' links and order stay), else at the end."""
+    """Put `section` where the section titled `heading` stands (its readers' links and order stay), else at the end.
+    The old section's `### ` subsections follow the new text: they hold what was written by hand (earlier runs,
+    readings), which a re-run must not erase; the scripts write none."""
     text = path.read_text() if path.exists() else header
     parts = text.split("\n## ")
     sections = ["## " + p.rstrip() + "\n" for p in parts[1:]]
     at = next((i for i, s in enumerate(sections) if s.startswith(heading)), len(sections))
+    kept = [s[s.index("\n### ") + 1 :] for s in sections if s.startswith(heading) and "\n### " in s]
     sections = [s for s in sections if not s.startswith(heading)]
-    sections.insert(at, section.rstrip() + "\n")
+    sections.insert(at, "\n".join([section.rstrip() + "\n", *kept]))
     path.write_text("\n".join([parts[0].rstrip() + "\n", *sections]))
