@@ -82,6 +82,8 @@ def engine_load(state, adapter: str, n: int, clients: int, max_tokens: int, thre
     from toolkit.engine.engine import Request, SamplingParams
 
     prompt = chat.encode_prompt(state.base.processor, parse_messages(PROMPT, purpose="request", where="bench"), [])
+    if threads:
+        return _threaded_clients(state, prompt, adapter, n, clients, max_tokens)
     lock, tokens, left = threading.Lock(), [0], [n]
     all_done = threading.Event()
 
@@ -106,8 +108,6 @@ def engine_load(state, adapter: str, n: int, clients: int, max_tokens: int, thre
             else:
                 submit()  # this client's next request
 
-    if threads:
-        return _threaded_clients(state, prompt, adapter, n, clients, max_tokens)
     t = time.perf_counter()
     for _ in range(min(clients, n)):
         submit()
