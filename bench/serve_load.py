@@ -82,69 +82,53 @@ def engine_load(state, adapter: str, n: int, clients: int, max_tokens: int, thre
     from toolkit.engine.engine import Request, SamplingParams
 
     prompt = chat.encode_prompt(state.base.processor, parse_messages(PROMPT, purpose="request", where="bench"), [])
-    if threads:
-        return _threaded_clients(state, prompt, adapter, n, clients, max_tokens)
     lock, tokens, left = threading.Lock(), [0], [n]
-    all_done = threading.Event()
 
-    def submit() -> None:
+    def submit(on_done) -> bool:
+        """Submit the next of the `n` requests, if any is left; `on_done()` when it ends (on the engine's thread)."""
         with lock:
             if left[0] == 0:
-                return
+                return False
             left[0] -= 1
+
+        def on_event(kind, value):  # engine thread
+            if kind == "token":
+                tokens[0] += 1
+            elif kind in ("done", "error"):
+                tokens[0] += 1 if kind == "done" and value[0] == "stop" else 0
+                on_done()
+
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         state.engine.submit(Request(prompt.input_ids, prompt.token_type_ids, None, adapter, params, on_event))
+        return True
 
-    finished = [0]
+    t = time.perf_counter()
+    if threads:
 
-    def on_event(kind, value):  # engine thread
-        if kind == "token":
-            tokens[0] += 1
-        elif kind == "done":
-            tokens[0] += 1 if value[0] == "stop" else 0
+        def client() -> None:
+            done = threading.Event()
+            while submit(done.set):
+                done.wait()
+                done.clear()
+
+        workers = [threading.Thread(target=client) for _ in range(min(clients, n))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    else:
+        all_done, finished = threading.Event(), [0]
+
+        def next_request() -> None:  # engine thread: this client's next request, from the callback itself
             finished[0] += 1
             if finished[0] == n:
                 all_done.set()
             else:
-                submit()  # this client's next request
+                submit(next_request)
 
-    t = time.perf_counter()
-    for _ in range(min(clients, n)):
-        submit()
-    all_done.wait()
-    return tokens[0] / (time.perf_counter() - t)
-
-
-def _threaded_clients(state, prompt, adapter: str, n: int, clients: int, max_tokens: int) -> float:
-    from toolkit.engine.engine import Request, SamplingParams
-
-    lock, tokens, left = threading.Lock(), [0], [n]
-
-    def client() -> None:
-        while True:
-            with lock:
-                if left[0] == 0:
-                    return
-                left[0] -= 1
-            done = threading.Event()
-
-            def on_event(kind, value, done=done):  # engine thread
-                if kind == "token":
-                    tokens[0] += 1
-                elif kind in ("done", "error"):
-                    tokens[0] += 1 if kind == "done" and value[0] == "stop" else 0
-                    done.set()
-
-            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-            state.engine.submit(Request(prompt.input_ids, prompt.token_type_ids, None, adapter, params, on_event))
-            done.wait()
-
-    workers = [threading.Thread(target=client) for _ in range(min(clients, n))]
-    t = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+        for _ in range(min(clients, n)):
+            submit(next_request)
+        all_done.wait()
     return tokens[0] / (time.perf_counter() - t)
 
 
