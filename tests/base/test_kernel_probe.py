@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -122,5 +123,13 @@ def test_a_cpu_training_load_times_the_real_kernels_then_uses_the_kept_choice(ti
     assert info.returncode == 0 and "training on cpu: torch_aten (TorchAtenLinear), bfloat16, auto (measured" in (
         info.stdout
     )
+    # after a multi-process launch the only timing kept is its rank 0's, with fewer threads (torchrun gives one)
+    entry = known.pop(kernel_probe.cache_key(config))
+    cache.write_text(json.dumps({kernel_probe.cache_key(config, threads=1): entry}))
+    kept = ("torch_aten", f"auto (measured on this machine: {entry['summary']})")
+    assert kernel_probe.cached_by_threads(config) == {1: kept}
+    info = run_cli("info", tiny_ct, "--device", "cpu", env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+    assert "training on cpu: torch_aten (TorchAtenLinear), bfloat16, auto (measured on this machine" in info
+    assert "timed with 1 thread per process; a run with 2 times again" in info
     cache.unlink()
     assert "timed at the first training run" in run_cli("info", tiny_ct, "--device", "cpu").stdout

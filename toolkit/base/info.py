@@ -111,7 +111,7 @@ def kernel_choice(device: str | None = None, kernel: str = "auto", base: str | P
     out: dict = {"device": device}
     for phase in kernels.PHASES:
         if phase == "training" and kernel == "auto" and kernels.device_type(device) == "cpu":
-            hit = kernel_probe.cached(base_mod.check_base(base_mod.resolve_path(base))[0]) if base else None
+            hit = _kept_timing(base_mod.check_base(base_mod.resolve_path(base))[0]) if base else None
             if hit:
                 k = kernels.get(hit[0], device)
                 out[phase] = {"kernel": k.name, "layer": k.layer, "dtype": k.dtype, "reason": hit[1]}
@@ -125,6 +125,24 @@ def kernel_choice(device: str | None = None, kernel: str = "auto", base: str | P
         except ToolkitError as exc:  # e.g. an inference-only kernel asked for: training cannot use it
             out[phase] = {"error": exc.what}
     return out
+
+
+def _kept_timing(config: dict) -> tuple[str, str] | None:
+    """The training kernel kept for this base at this process's thread count, else one kept at another count.
+
+    A multi-process launch's rank 0 times for all its ranks (kernel_probe.fastest_training_kernel) with fewer
+    threads than a plain run has, so after such a run the only timing on record is under that count."""
+    import torch
+
+    from toolkit.base import kernel_probe
+
+    hit = kernel_probe.cached(config)
+    if hit:
+        return hit
+    for n, (name, reason) in kernel_probe.cached_by_threads(config).items():
+        timed = f"timed with {n} thread{'s' if n > 1 else ''} per process"
+        return name, f"{reason}, {timed}; a run with {torch.get_num_threads()} times again"
+    return None
 
 
 def summary_lines(info: dict) -> list[str]:

@@ -45,8 +45,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_key(config: dict) -> str:
-    """What the timing depends on: the CPU, the libraries and the base's shapes (not its weights)."""
+def cache_key(config: dict, threads: int | None = None) -> str:
+    """What the timing depends on: the CPU, the thread count (this process's unless given), the libraries and the
+    base's shapes (not its weights)."""
+    import torch
+
+    return _keys(config)(torch.get_num_threads() if threads is None else threads)
+
+
+def _keys(config: dict) -> Callable[[int], str]:
+    """cache_key for each thread count, the CPU's name and the versions looked up once."""
     from importlib.metadata import version
 
     import torch
@@ -54,7 +62,8 @@ def cache_key(config: dict) -> str:
     text = config.get("text_config", config)
     shape = "x".join(str(text.get(k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
     libraries = f"torch {torch.__version__} | gptqmodel {version('gptqmodel')} | probe {REVISION}"
-    return f"{cpu_name()} | {torch.get_num_threads()} threads | {libraries} | {shape}"
+    cpu = cpu_name()
+    return lambda threads: f"{cpu} | {threads} threads | {libraries} | {shape}"
 
 
 def pick(seconds: dict[str, float]) -> str:
@@ -103,6 +112,16 @@ def _kept(known: dict, key: str) -> tuple[str, str] | None:
 def cached(config: dict) -> tuple[str, str] | None:
     """The kept measurement for this base's shape on this machine, if one was taken: (kernel, reason)."""
     return _kept(_read(), cache_key(config))
+
+
+def cached_by_threads(config: dict) -> dict[int, tuple[str, str]]:
+    """Every kept measurement for this base's shape on this machine, by the thread count it was timed with: a
+    multi-process launch's ranks run with fewer threads than a plain run (torchrun gives each one)."""
+    import os
+
+    known, key = _read(), _keys(config)
+    counts = range(1, (os.cpu_count() or 1) + 1)
+    return {n: hit for n in counts if (hit := _kept(known, key(n)))}
 
 
 def fastest_training_kernel(
