@@ -136,13 +136,12 @@ def _kept_timing(config: dict) -> tuple[str, str] | None:
 
     from toolkit.base import kernel_probe
 
-    hit = kernel_probe.cached(config)
-    if hit:
-        return hit
-    for n, (name, reason) in kernel_probe.cached_by_threads(config).items():
-        timed = f"timed with {n} thread{'s' if n > 1 else ''} per process"
-        return name, f"{reason}, {timed}; a run with {torch.get_num_threads()} times again"
-    return None
+    threads, kept = torch.get_num_threads(), kernel_probe.cached_by_threads(config)
+    if threads in kept or not kept:
+        return kept.get(threads)
+    n, (name, reason) = next(iter(kept.items()))
+    timed = f"timed with {n} thread{'s' if n > 1 else ''} per process"
+    return name, f"{reason}, {timed}; a run with {threads} times again"
 
 
 def summary_lines(info: dict) -> list[str]:

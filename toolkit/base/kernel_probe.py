@@ -109,18 +109,16 @@ def _kept(known: dict, key: str) -> tuple[str, str] | None:
     return None
 
 
-def cached(config: dict) -> tuple[str, str] | None:
-    """The kept measurement for this base's shape on this machine, if one was taken: (kernel, reason)."""
-    return _kept(_read(), cache_key(config))
-
-
 def cached_by_threads(config: dict) -> dict[int, tuple[str, str]]:
-    """Every kept measurement for this base's shape on this machine, by the thread count it was timed with: a
-    multi-process launch's ranks run with fewer threads than a plain run (torchrun gives each one)."""
+    """Every kept measurement for this base's shape on this machine, by the thread count it was timed with (this
+    process's count among them): a multi-process launch's ranks run with fewer threads than a plain run (torchrun
+    gives each one), and its rank 0 times for all of them."""
     import os
 
+    import torch
+
     known, key = _read(), _keys(config)
-    counts = range(1, (os.cpu_count() or 1) + 1)
+    counts = sorted({*range(1, (os.cpu_count() or 1) + 1), torch.get_num_threads()})
     return {n: hit for n in counts if (hit := _kept(known, key(n)))}
 
 
