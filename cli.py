@@ -280,6 +280,10 @@ def serve(
     allow_runtime_adapters: Annotated[
         bool, typer.Option(help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (adapters folder only).")
     ] = False,
+    responses_store: Annotated[
+        int,
+        typer.Option(help="Most /v1/responses kept in memory for GET and previous_response_id (0: none)."),
+    ] = C.RESPONSES_STORE,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
         "auto"
@@ -327,6 +331,7 @@ def serve(
         prefill_pacing=prefill_pacing or None,
         engine_process=not in_process,
         allow_runtime_adapters=allow_runtime_adapters,
+        responses_store=responses_store,
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")

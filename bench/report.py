@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from toolkit.quiet import quiet_third_party
+
+quiet_third_party()  # a benchmark prints its own lines and tables, as the CLI does (every script imports this first)
+
 HEADER = (
     "# Benchmarks\n\nMeasured ratios, re-run with the scripts named. A script rewrites its section down to the "
     "section's first `###`\nheading and keeps what follows (earlier runs and readings, written by hand).\n"

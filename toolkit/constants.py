@@ -17,6 +17,7 @@ EOS_ID, END_OF_TURN_ID = 1, 106
 STOP_TOKEN_IDS = (END_OF_TURN_ID, EOS_ID)  # generation stops on <end_of_turn> (106) or <eos> (1)
 
 MAX_IMAGES_PER_REQUEST = 8  # serving default (ours and vLLM's --limit-mm-per-prompt); --max-images changes it
+RESPONSES_STORE = 256  # serving default: /v1/responses kept for GET and previous_response_id; --responses-store
 REAL_TOKENS_PER_IMAGE = 256  # 896x896 SigLIP input pooled to 16x16 soft tokens
 SLIDING_WINDOW = 1024
 

@@ -1,16 +1,19 @@
 """Rebuild openai_subset.json from a full copy of OpenAI's published OpenAPI document (see README.md).
 
-    .venv/bin/python tests/openapi/extract.py PATH/TO/openapi.documented.yml
+    .venv/bin/python tests/openapi/extract.py PATH/TO/openapi.yaml [--document NAME] [--origin WHERE]
 
 Keeps the schemas in ROOTS and every schema they $ref, drops annotations (descriptions, examples, x-*
-extensions) and keeps every validation keyword as published. Not run by the suite.
+extensions) and keeps every validation keyword as published. The JSON's `source` records where the subset came
+from: the document's file name (the given file's own name unless --document names the published one, e.g. when
+the copy was saved under another name), --origin when given (e.g. "github.com/openai/openai-openapi@COMMIT"),
+its size and sha256. Not run by the suite.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -57,7 +60,7 @@ def refs(node, found: set[str]) -> None:
             refs(value, found)
 
 
-def main(source: str) -> None:
+def main(source: str, document: str | None = None, origin: str | None = None) -> None:
     raw = Path(source).read_bytes()
     doc = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schemas = doc["components"]["schemas"]
@@ -72,9 +75,11 @@ def main(source: str) -> None:
         todo += sorted(found)
     subset = {
         "source": {
-            "document": "openapi.documented.yml",
+            "document": document or Path(source).name,
+            **({"origin": origin} if origin else {}),
             "openapi": doc["openapi"],
             "info_version": doc["info"]["version"],
+            "bytes": len(raw),
             "sha256": hashlib.sha256(raw).hexdigest(),
             "roots": ROOTS,
         },
@@ -85,4 +90,9 @@ def main(source: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="a full copy of the OpenAPI document (YAML or JSON)")
+    parser.add_argument("--document", help="the document's published file name (default: PATH's own name)")
+    parser.add_argument("--origin", help="where the copy came from, recorded as given")
+    args = parser.parse_args()
+    main(args.path, document=args.document, origin=args.origin)

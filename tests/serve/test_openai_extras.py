@@ -51,12 +51,16 @@ def test_chat_logprobs_equal_a_plain_forward_streamed_and_not(client, server):
 
     generated = generate_greedy(state.base, {"input_ids": torch.tensor([prompt])}, max_new_tokens=6)
     ref = _log_softmax(state, prompt + generated)
+    if len(generated) < 6:  # it ended on a stop token: listed too, as vLLM does (the text leaves it out)
+        generated.append(int(ref[-1].argmax()))
+        assert generated[-1] in state.stop_ids
     texts = TokenText(state.base.tokenizer)
     r = client.chat.completions.create(
         model="quickstart", messages=JAPAN, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
     )
     content = r.choices[0].logprobs.content
     assert [c.token for c in content] == [texts.text(t) for t in generated]
+    assert len(content) == r.usage.completion_tokens
     for j, (c, token) in enumerate(zip(content, generated, strict=True)):
         row = ref[len(prompt) - 1 + j]
         assert c.logprob == pytest.approx(float(row[token]), abs=ATOL)
@@ -71,6 +75,51 @@ def test_chat_logprobs_equal_a_plain_forward_streamed_and_not(client, server):
     assert [(e.token, round(e.logprob, 4)) for e in entries] == [(c.token, round(c.logprob, 4)) for c in content]
     plain = client.chat.completions.create(model="quickstart", messages=JAPAN, temperature=0, max_tokens=6)
     assert plain.choices[0].logprobs is None
+
+
+def _sse(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    return [json.loads(x) for x in lines if x != "[DONE]"]
+
+
+def test_logprobs_list_every_token_usage_counts_stop_token_included(server):
+    """As vLLM: a choice that ends on <end_of_turn> generated it, so usage counts it and logprobs list it (its
+    text stays out of the answer); one entry per completion token in chat, completions and responses, streamed
+    and not."""
+    stop = {"temperature": 0, "max_tokens": 24}
+    state = server.state
+    end_of_turn = TokenText(state.base.tokenizer).text(106)
+    chat_body = {"model": "quickstart", "messages": JAPAN, "logprobs": True, "top_logprobs": 1, **stop}
+    out = httpx.post(server.url + "/v1/chat/completions", json=chat_body, timeout=60).json()
+    (choice,) = out["choices"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] is None, choice  # ended on a stop token
+    content = choice["logprobs"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"] and content[-1]["token"] == end_of_turn
+    assert end_of_turn not in choice["message"]["content"]
+    chunks = _sse(server, "/v1/chat/completions", {**chat_body, "stream_options": {"include_usage": True}})
+    streamed = [e for c in chunks for ch in c["choices"] if ch["logprobs"] for e in ch["logprobs"]["content"]]
+    assert streamed == content and chunks[-1]["usage"] == out["usage"]
+
+    completion_body = {"model": "quickstart", "prompt": _prompt_ids(state), "logprobs": 1, **stop}
+    out = httpx.post(server.url + "/v1/completions", json=completion_body, timeout=60).json()
+    (choice,) = out["choices"]
+    assert choice["finish_reason"] == "stop" and choice["logprobs"]["tokens"][-1] == end_of_turn
+    assert len(choice["logprobs"]["tokens"]) == out["usage"]["completion_tokens"]
+    chunks = _sse(server, "/v1/completions", {**completion_body, "stream_options": {"include_usage": True}})
+    streamed = [t for c in chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["tokens"]]
+    assert streamed == choice["logprobs"]["tokens"] and chunks[-1]["usage"] == out["usage"]
+
+    responses_body = {"model": "quickstart", "input": JAPAN, "temperature": 0, "max_output_tokens": 24}
+    responses_body |= {"include": ["message.output_text.logprobs"], "top_logprobs": 1}
+    out = httpx.post(server.url + "/v1/responses", json=responses_body, timeout=60).json()
+    assert out["status"] == "completed"
+    entries = out["output"][0]["content"][0]["logprobs"]
+    assert len(entries) == out["usage"]["output_tokens"] and entries[-1]["token"] == end_of_turn
+    events = _sse(server, "/v1/responses", responses_body)
+    deltas = [e for ev in events if ev["type"] == "response.output_text.delta" for e in ev["logprobs"]]
+    assert [e["token"] for e in deltas] == [e["token"] for e in entries]
+    assert events[-1]["response"]["usage"] == out["usage"]
 
 
 def test_prompt_logprobs_are_vllms_top_level_field(server):

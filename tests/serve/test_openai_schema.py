@@ -285,6 +285,7 @@ CHAT_FIELDS: dict[str, tuple[str, object]] = {
     "service_tier": ("no effect", "auto"),
     "prompt_cache_key": ("no effect", "key-1"),
     "prompt_cache_retention": ("no effect", "in_memory"),
+    "prompt_cache_options": ("no effect", {"mode": "implicit"}),  # no prompt cache to configure
     "parallel_tool_calls": ("no effect", True),  # no tools: nothing to call in parallel
     "tool_choice": ("no effect", "none"),
     "audio": ("refused", {"voice": "alloy", "format": "wav"}),
@@ -292,6 +293,7 @@ CHAT_FIELDS: dict[str, tuple[str, object]] = {
     "prediction": ("refused", {"type": "content", "content": "Tokyo"}),
     "web_search_options": ("refused", {}),
     "reasoning_effort": ("refused", "high"),
+    "moderation": ("refused", {"model": "omni-moderation-latest"}),  # may block the answer; /v1/responses refuses it
     "verbosity": ("refused", "high"),
     "tools": ("refused", [TOOL]),
     "functions": ("refused", [{"name": "f", "parameters": {"type": "object", "properties": {}}}]),

@@ -63,7 +63,7 @@ def test_create_answers_as_chat_does_in_openais_shape(server, client):
     reference = chat(server, [{"role": "user", "content": JAPAN}])
     assert body["usage"] == {
         "input_tokens": reference["usage"]["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": reference["usage"]["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": reference["usage"]["total_tokens"],
@@ -240,15 +240,11 @@ def test_stored_responses_get_delete_and_continue(server, client):
     assert httpx.get(f"{server.url}/v1/responses/{unstored.id}").status_code == 404
 
 
-def test_the_store_is_bounded(server):
-    store = server.server.config.app.state.responses
-    size, store.size = store.size, 2
-    try:
-        ids = [post(server, {"model": "quickstart", "input": "Hi", "max_output_tokens": 1}).json()["id"] for _ in "abc"]
-        found = [httpx.get(f"{server.url}/v1/responses/{i}").status_code for i in ids]
-        assert found == [404, 200, 200] and len(store.items) == 2
-    finally:
-        store.size = size
+def test_the_store_is_bounded_by_its_flag(make_server):
+    small = make_server(responses_store=2)
+    ids = [post(small, {"model": "quickstart", "input": "Hi", "max_output_tokens": 1}).json()["id"] for _ in "abc"]
+    found = [httpx.get(f"{small.url}/v1/responses/{i}").status_code for i in ids]
+    assert found == [404, 200, 200] and len(small.state.responses.items) == 2
 
 
 @pytest.mark.parametrize(
@@ -261,7 +257,8 @@ def test_the_store_is_bounded(server):
         ({"background": True}, "background", "not supported"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
         ({"text": {"verbosity": "low"}}, "text.verbosity", "not supported"),
-        ({"include": ["nonsense"]}, "include", "is not one of"),
+        ({"include": ["nonsense"]}, "include", "Input should be 'message.output_text.logprobs'"),
+        ({"include": [{}]}, "include", "Input should be 'message.output_text.logprobs'"),  # was a 500 (unhashable)
         (
             {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
             "input[0].type",

@@ -121,3 +121,24 @@ def test_metrics_scrape_in_prometheus_format(rt):
     assert sum(s.value for s in samples["toolkit_time_per_output_token_seconds_count"]) >= 3
     for gauge in ("toolkit_num_requests_waiting", "toolkit_num_requests_running", "toolkit_kv_cache_bytes_used"):
         assert gauge in samples
+
+
+def test_requests_are_counted_by_route_template_not_by_raw_path(rt):
+    """A label per response id (or per mistyped URL) would grow the registry without bound: GET /v1/responses/{id}
+    counts under its route's template, and a path no route matches under one fixed label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ids = ("resp_metricsprobe1", "resp_metricsprobe2")
+    for response_id in ids:
+        assert httpx.get(f"{rt.url}/v1/responses/{response_id}", headers=KEY).status_code == 404
+    assert httpx.get(rt.url + "/v1/no-such-endpoint/metricsprobe3", headers=KEY).status_code == 404
+    r = httpx.get(rt.url + "/metrics")
+    assert not any(probe in r.text for probe in ("metricsprobe", "no-such-endpoint")), r.text
+    counted = {
+        s.labels["endpoint"]: s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name == "toolkit_requests_total" and s.labels["status"] == "404"
+    }
+    assert counted["/v1/responses/{response_id}"] == 2
+    assert counted["unmatched"] == 1

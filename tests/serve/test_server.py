@@ -226,7 +226,7 @@ def test_malformed_json_and_context_counts(server):
     )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": JAPAN, "max_tokens": 4090})
-    assert r.status_code == 400 and "take 16 tokens" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "takes 16 tokens" in r.json()["error"]["message"]
 
 
 def test_sdk_raises_typed_errors(client):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,28 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_
     assert _same_weights(straight_run, tmp_path / "b" / "quickstart") < 0.02
 
 
+# Every line `toolkit train` prints is one of its own: its progress bars (split at their \r), the kernel timing note,
+# the summary line and the held-out table.
+_OWN_LINE = re.compile(
+    r"\s*"
+    r"|(encoding (train|eval) rows|training|generating): .*"
+    r"|timing \d+ training kernels on this base \(.*\)"
+    r"|adapter written to .* \(\d+ steps\)"
+    r"|\s*held-out\s*"
+    r"|[┏┃┡│└].*"
+)
+
+
+def test_cli_train_prints_only_the_toolkits_own_lines(straight_run):
+    """No third-party line between the toolkit's own (transformers' deprecation of `gradient_checkpointing`, its
+    "already on multiple devices" note, torchao's pytree warnings were three), on stdout or stderr."""
+    log = straight_run.parent / "log"  # the straight run's output (_cli)
+    text = log.with_suffix(".out").read_text() + log.with_suffix(".err").read_text()
+    assert "adapter written to" in text
+    foreign = [line for line in re.split(r"[\r\n]", text) if not _OWN_LINE.fullmatch(line)]
+    assert not foreign, foreign
+
+
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint_and_matches(tiny_ct, tmp_path, straight_run):
     """No handler runs on SIGKILL: the last periodic checkpoint is what survives, and --resume finishes."""
     common = [*_resume_args(tiny_ct), "--set", f"output.dir={tmp_path}"]
@@ -227,15 +250,15 @@ import os, signal, sys
 from pathlib import Path
 from toolkit.lora import folder as adapter_files
 
-def dying_fill(staging, **kwargs):  # writes part of the new adapter, then the process is killed
+def dying_fill(staging, contents):  # writes part of the new adapter, then the process is killed
     staging.mkdir(parents=True)
     (staging / "adapter_config.json").write_text("{}")
     (staging / "adapter_model.safetensors").write_bytes(b"partial")
     os.kill(os.getpid(), signal.SIGKILL)
 
 adapter_files._fill = dying_fill
-adapter_files.write_adapter(Path(sys.argv[1]), model=None, recipe=None, name="quickstart", base=None, data=None,
-                            metrics={}, run_dir=Path(sys.argv[1]).parent, overwrite=True)
+contents = adapter_files.AdapterContents(None, None, "quickstart", None, None, {}, Path(sys.argv[1]).parent)
+adapter_files.write_adapter(Path(sys.argv[1]), contents, overwrite=True)
 """
 
 
@@ -271,22 +294,13 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path, monkeypatch)
     dead.mkdir()
     (dead / "adapter_model.safetensors").write_bytes(b"partial")
 
-    def fill(staging, **kwargs):
+    def fill(staging, contents):
         staging.mkdir()
         (staging / "adapter_config.json").write_text("{}")
 
     monkeypatch.setattr(adapter_files, "_fill", fill)
-    final = adapter_files.write_adapter(
-        tmp_path / "quickstart",
-        model=None,
-        recipe=None,
-        name="quickstart",
-        base=None,
-        data=None,
-        metrics={},
-        run_dir=tmp_path,
-        overwrite=False,
-    )
+    contents = adapter_files.AdapterContents(None, None, "quickstart", None, None, {}, tmp_path)
+    final = adapter_files.write_adapter(tmp_path / "quickstart", contents, overwrite=False)
     assert not dead.exists() and (final / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"]
 

@@ -14,12 +14,14 @@ decides when to repack and how to load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +136,7 @@ def save_compressed_tensors(model, out_dir: Path, scales: dict | None = None) ->
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
         ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"],
     )
-    apply_quantization_config(model, qconfig)
+    apply_quantization_config(model, qconfig, show_progress=False)
     with torch.no_grad():
         for name, module in model.named_modules():
             if getattr(module, "quantization_scheme", None) is None:
@@ -148,10 +150,32 @@ def save_compressed_tensors(model, out_dir: Path, scales: dict | None = None) ->
             module.weight_zero_point.copy_(zero.to(module.weight_zero_point.dtype))
             module.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(out_dir)
+    with _without_library_bars():
+        compressor.compress_model(model)
+        model.save_pretrained(out_dir)
     compressor.update_config(str(out_dir))
     _use_real_checkpoint_names(out_dir)
+
+
+@contextlib.contextmanager
+def _without_library_bars() -> Iterator[None]:
+    """Without the progress bars compressed-tensors' compress_model ("Compressing model") and transformers'
+    save_pretrained ("Writing model shards") draw for a build that takes a second: the toolkit reports the build
+    itself. compress_model has no switch for its bar, so its module's tqdm is swapped for a silent one meanwhile."""
+    from functools import partial
+    from unittest import mock
+
+    from compressed_tensors.compressors.model_compressors import model_compressor
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch.object(model_compressor, "tqdm", partial(model_compressor.tqdm, disable=True)):
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _use_real_checkpoint_names(out_dir: Path) -> None:

@@ -24,7 +24,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Strict):
+class CacheBreakpoint(_Strict):
+    mode: Literal["explicit"] = "explicit"
+
+
+class _Part(_Strict):
+    # OpenAI's prompt-cache marker on a part: accepted so OpenAI clients work; no effect (no prompt cache)
+    prompt_cache_breakpoint: CacheBreakpoint | None = Field(None, description="accepted; no effect (no prompt cache)")
+
+
+class TextPart(_Part):
     type: Literal["text"]
     text: str
 
@@ -34,7 +43,7 @@ class ImageURL(_Strict):
     detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted for OpenAI clients; ignored")
 
 
-class ImagePart(_Strict):
+class ImagePart(_Part):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -133,7 +142,11 @@ _BRANCH_LABELS = {
     "user-message",
     "assistant-message",
     "str",
+    "int",
+    "bool",
+    "float",
 }
+_BRANCH_PREFIXES = ("list[", "dict[", "function-", "constrained-", "nullable[")
 
 
 def _path(loc: tuple) -> str:
@@ -141,7 +154,7 @@ def _path(loc: tuple) -> str:
     for item in (x for x in loc if x != "body"):  # FastAPI prefixes request-body errors with "body"
         if isinstance(item, int):
             out += f"[{item}]"
-        elif item in _BRANCH_LABELS or str(item).startswith(("list[", "function-")):
+        elif item in _BRANCH_LABELS or str(item).startswith(_BRANCH_PREFIXES):
             continue
         else:
             out += f".{item}" if out else str(item)
@@ -151,7 +164,10 @@ def _path(loc: tuple) -> str:
 def problems_from_errors(errors: list[dict]) -> list[Problem]:
     """pydantic error dicts -> Problems with user-facing paths (used for rows and for HTTP request bodies)."""
     problems: dict[str, Problem] = {}
-    for e in errors:
+    # A union reports every branch at the same path: a branch whose type matched and whose value broke a bound
+    # ("at most 4 items") says more than the others' "not a string", so it goes first.
+    ranked = sorted(errors, key=lambda e: e["type"].endswith("_type"))
+    for e in ranked:
         path = _path(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

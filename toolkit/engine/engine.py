@@ -19,8 +19,9 @@ transformers' generic forward, attention per row over its own storage); prompts 
 and fresh prompts prefilled together, go through the model's own forward over a kv_cache.RaggedCache.
 
 Events, from the engine thread (`Request.on_event(kind, value)`): ("prompt_logprobs", list) once after the
-prefill when asked; ("logprobs", TokenLogprob) right before each ("token", id) when asked; then
-("done", (finish_reason, stop_token_or_None)) with "stop" | "length" | "cancelled", or ("error", exc).
+prefill when asked; ("logprobs", TokenLogprob) right before each ("token", id) when asked, and before a
+("done", ("stop", stop_token)) for the stop token; then ("done", (finish_reason, stop_token_or_None)) with
+"stop" | "length" | "cancelled", or ("error", exc).
 """
 
 from __future__ import annotations
@@ -636,6 +637,8 @@ class Engine:
         for row, token, lp in zip(live, tokens, logprobs, strict=True) if live else ():
             r = row.request
             if token in row.state.stop_ids(self.stop_ids):
+                if lp is not None:  # the stop token was generated: its log probability too (as vLLM reports it)
+                    r.on_event("logprobs", lp)
                 r.on_event("done", ("stop", token))
                 self._release(row)
                 continue
@@ -723,10 +726,11 @@ def check_admissible(request: Request, layout: Any, kv_budget: int | None, waiti
     if kv_budget is not None and need > kv_budget:
         tokens = len(request.input_ids) + request.params.max_tokens
         raise RequestTooLarge(
-            f"the prompt ({len(request.input_ids)} tokens) plus max_tokens ({request.params.max_tokens}) needs "
-            f"{need / 2**30:.3f} GB of KV cache ({tokens} tokens); the engine's budget is {kv_budget / 2**30:.3f} GB",
-            where="messages/max_tokens",
-            fix="send a shorter prompt or a smaller max_tokens, or start the server with a larger --kv-cache-gb",
+            f"the prompt ({len(request.input_ids)} tokens) plus up to {request.params.max_tokens} generated tokens "
+            f"needs {need / 2**30:.3f} GB of KV cache ({tokens} tokens); the engine's budget is "
+            f"{kv_budget / 2**30:.3f} GB",
+            where="prompt/max tokens",
+            fix="send a shorter prompt or ask for fewer tokens, or start the server with a larger --kv-cache-gb",
         )
     if waiting >= max_queue:
         raise QueueFull(f"{waiting} requests are already waiting")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,45 +101,50 @@ def _model_card(name: str, manifest: dict, metrics_table: list[str] | None) -> s
     return "\n".join(lines)
 
 
-def _fill(
-    staging: Path,
-    *,
-    model: Any,
-    recipe: Any,
-    name: str,
-    base: Any,
-    data: Any,
-    metrics: dict,
-    run_dir: Path,
-    metrics_table: list[str] | None,
-) -> None:
-    model.save_pretrained(str(staging), safe_serialization=True)
+@dataclass(frozen=True)
+class AdapterContents:
+    """What goes into an adapter folder. `metrics_table` is the held-out table (markdown lines) for the model card,
+    rendered by the caller."""
+
+    model: Any
+    recipe: Any
+    name: str
+    base: Any
+    data: Any
+    metrics: dict
+    run_dir: Path
+    metrics_table: list[str] | None = None
+
+
+def _fill(staging: Path, contents: AdapterContents) -> None:
+    c = contents
+    c.model.save_pretrained(str(staging), safe_serialization=True)
     manifest = {
-        "name": name,
+        "name": c.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "quantization": base.spec.as_dict()},
-        "recipe": recipe.model_dump(mode="json"),
+        "base": {"path": str(c.base.path), "fingerprint": c.base.fingerprint, "quantization": c.base.spec.as_dict()},
+        "recipe": c.recipe.model_dump(mode="json"),
         "dataset": {
-            "sha256": data.sha256,
-            "train_rows": len(data.train),
-            "eval_rows": len(data.eval),
-            "skipped": len(data.skipped),
-            "truncated": len(data.truncated),
-            "dropped": len(data.dropped),
+            "sha256": c.data.sha256,
+            "train_rows": len(c.data.train),
+            "eval_rows": len(c.data.eval),
+            "skipped": len(c.data.skipped),
+            "truncated": len(c.data.truncated),
+            "dropped": len(c.data.dropped),
         },
-        "metrics": metrics,
+        "metrics": c.metrics,
         "versions": library_versions(),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if (run_dir / "metrics.jsonl").exists():
-        shutil.copy2(run_dir / "metrics.jsonl", staging / "metrics.jsonl")
-    if (run_dir / "tensorboard").exists():
-        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
+    if (c.run_dir / "metrics.jsonl").exists():
+        shutil.copy2(c.run_dir / "metrics.jsonl", staging / "metrics.jsonl")
+    if (c.run_dir / "tensorboard").exists():
+        shutil.copytree(c.run_dir / "tensorboard", staging / "tensorboard")
     _plot(staging / "metrics.jsonl", staging / "loss.png")
-    (staging / "README.md").write_text(_model_card(name, manifest, metrics_table))
-    if data.skipped:
+    (staging / "README.md").write_text(_model_card(c.name, manifest, c.metrics_table))
+    if c.data.skipped:
         (staging / "skipped_rows.json").write_text(
-            json.dumps([{"where": s.where, "reason": s.reason} for s in data.skipped], indent=2) + "\n"
+            json.dumps([{"where": s.where, "reason": s.reason} for s in c.data.skipped], indent=2) + "\n"
         )
 
 
@@ -152,22 +158,9 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def write_adapter(
-    final: Path,
-    *,
-    model: Any,
-    recipe: Any,
-    name: str,
-    base: Any,
-    data: Any,
-    metrics: dict,
-    run_dir: Path,
-    overwrite: bool,
-    metrics_table: list[str] | None = None,
-) -> Path:
-    """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step.
-
-    `metrics_table` is the held-out table (markdown lines) for the model card, rendered by the caller."""
+def write_adapter(final: Path, contents: AdapterContents, *, overwrite: bool) -> Path:
+    """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step."""
+    name = contents.name
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{name}.tmp-*"):  # left by a writer that was killed: never a real adapter
@@ -175,17 +168,7 @@ def write_adapter(
             shutil.rmtree(stale, ignore_errors=True)
     staging = final.parent / f".{name}.tmp-{os.getpid()}"
     try:
-        _fill(
-            staging,
-            model=model,
-            recipe=recipe,
-            name=name,
-            base=base,
-            data=data,
-            metrics=metrics,
-            run_dir=run_dir,
-            metrics_table=metrics_table,
-        )
+        _fill(staging, contents)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the target name was never touched
         raise

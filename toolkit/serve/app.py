@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from toolkit import constants as C
 from toolkit.engine.engine import PREFILL_STEP_RATIO
-from toolkit.serve import completions, errors
+from toolkit.serve import completions, errors, openapi, responses, serving
 from toolkit.serve.engine_process import EngineGone
 from toolkit.serve.errors import APIError
 from toolkit.serve.limits import BodyLimit
@@ -26,7 +26,8 @@ from toolkit.serve.protocol import (
     ModelList,
     UnloadLoraRequest,
 )
-from toolkit.serve.serving import ServerState, complete, generation_error, stream
+from toolkit.serve.responses_protocol import ResponsesRequest
+from toolkit.serve.serving import ServerState, generation_error
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -41,6 +42,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.toolkit = state
     errors.install(app)
+    openapi.install(app, state)  # /openapi.json names this server's models, token bound and vocabulary
 
     @app.exception_handler(EngineGone)
     async def _engine_gone(request: Request, exc: EngineGone) -> Response:
@@ -73,6 +75,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def models() -> ModelList:
         return state.models()
 
+    async def generate(door: Any, body: Any, request: Request) -> Any:
+        """Every generating route: the model for /metrics' label, then the door's SSE stream or its one body."""
+        request.state.model = body.model or state.served_name
+        if body.stream:
+            events = await door.stream(state, body, request.is_disconnected)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await door.complete(state, body, request.is_disconnected)
+
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
@@ -80,11 +90,7 @@ def create_app(state: ServerState) -> FastAPI:
         dependencies=[Depends(require_key)],
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        request.state.model = body.model or state.served_name
-        if body.stream:
-            events = await stream(state, body, request.is_disconnected)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return await complete(state, body, request.is_disconnected)
+        return await generate(serving, body, request)
 
     @app.post(
         "/v1/completions",
@@ -93,15 +99,27 @@ def create_app(state: ServerState) -> FastAPI:
         dependencies=[Depends(require_key)],
     )
     async def text_completions(body: CompletionRequest, request: Request) -> Any:
-        request.state.model = body.model or state.served_name
-        if body.stream:
-            events = await completions.stream(state, body, request.is_disconnected)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return await completions.complete(state, body, request.is_disconnected)
+        return await generate(completions, body, request)
 
-    from toolkit.serve import responses  # the Responses door: /v1/responses (+ GET/DELETE by id)
+    @app.post("/v1/responses", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"])
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        """OpenAI's Responses API on the same engine, adapters and rules as chat completions (docs/API.md)."""
+        return await generate(responses, body, request)
 
-    app.state.responses = responses.add_routes(app, state, dependencies=[Depends(require_key)])
+    @app.get("/v1/responses/{response_id}", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"])
+    async def get_response(response_id: str) -> Any:
+        found = state.responses.get(response_id)
+        if found is None:
+            raise responses.not_found(response_id)
+        return JSONResponse(found.body)
+
+    @app.delete(
+        "/v1/responses/{response_id}", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"]
+    )
+    async def delete_response(response_id: str) -> Any:
+        if not state.responses.delete(response_id):
+            raise responses.not_found(response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     @app.post("/v1/load_lora_adapter", responses=ERRORS, dependencies=[Depends(require_key)])
     async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:
@@ -140,6 +158,7 @@ def build_state(
     max_body_mb: float = 32.0,
     max_images: int = C.MAX_IMAGES_PER_REQUEST,
     allow_runtime_adapters: bool = False,
+    responses_store: int = C.RESPONSES_STORE,
     metrics: bool = True,
     kv_cache_gb: float | None = None,
     prefill_chunk: int | None = None,
@@ -157,6 +176,10 @@ def build_state(
     from toolkit.errors import ToolkitError
     from toolkit.lora.registry import attach, check_base_matches, resolve_serving
 
+    if responses_store < 0:
+        raise ToolkitError(
+            f"the Responses store size is {responses_store}", where="--responses-store", fix="use 0 (keep none) or more"
+        )
     base, resolved = resolve_serving(base, adapters, adapters_dir)
     served = served_name or default_served_name(base)
     if served in {name for name, _ in resolved}:
@@ -208,6 +231,7 @@ def build_state(
     from toolkit.serve.adapters import AdapterSet
 
     state.runtime = AdapterSet(state, allow_runtime=allow_runtime_adapters)
+    state.responses = responses.ResponseStore(responses_store)
     if metrics:
         from toolkit.serve.metrics import Metrics
 

@@ -59,11 +59,6 @@ def _prepare(state: ServerState, req: CompletionRequest) -> tuple[list[_Prompt],
     params = sampling_params(state, req, max_tokens, req.n * len(prompts), logprobs=k, prompt_logprobs=want_prompt)
     for i, p in enumerate(params):
         p.seed = None if req.seed is None else req.seed + i % req.n  # each prompt's n choices: seeds seed..seed+n-1
-        if k is not None and max_tokens == 1 and not p.ignore_eos:
-            # Log-likelihood scoring (lm-eval: echo, logprobs, max_tokens 1) reads one generated token's logprob
-            # even when it is a stop token, as vLLM reports it. The engine reports no logprob for a stop token,
-            # so the row runs with ignore_eos and the stream turns a stop token back into finish "stop".
-            p.ignore_eos = True
     return prompts, max_tokens, params
 
 
@@ -72,9 +67,6 @@ async def start(state: ServerState, req: CompletionRequest) -> tuple[list[_Promp
     prompts, max_tokens, params = await asyncio.to_thread(_prepare, state, req)
     loop = asyncio.get_running_loop()
     streams = [ChoiceStream(i, state, req, loop, bool(req.stream)) for i in range(len(params))]
-    if params and params[0].ignore_eos and not req.ignore_eos:
-        for s in streams:
-            s.stop_as_token = set(state.stop_ids) | set(req.stop_token_ids or [])
     if max_tokens == 0 and params[0].prompt_logprobs is None:  # echo only: nothing for the engine to compute
         for s in streams:
             s.finish = ("length", None)
@@ -90,9 +82,7 @@ def _logprobs(state: ServerState, req: CompletionRequest, prompt: _Prompt, s: Ch
     if req.logprobs is None:
         return None
     texts = state.texts()
-    ids, entries = list(s.ids), list(s.logprobs)
-    if s.stop_logprob is not None:  # vLLM lists the stop token too (its text is empty when special)
-        ids, entries = ids + [s.stop_logprob.token], entries + [s.stop_logprob]
+    ids, entries = s.logprob_ids(), list(s.logprobs)  # the stop token too, as vLLM lists it
     if req.echo:
         first = s.prompt_logprobs or [None] * len(prompt.ids)
         ids, entries = prompt.ids + ids, list(first) + entries
@@ -173,7 +163,7 @@ async def stream(state: ServerState, req: CompletionRequest, is_disconnected: An
             async for s, delta, before in each_event(live, is_disconnected):
                 if (c := echo(s)) is not None:  # after the first events: they bring the prompt's log probabilities
                     yield c
-                new_ids, new = s.ids[before:], s.logprobs[before:]
+                new_ids, new = s.logprob_ids()[before:], s.logprobs[before:]
                 if delta or new_ids:
                     logprobs = None
                     if req.logprobs is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.routing import Match
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -102,16 +104,32 @@ class _EngineGauges:
                 )
 
 
+UNMATCHED = "unmatched"  # the endpoint label of a request no route matched (404s must not make a series per path)
+
+
+def endpoint_label(scope: dict) -> str:
+    """The route's path template (`/v1/responses/{response_id}`), never the raw path: a label per response id or per
+    mistyped URL would grow the registry without bound. Routing puts the matched route in the scope (405s too:
+    the route matched all but the method); a request answered before routing (BodyLimit's 413) is matched here."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path_format", None) or UNMATCHED
+
+
 class RequestCounter:
-    """ASGI middleware: counts every /v1/ response by endpoint, model (set by the route in request.state) and
-    HTTP status, after the body is sent (streams included)."""
+    """ASGI middleware: counts every /v1/ response by endpoint (the route's path template), model (set by the route
+    in request.state) and HTTP status, after the body is sent (streams included)."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             return await self.app(scope, receive, send)
         status = [500]
 
@@ -124,4 +142,4 @@ class RequestCounter:
             await self.app(scope, receive, capture)
         finally:
             model = (scope.get("state") or {}).get("model") or ""
-            self.metrics.requests.labels(path, model, str(status[0])).inc()
+            self.metrics.requests.labels(endpoint_label(scope), model, str(status[0])).inc()

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from toolkit.data.schema import TOOLS_UNSUPPORTED, Message
 
 MAX_N = 16
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (vLLM's default max_logprobs is 20 too)
+MAX_STOPS = 4  # OpenAI's limit on stop strings
 TOOL_FIELDS = ("tools", "functions", "function_call")
-INTEGER_FIELDS = ("n", "max_tokens", "max_completion_tokens", "seed", "top_k", "min_tokens", "top_logprobs")
+INT64 = 2**63  # OpenAI's seed range (int64); a torch generator takes seed + choice index up to 2**64 - 1
+TOKEN_ID = r"^[0-9]{1,9}$"  # a logit_bias key; the served /openapi.json narrows it to the vocabulary (openapi.py)
+GUIDES = ("guided_json", "guided_regex", "guided_choice")
 
 # Fields of OpenAI's or vLLM's requests that would change the answer and are not implemented: refused with a 400
 # naming them unless absent or at a value that changes nothing (the second element).
@@ -54,7 +57,8 @@ REFUSED: dict[str, tuple[Any, ...]] = {
     "priority": (None, 0),
     "spaces_between_special_tokens": (None, True),
 }
-CHAT_REFUSED = {**REFUSED, "echo": (None, False)}
+# OpenAI's chat moderation may block the answer: not implemented (the Responses door refuses it too)
+CHAT_REFUSED = {**REFUSED, "echo": (None, False), "moderation": (None,)}
 # Accepted and without effect on the answer (nothing is stored, no tiers, no prompt cache to key)
 NO_EFFECT = (
     "user",
@@ -64,6 +68,7 @@ NO_EFFECT = (
     "safety_identifier",
     "prompt_cache_key",
     "prompt_cache_retention",
+    "prompt_cache_options",
 )
 COMPLETION_REFUSED = {**REFUSED, "suffix": (None, "")}
 NOT_IMPLEMENTED = "is not supported by this server"
@@ -99,12 +104,27 @@ def _refuse(data: dict, table: dict[str, tuple[Any, ...]]) -> None:
         raise Refused("best_of", f"{NOT_IMPLEMENTED} (best_of must equal n; use n)")
 
 
-def _integers(data: dict) -> dict:
-    for name in INTEGER_FIELDS:  # JSON Schema's "integer" includes 2.0 (fuzzers send it); "2" and true do not
-        v = data.get(name)
-        if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
-            data = {**data, name: int(v)}
-    return data
+def _json_integer(v: Any) -> Any:
+    # JSON Schema's "integer" includes 2.0 (generated clients and fuzzers send it); "2" and true are not integers
+    if isinstance(v, float) and v.is_integer() and abs(v) < INT64:
+        return int(v)
+    return v
+
+
+def integer(**bounds: Any) -> Any:
+    """An integer field as JSON Schema and OpenAI mean it (2 or 2.0, never "2" or true), within `bounds` (ge, le,
+    lt), which the OpenAPI document declares."""
+    return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_json_integer)]
+
+
+def _set(name: str) -> dict:
+    """JSON Schema: `name` is present and not null (a null field is an absent one here)."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+def _excludes(*pairs: tuple[dict, dict]) -> dict:
+    """JSON Schema for "no two of these together", as the request's validators enforce it."""
+    return {"not": {"anyOf": [{"allOf": [a, b]} for a, b in pairs]}}
 
 
 def _no_tools(data: dict) -> None:
@@ -143,49 +163,70 @@ class ResponseFormat(BaseModel):
         return self
 
 
+Stop = Annotated[str, Field(min_length=1)]
+TokenId = integer(ge=0)
+Bias = Annotated[float, Field(ge=-100, le=100, strict=True)]
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=TOKEN_ID)], Bias],
+    # pydantic writes key patterns as patternProperties, which leave other keys open; the server refuses them
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": TOKEN_ID},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        }
+    ),
+]
+_CONSTRAINED = {  # a response_format that constrains the answer (type "text" does not)
+    "required": ["response_format"],
+    "properties": {
+        "response_format": {"required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+    },
+}
+# What the validators enforce across fields, declared in the OpenAPI document for clients and fuzzers
+ONE_GUIDE = _excludes(
+    *[(_set(a), _set(b)) for i, a in enumerate(GUIDES) for b in GUIDES[i + 1 :]],
+    *[(_set(g), _CONSTRAINED) for g in GUIDES],
+)
+
+
 class SamplingFields(BaseModel):
     """The sampling fields chat and completions share (OpenAI's, then vLLM's extensions); see docs/API.md."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI's API does
 
-    model: str | None = None
+    model: str | None = Field(None, description="the base's name or an adapter's (GET /v1/models)")
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float = Field(1.0, ge=0, le=1, strict=True)
-    n: int = Field(1, ge=1, le=MAX_N, strict=True)
+    n: integer(ge=1, le=MAX_N) = 1
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2, strict=True)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, strict=True)
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, strict=True)
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in -100..100")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description=f"up to {MAX_STOPS} non-empty stop strings"
+    )
+    seed: integer(ge=-INT64, lt=INT64) | None = None
+    logit_bias: LogitBias | None = Field(None, description="token id (as a string) -> bias in -100..100")
     response_format: ResponseFormat | None = None
     user: str | None = Field(None, description="accepted; no effect")
     # vLLM's extensions
     ignore_eos: bool = Field(False, strict=True, description="generate max_tokens, past stop tokens")
-    top_k: int = Field(0, ge=-1, strict=True, description="0 or -1: off")
+    top_k: integer(ge=-1) = Field(0, description="0 or -1: off")
     min_p: float = Field(0.0, ge=0, le=1, strict=True)
     repetition_penalty: float = Field(1.0, gt=0, le=10, strict=True)
-    min_tokens: int = Field(0, ge=0, strict=True, description="stop tokens and strings wait for this many tokens")
-    stop_token_ids: list[int] | None = Field(None, description="extra token ids that end a choice")
+    min_tokens: integer(ge=0) = Field(0, description="stop tokens and strings wait for this many tokens")
+    stop_token_ids: list[TokenId] | None = Field(None, description="extra token ids that end a choice")
     include_stop_str_in_output: bool = Field(False, strict=True)
     skip_special_tokens: bool = Field(True, strict=True)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    prompt_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema to follow")
     guided_regex: str | None = Field(None, description="vLLM's: a regular expression to follow")
     guided_choice: list[str] | None = Field(None, description="vLLM's: answer with one of these strings")
 
     @model_validator(mode="after")
     def _checks(self) -> SamplingFields:
-        stops = self.stop_list()
-        if len(stops) > 4 or any(not s for s in stops):
-            raise BadField("stop", "at most 4 non-empty stop strings")
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise BadField("logit_bias", f"key {key!r} is not a token id")
-            if not -100 <= bias <= 100:
-                raise BadField("logit_bias", f"bias {bias} for token {key} is outside -100..100")
-        guides = [g for g in ("guided_json", "guided_regex", "guided_choice") if getattr(self, g) is not None]
+        guides = [g for g in GUIDES if getattr(self, g) is not None]
         if len(guides) + (self.response_format is not None and self.response_format.type != "text") > 1:
             raise BadField("response_format", "send one of response_format, guided_json, guided_regex, guided_choice")
         return self
@@ -194,12 +235,21 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+# top_logprobs asks for alternatives of the chosen tokens' log probabilities: only with logprobs true
+TOP_NEEDS_LOGPROBS = {
+    "if": _set("top_logprobs"),
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
+
+
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [ONE_GUIDE, TOP_NEEDS_LOGPROBS]})
+
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, strict=True)
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = Field(False, strict=True)
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     metadata: dict[str, str] | None = Field(None, description="accepted; no effect")
     store: bool | None = Field(None, description="accepted; nothing is stored")
 
@@ -207,7 +257,6 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _before(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = _integers(data)
             _no_tools(data)
             for i, m in enumerate(data.get("messages") or []):
                 if isinstance(m, dict) and (m.get("role") in ("tool", "function") or "tool_calls" in m):
@@ -222,29 +271,34 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+# max_tokens 0 generates nothing: only for scoring the prompt (echo)
+ZERO_NEEDS_ECHO = {
+    "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+    "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+}
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [ONE_GUIDE, ZERO_NEEDS_ECHO]})
+
     prompt: Prompt = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: int | None = Field(None, ge=0, strict=True, description="default 16; 0 only with echo (scoring)")
+    max_tokens: integer(ge=0) | None = Field(None, description="default 16; 0 only with echo (scoring)")
     echo: bool = Field(False, strict=True)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _before(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = _integers(data)
             _no_tools(data)
             _refuse(data, COMPLETION_REFUSED)
         return data
 
     @model_validator(mode="after")
     def _prompt(self) -> CompletionRequest:
-        p = self.prompt
-        if p == "" or p == [] or (isinstance(p, list) and any(x in ("", []) for x in p)):
-            raise BadField("prompt", "must not be empty")
         if self.max_tokens == 0 and not self.echo:
             raise BadField("max_tokens", "0 is allowed only with echo (to score the prompt)")
         return self

@@ -5,18 +5,18 @@ system turn, input items become user / assistant / system / developer messages, 
 parts become text / image_url parts) and into a chat request, which runs through the chat door's own path
 (serving.start_chat: the same checks, image fetch rules, template, limits, adapters, grammar constraint and
 engine). Past this module nothing knows the conversation came from the Responses API. Errors raised on the chat
-path name chat's fields; they are renamed here into the Responses request's (`messages[1]` -> `input[0]`).
+path name the Responses request's fields: the door hands the chat path a `FieldNames` map (`messages[1]` ->
+`input[0]`, `max_tokens` -> `max_output_tokens`). No routes here (app.py).
 
 Stored responses (for GET and `previous_response_id`) live in a bounded in-memory store: the newest
-`responses_store` responses (256 by default) and at most STORE_MAX_BYTES of conversation, oldest evicted first;
-an unknown or evicted id is a 404. Nothing survives a restart.
+`toolkit serve --responses-store N` responses (256 by default; 0 keeps none) and at most STORE_MAX_BYTES of
+conversation, oldest evicted first; an unknown or evicted id is a 404. Nothing survives a restart.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 import uuid
 from collections import OrderedDict
@@ -24,24 +24,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from toolkit import constants as C
 from toolkit.data.schema import problems_from_errors
 from toolkit.serve import logprobs as lp
 from toolkit.serve.errors import APIError
 from toolkit.serve.protocol import ChatCompletionRequest
 from toolkit.serve.responses_protocol import LOGPROBS_INCLUDE, MessageItem, ResponsesRequest
-from toolkit.serve.serving import ChoiceStream, ServerState, cancel, each_event, run_all, start_chat
+from toolkit.serve.serving import ChoiceStream, FieldNames, ServerState, cancel, each_event, run_all, start_chat
 
-DEFAULT_STORE_SIZE = 256
 STORE_MAX_BYTES = 64 * 2**20  # images sent as data: URIs are kept with the conversation: bound the bytes too
-CHAT_PARAMS = [  # chat's field names in errors -> the Responses request's
+CHAT_FIELDS = (  # chat's fields -> the Responses request's (messages, item by item, come from to_messages)
     ("response_format.json_schema.schema", "text.format.schema"),
     ("response_format", "text.format"),
     ("max_completion_tokens", "max_output_tokens"),
     ("max_tokens", "max_output_tokens"),
-]
+    ("messages", "input"),
+)
 
 
 def new_id(prefix: str) -> str:
@@ -59,7 +60,7 @@ class Stored:
 class ResponseStore:
     """The newest responses, bounded by count and bytes (an OrderedDict as an LRU by insertion)."""
 
-    def __init__(self, size: int = DEFAULT_STORE_SIZE, max_bytes: int = STORE_MAX_BYTES) -> None:
+    def __init__(self, size: int = C.RESPONSES_STORE, max_bytes: int = STORE_MAX_BYTES) -> None:
         self.size, self.max_bytes = size, max_bytes
         self.items: OrderedDict[str, Stored] = OrderedDict()
         self.bytes = 0
@@ -86,7 +87,7 @@ class ResponseStore:
         return old is not None
 
 
-def _not_found(rid: str, param: str | None = None, code: str | None = None) -> APIError:
+def not_found(rid: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(
         404,
         f"Response with id {rid!r} not found (unknown, not stored, or evicted from this server's in-memory store)",
@@ -115,8 +116,9 @@ def has_instructions(req: ResponsesRequest) -> bool:
     return bool(req.instructions and req.instructions.strip())
 
 
-def to_messages(req: ResponsesRequest, history: list[dict]) -> tuple[list[dict], list[str]]:
-    """The chat messages for a request, and for each the request field it came from (to rename errors)."""
+def to_messages(req: ResponsesRequest, history: list[dict]) -> tuple[list[dict], FieldNames]:
+    """The chat messages for a request, and how the request names chat's fields (each message by the field it came
+    from), for errors."""
     messages: list[dict] = []
     where: list[str] = []
     if has_instructions(req):
@@ -131,30 +133,10 @@ def to_messages(req: ResponsesRequest, history: list[dict]) -> tuple[list[dict],
         for i, item in enumerate(req.input):
             messages.append({"role": item.role, "content": _parts(item)})
             where.append(f"input[{i}]")
-    return messages, where
+    return messages, FieldNames(CHAT_FIELDS, tuple(where))
 
 
-def _rename(text: str, where: list[str]) -> str:
-    def item(m: re.Match) -> str:
-        k = int(m.group(1))
-        source = where[k] if k < len(where) else m.group(0)
-        return source + (m.group(2) if source.startswith("input[") else "")
-
-    text = re.sub(r"messages\[(\d+)\]((?:\.content)?)", item, text)
-    text = text.replace("the messages take", "the input takes")
-    text = re.sub(r"\bmessages\b", "input", text)
-    for old, new in CHAT_PARAMS:
-        text = text.replace(old, new)
-    return text
-
-
-def _renamed(err: APIError, where: list[str]) -> APIError:
-    err.message = _rename(err.message, where)
-    err.param = _rename(err.param, where) if err.param else err.param
-    return err
-
-
-def chat_request(req: ResponsesRequest, messages: list[dict], where: list[str]) -> ChatCompletionRequest:
+def chat_request(req: ResponsesRequest, messages: list[dict], names: FieldNames) -> ChatCompletionRequest:
     """The chat request that answers a Responses request (same sampling, same grammar, same logprobs)."""
     fmt = req.text.format if req.text is not None else None
     response_format = None
@@ -179,9 +161,8 @@ def chat_request(req: ResponsesRequest, messages: list[dict], where: list[str]) 
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as err:
         problems = problems_from_errors(err.errors())
-        text = "; ".join(map(str, problems[:5])) or "invalid request"
-        param = problems[0].path if problems else None
-        raise _renamed(APIError(400, text, param=param), where) from None
+        text = "; ".join(f"{names(p.path)}: {p.message}" for p in problems[:5]) or "invalid request"
+        raise APIError(400, text, param=names(problems[0].path) if problems else None) from None
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -259,7 +240,7 @@ class Run:
         status = "incomplete" if s.finish[0] == "length" else "completed"
         usage = {
             "input_tokens": self.n_prompt,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": s.generated,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": self.n_prompt + s.generated,
@@ -270,28 +251,25 @@ class Run:
         return body
 
 
-async def start(state: ServerState, req: ResponsesRequest, store: ResponseStore) -> Run:
+async def start(state: ServerState, req: ResponsesRequest) -> Run:
     """Check, convert and submit (before any response starts: errors are plain HTTP errors)."""
     history: list[dict] = []
     if req.previous_response_id is not None:
-        found = store.get(req.previous_response_id)
+        found = state.responses.get(req.previous_response_id)
         if found is None:
-            raise _not_found(req.previous_response_id, "previous_response_id", "previous_response_not_found")
+            raise not_found(req.previous_response_id, "previous_response_id", "previous_response_not_found")
         history = found.conversation
-    messages, where = to_messages(req, history)
-    chat = chat_request(req, messages, where)
-    try:
-        streams, n_prompt = await start_chat(state, chat)
-    except APIError as err:
-        raise _renamed(err, where) from None
+    messages, names = to_messages(req, history)
+    chat = chat_request(req, messages, names)
+    streams, n_prompt = await start_chat(state, chat, names)
     conversation = messages[1:] if has_instructions(req) else messages  # instructions are not carried over
     return Run(state, req, streams, n_prompt, conversation)
 
 
-async def complete(state: ServerState, req: ResponsesRequest, store: ResponseStore, is_disconnected: Any) -> dict:
-    run = await start(state, req, store)
+async def complete(state: ServerState, req: ResponsesRequest, is_disconnected: Any) -> JSONResponse:
+    run = await start(state, req)
     await run_all(run.streams, is_disconnected)
-    return run.final(run.streams[0], store)
+    return JSONResponse(run.final(run.streams[0], state.responses))  # built as OpenAI's schema: no model to check
 
 
 def _short_logprobs(entries: list[Any]) -> list[dict]:
@@ -306,13 +284,11 @@ def _short_logprobs(entries: list[Any]) -> list[dict]:
     ]
 
 
-async def stream(
-    state: ServerState, req: ResponsesRequest, store: ResponseStore, is_disconnected: Any
-) -> AsyncIterator[str]:
+async def stream(state: ServerState, req: ResponsesRequest, is_disconnected: Any) -> AsyncIterator[str]:
     """OpenAI's event sequence: response.created, response.in_progress, output_item.added, content_part.added,
     output_text.delta..., output_text.done, content_part.done, output_item.done, then response.completed or
     response.incomplete; an engine failure mid-way ends with response.failed (never a dropped connection)."""
-    run = await start(state, req, store)
+    run = await start(state, req)
     (s,) = run.streams
     texts = state.texts()
     numbers = itertools.count()
@@ -334,7 +310,7 @@ async def stream(
                     yield event("response.output_text.delta", **at, delta=delta, logprobs=_short_logprobs(new))
             if not s.done:  # the client went away
                 return
-            body = run.final(s, store)
+            body = run.final(s, state.responses)
             item = body["output"][0]
             part = item["content"][0]
             all_entries = lp.chat_entries(texts, s.logprobs) if run.logprobs else []
@@ -349,40 +325,3 @@ async def stream(
             cancel(run.streams)
 
     return events()
-
-
-# ------------------------------------------------------------------------------------------------ routes
-def add_routes(app: Any, state: ServerState, dependencies: list) -> ResponseStore:
-    """POST /v1/responses, GET and DELETE /v1/responses/{id} on `app`, behind the same auth dependencies as chat."""
-    from fastapi.responses import JSONResponse, StreamingResponse
-
-    from toolkit.serve.errors import envelope_schema
-
-    errors = {code: envelope_schema() for code in (400, 401, 404, 429)}
-    store = ResponseStore(getattr(state, "responses_store", DEFAULT_STORE_SIZE))
-
-    @app.post("/v1/responses", responses=errors, dependencies=dependencies, tags=["responses"])
-    async def create_response(body: ResponsesRequest, request: Request) -> Any:
-        """OpenAI's Responses API on the same engine, adapters and rules as chat completions (docs/API.md)."""
-        request.state.model = body.model or state.served_name
-        if body.stream:
-            events = await stream(state, body, store, request.is_disconnected)
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            )
-        return JSONResponse(await complete(state, body, store, request.is_disconnected))
-
-    @app.get("/v1/responses/{response_id}", responses=errors, dependencies=dependencies, tags=["responses"])
-    async def get_response(response_id: str) -> Any:
-        found = store.get(response_id)
-        if found is None:
-            raise _not_found(response_id)
-        return JSONResponse(found.body)
-
-    @app.delete("/v1/responses/{response_id}", responses=errors, dependencies=dependencies, tags=["responses"])
-    async def delete_response(response_id: str) -> Any:
-        if not store.delete(response_id):
-            raise _not_found(response_id)
-        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-
-    return store

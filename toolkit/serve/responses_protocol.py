@@ -8,18 +8,18 @@ message schema is the door's job (responses.py). This module knows no engine and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from toolkit.data.schema import TOOLS_UNSUPPORTED
-from toolkit.serve.protocol import MAX_LOGPROBS, NOT_IMPLEMENTED, BadField, Refused, ToolsNotSupported
+from toolkit.serve.protocol import MAX_LOGPROBS, NOT_IMPLEMENTED, BadField, Refused, ToolsNotSupported, integer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # OpenAI's `include` values. Only the logprobs one changes what this server returns; the others ask for parts
 # of tool calls, reasoning items or echoed input images, which this server never produces: nothing to add.
-INCLUDABLE = {
-    LOGPROBS_INCLUDE,
+Includable = Literal[
+    "message.output_text.logprobs",
     "file_search_call.results",
     "web_search_call.results",
     "web_search_call.action.sources",
@@ -27,7 +27,7 @@ INCLUDABLE = {
     "computer_call_output.output.image_url",
     "code_interpreter_call.outputs",
     "reasoning.encrypted_content",
-}
+]
 # Fields that would change the answer and are not implemented: refused unless absent or at a value that changes
 # nothing (the second element). `tools`, `tool_choice` and input items are checked apart (tool calling).
 REFUSED: dict[str, tuple[Any, ...]] = {
@@ -52,7 +52,7 @@ class InputText(_Part):
 
 class InputImage(_Part):
     type: Literal["input_image"]
-    image_url: str | None = Field(None, description="data: URI or http(s) URL (the same fetch rules as chat)")
+    image_url: str = Field(min_length=1, description="data: URI or http(s) URL (the same fetch rules as chat)")
     detail: Literal["auto", "low", "high", "original"] | None = Field(None, description="accepted; ignored")
 
 
@@ -70,19 +70,34 @@ class RefusalPart(_Part):
     refusal: str
 
 
-Part = InputText | InputImage | OutputText | RefusalPart
-
-
-class MessageItem(BaseModel):
+class _Item(BaseModel):
     """A message input item: OpenAI's EasyInputMessage, InputMessage, or an earlier OutputMessage (assistant)."""
 
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[Part]
     id: str | None = None
     status: str | None = None
+
+
+class UserItem(_Item):
+    role: Literal["user"]
+    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
+
+
+class TextItem(_Item):
+    """Instructions (system, developer) and earlier answers (assistant): text only."""
+
+    role: Literal["assistant", "system", "developer"]
+    content: str | list[Annotated[InputText | OutputText | RefusalPart, Field(discriminator="type")]]
+
+
+def _item_tag(v: Any) -> str:
+    role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
+    return "user" if role == "user" else "text"
+
+
+MessageItem = Annotated[Annotated[UserItem, Tag("user")] | Annotated[TextItem, Tag("text")], Discriminator(_item_tag)]
 
 
 class FormatText(BaseModel):
@@ -115,11 +130,11 @@ class ResponsesRequest(BaseModel):
     model: str | None = None
     input: str | list[MessageItem] = Field(description="a string (one user message) or a list of message items")
     instructions: str | None = Field(None, description="becomes the system turn (before any system/developer items)")
-    max_output_tokens: int | None = Field(None, ge=1, strict=True)
+    max_output_tokens: integer(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float | None = Field(None, ge=0, le=1, strict=True)
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
-    include: list[str] | None = Field(None, description=f"{LOGPROBS_INCLUDE!r} returns log probabilities")
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
+    include: list[Includable] | None = Field(None, description=f"{LOGPROBS_INCLUDE!r} returns log probabilities")
     text: TextConfig | None = None
     stream: bool = Field(False, strict=True)
     stream_options: dict[str, Any] | None = Field(None, description="accepted; no effect")
@@ -127,12 +142,12 @@ class ResponsesRequest(BaseModel):
     user: str | None = Field(None, description="accepted; no effect")
     store: bool | None = Field(None, description="keep the response for GET and previous_response_id (default true)")
     previous_response_id: str | None = Field(None, description="continue a stored response's conversation")
-    tools: list[Any] | None = Field(None, description="only [] (no tool calling)")
+    tools: list[Any] | None = Field(None, max_length=0, description="only [] (no tool calling)")
     tool_choice: Literal["auto", "none"] | None = Field(None, description="auto or none (no tools)")
     parallel_tool_calls: bool | None = Field(None, description="accepted; no effect (no tools)")
     max_tool_calls: int | None = Field(None, description="accepted; no effect (no tools)")
     truncation: Literal["disabled"] | None = Field(None, description="only 'disabled' (too long: 400)")
-    reasoning: dict[str, Any] | None = Field(None, description="only null or all-null fields (no reasoning)")
+    reasoning: dict[str, None] | None = Field(None, description="only null or all-null fields (no reasoning)")
     service_tier: str | None = Field(None, description="accepted; no effect")
     safety_identifier: str | None = Field(None, description="accepted; no effect")
     prompt_cache_key: str | None = Field(None, description="accepted; no effect")
@@ -143,10 +158,6 @@ class ResponsesRequest(BaseModel):
     def _before(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        for name in ("max_output_tokens", "top_logprobs"):  # JSON Schema's integers include 2.0 (fuzzers send it)
-            v = data.get(name)
-            if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
-                data = {**data, name: int(v)}
         if data.get("tools") not in (None, []):
             raise ToolsNotSupported("tools", TOOLS_UNSUPPORTED)
         if data.get("tool_choice") not in (None, "auto", "none"):
@@ -162,10 +173,6 @@ class ResponsesRequest(BaseModel):
         text = data.get("text")
         if isinstance(text, dict) and text.get("verbosity") not in (None, "medium"):
             raise Refused("text.verbosity", f"{NOT_IMPLEMENTED} (only the default, medium)")
-        include = data.get("include")
-        for value in include if isinstance(include, list) else []:  # not a list: pydantic's error names it
-            if value not in INCLUDABLE:
-                raise BadField("include", f"{value!r} is not one of {sorted(INCLUDABLE)}")
         if isinstance(data.get("input"), list):
             for i, item in enumerate(data["input"]):
                 _check_item(item, f"input[{i}]")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -69,6 +70,7 @@ class ServerState:
     adapters_dir: Path | None = None  # runtime loading reads only below this folder
     runtime: Any = None  # adapters.AdapterSet: served names -> engine adapter names, in-flight counts
     metrics: Any = None  # metrics.Metrics
+    responses: Any = None  # responses.ResponseStore: stored Responses (GET /v1/responses/{id}, previous_response_id)
     token_text: Any = None  # logprobs.TokenText, made on first use
 
     def models(self) -> ModelList:
@@ -90,6 +92,32 @@ class ServerState:
 
 
 # ------------------------------------------------------------------------------------------------ the core
+@dataclass(frozen=True)
+class FieldNames:
+    """How a door's request names chat's fields, so that errors raised on the chat path name the field the client
+    sent (the Responses door: `messages[2].content[0]` -> `input[1].content[0]`, `max_tokens` ->
+    `max_output_tokens`). Chat's own is the identity."""
+
+    fields: tuple[tuple[str, str], ...] = ()  # (chat's field, the door's), a field's sub-fields follow it
+    # Per chat message, the door's field it came from: an item ("input[0]") keeps the sub-field after it; a whole
+    # field ("instructions", "previous_response_id") stands for any part of that message.
+    messages: tuple[str, ...] | None = None
+
+    def __call__(self, path: str) -> str:
+        if self.messages is not None and (m := re.match(r"messages\[(\d+)\]", path)):
+            k = int(m.group(1))
+            if k < len(self.messages):
+                source = self.messages[k]
+                return source + path[m.end() :] if source.endswith("]") else source
+        for ours, theirs in self.fields:
+            if path == ours or path.startswith((ours + ".", ours + "[")):
+                return theirs + path[len(ours) :]
+        return path
+
+
+CHAT_NAMES = FieldNames()
+
+
 def check_model(state: ServerState, model: str | None) -> None:
     if model is None or model == state.served_name or model in state.adapters:
         return
@@ -102,26 +130,27 @@ def check_model(state: ServerState, model: str | None) -> None:
     )
 
 
-def fit_max_tokens(state: ServerState, n_prompt: int, asked: int | None, default: int | None, what: str) -> int:
-    """The tokens a choice may generate: `asked` if it fits the context (and --max-tokens-limit), else a 400."""
+def fit_max_tokens(
+    state: ServerState, n_prompt: int, asked: int | None, default: int | None, what: str, param: str = "max_tokens"
+) -> int:
+    """The tokens a choice may generate: `asked` if it fits the context (and --max-tokens-limit), else a 400.
+    `what`: the request field the prompt came from; `param`: the one that asked for `asked` tokens."""
     room = state.context_length - n_prompt
     limit = state.max_tokens_limit
     if asked is not None and limit is not None and asked > limit:
-        raise APIError(
-            400, f"max_tokens is {asked}; this server allows at most {limit}", param="max_tokens", code="max_tokens"
-        )
+        raise APIError(400, f"{param} is {asked}; this server allows at most {limit}", param=param, code="max_tokens")
     if asked is not None and n_prompt + asked > state.context_length:
         raise APIError(
             400,
-            f"This model's maximum context length is {state.context_length} tokens; the {what} take "
-            f"{n_prompt} tokens and max_tokens asks for {asked} more ({n_prompt + asked} in all)",
-            param="max_tokens",
+            f"This model's maximum context length is {state.context_length} tokens; the prompt ({what}) takes "
+            f"{n_prompt} tokens and {param} asks for {asked} more ({n_prompt + asked} in all)",
+            param=param,
             code="context_length_exceeded",
         )
     if room < 1 and asked != 0:
         raise APIError(
             400,
-            f"The {what} take {n_prompt} tokens, the whole context of {state.context_length}",
+            f"The prompt ({what}) takes {n_prompt} tokens, the whole context of {state.context_length}",
             param=what,
             code="context_length_exceeded",
         )
@@ -146,13 +175,14 @@ def sampling_params(
     *,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    names: FieldNames = CHAT_NAMES,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice: the request's sampling fields, seeds offset per choice (independent but
     reproducible), and a fresh grammar constraint per choice for structured output."""
     bias = {int(k): v for k, v in (fields.logit_bias or {}).items()}
     _check_token_ids(state, list(bias), "logit_bias")
     _check_token_ids(state, fields.stop_token_ids or [], "stop_token_ids")
-    grammars = structured.constraints(fields, state.base.tokenizer, state.stop_ids, n)
+    grammars = structured.constraints(fields, state.base.tokenizer, state.stop_ids, n, names)
     return [
         SamplingParams(
             max_tokens=max_tokens,
@@ -197,7 +227,7 @@ class ChoiceStream:
         self.incremental = incremental or bool(self.stops)  # else text is decoded once, at the end
         self.queue: asyncio.Queue = asyncio.Queue()  # lists of events
         self.ids: list[int] = []
-        self.logprobs: list[Any] = []  # TokenLogprob per token in ids (when asked)
+        self.logprobs: list[Any] = []  # TokenLogprob per token in logprob_ids() (when asked)
         self.prompt_logprobs: list[Any] | None = None
         self.emitted = ""
         self.finish: tuple[str, Any] | None = None
@@ -207,9 +237,9 @@ class ChoiceStream:
         self.times: list[float] = []  # engine-thread arrival time of each token (metrics)
         self.submitted = time.monotonic()
         self._pending_logprob: Any = None
-        self.stop_logprob: Any = None  # the stop token's TokenLogprob, when known (completions report it)
-        # Rows run with ignore_eos to learn a stop token's log probability (see completions.py) end here instead
-        self.stop_as_token: set[int] = set()
+        # The stop token that ended the choice: generated (counted in usage) and scored (its logprob ends
+        # self.logprobs, as vLLM lists it), but not text. None when no stop token ended it.
+        self.stop_token: int | None = None
         self._buffer: list[tuple[str, Any]] = []
         self._scheduled = False  # a _flush is on its way to the event loop
         self._woken = 0.0  # when the engine's thread last woke the loop for this choice
@@ -223,9 +253,9 @@ class ChoiceStream:
         now = time.monotonic()
         if kind == "token":
             self.times.append(now)
-        urgent = self.incremental or bool(self.stop_as_token) or kind in ("done", "error")
+        urgent = self.incremental or kind in ("done", "error")
         recent = now - self._woken < STREAM_INTERVAL_S
-        if urgent and kind in ("token", "logprobs") and len(self.times) > 1 and recent and not self.stop_as_token:
+        if urgent and kind in ("token", "logprobs") and len(self.times) > 1 and recent:
             urgent = False  # coalesced: goes with the next wake (STREAM_INTERVAL_S)
         with self._lock:
             self._buffer.append((kind, value))
@@ -266,11 +296,6 @@ class ChoiceStream:
         if kind == "logprobs":
             self._pending_logprob = value
             return ""
-        if kind == "token" and value in self.stop_as_token:
-            self.stop_logprob, self._pending_logprob = self._pending_logprob, None
-            kind, value = "done", ("stop", value)
-            if self.request is not None:
-                self.request.cancel()
         if kind == "token":
             self.generated += 1
             self.ids.append(value)
@@ -291,9 +316,12 @@ class ChoiceStream:
                     break
         if kind == "done" and self.finish is None:
             reason, token = value
-            if token is not None and self._pending_logprob is not None and self._pending_logprob.token == token:
-                self.stop_logprob = self._pending_logprob  # an engine that reports the stop token's logprob
-            self.generated += 1 if reason == "stop" and token is not None else 0  # the stop token was generated
+            if reason == "stop" and token is not None:  # the stop token was generated
+                self.generated += 1
+                self.stop_token = token
+                if self._pending_logprob is not None:  # the engine reports its log probability when asked
+                    self.logprobs.append(self._pending_logprob)
+                    self._pending_logprob = None
             stop_reason = token if token is not None and token in self.stop_token_ids else None
             self.finish = ("length" if reason == "length" else "stop", stop_reason)
         if self.finish is None:
@@ -307,6 +335,10 @@ class ChoiceStream:
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted += delta
         return delta
+
+    def logprob_ids(self) -> list[int]:
+        """The token ids self.logprobs scores: the text's tokens, then the stop token that ended the choice."""
+        return self.ids if self.stop_token is None else [*self.ids, self.stop_token]
 
     def _finished(self) -> None:
         callback, self.on_finish = self.on_finish, None
@@ -333,6 +365,7 @@ def submit(
     model: str | None,
     rows: list[Row],
     streams: list[ChoiceStream],
+    max_tokens_param: str = "max_tokens",
 ) -> None:
     """Hand every row to the engine (all or none: on a full queue the ones taken are cancelled -> 429)."""
     served = model or state.served_name
@@ -369,7 +402,7 @@ def submit(
     except RequestTooLarge as err:  # the engine's KV budget can never hold this request
         _abandon(streams)
         message = f"{err.what}; {err.fix}" if err.fix else err.what
-        raise APIError(400, message, param="max_tokens", code="request_too_large") from None
+        raise APIError(400, message, param=max_tokens_param, code="request_too_large") from None
 
 
 def _abandon(streams: list[ChoiceStream]) -> None:
@@ -465,35 +498,48 @@ def usage(n_prompt: int, streams: list[ChoiceStream]) -> Usage:
 
 
 # ------------------------------------------------------------------------------------------------ chat
-def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[chat.Encoded, int]:
+def _max_tokens_field(req: ChatCompletionRequest) -> str:
+    return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+
+
+def _prepare(state: ServerState, req: ChatCompletionRequest, names: FieldNames) -> tuple[chat.Encoded, int]:
     """Check messages, load images, encode the prompt, and fit max_tokens into the context (blocking: a thread)."""
     raw = [m.model_dump(exclude_none=True) for m in req.messages]
     messages, problems = check_messages(raw, purpose="request", max_images=state.max_images)
     if problems:
-        raise APIError(400, "; ".join(map(str, problems)), param=problems[0].path)
+        text = "; ".join(f"{names(p.path)}: {p.message}" for p in problems)
+        raise APIError(400, text, param=names(problems[0].path))
     try:
         images = chat.load_images(messages, base_dir=None, policy=state.image_policy)
     except ToolkitError as err:
-        raise APIError(400, f"{err.where}: {err.what}", param=err.where, code="invalid_image") from None
+        where = names(err.where)
+        raise APIError(400, f"{where}: {err.what}", param=where, code="invalid_image") from None
     prompt = chat.encode_prompt(state.base.processor, messages, images)
     asked = req.max_completion_tokens or req.max_tokens
-    return prompt, fit_max_tokens(state, len(prompt.input_ids), asked, None, "messages")
+    what, param = names("messages"), names(_max_tokens_field(req))
+    return prompt, fit_max_tokens(state, len(prompt.input_ids), asked, None, what, param)
 
 
-async def start_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[ChoiceStream], int]:
-    """The chat door: messages -> prompt -> n engine rows. Reusable by other doors that speak in messages."""
+async def start_chat(
+    state: ServerState, req: ChatCompletionRequest, names: FieldNames = CHAT_NAMES
+) -> tuple[list[ChoiceStream], int]:
+    """The chat door: messages -> prompt -> n engine rows. Reusable by other doors that speak in messages: their
+    errors name fields through `names`."""
     check_model(state, req.model)
     k = (req.top_logprobs or 0) if req.logprobs else None
 
     def prepare() -> tuple[chat.Encoded, list]:  # one hop to a worker thread for both (each hop costs ~0.1 ms)
-        prompt, max_tokens = _prepare(state, req)
-        return prompt, sampling_params(state, req, max_tokens, req.n, logprobs=k, prompt_logprobs=req.prompt_logprobs)
+        prompt, max_tokens = _prepare(state, req, names)
+        params = sampling_params(
+            state, req, max_tokens, req.n, logprobs=k, prompt_logprobs=req.prompt_logprobs, names=names
+        )
+        return prompt, params
 
     prompt, params = await asyncio.to_thread(prepare)
     loop = asyncio.get_running_loop()
     streams = [ChoiceStream(i, state, req, loop, bool(req.stream)) for i in range(req.n)]
     rows = [Row(prompt.input_ids, p, prompt.token_type_ids, prompt.pixel_values) for p in params]
-    submit(state, req.model, rows, streams)
+    submit(state, req.model, rows, streams, names(_max_tokens_field(req)))
     if state.metrics is not None:
         state.metrics.prompt(req.model or state.served_name, len(prompt.input_ids))
     return streams, len(prompt.input_ids)

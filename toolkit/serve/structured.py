@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from toolkit.serve.errors import APIError
@@ -109,21 +110,26 @@ def _options(strict: bool) -> dict:
     return {"whitespace_flexible": False, "lenient": not strict}
 
 
-def constraints(fields: Any, tokenizer: Any, stop_ids: list[int], n: int) -> list[GrammarConstraint] | None:
+def constraints(
+    fields: Any, tokenizer: Any, stop_ids: list[int], n: int, names: Callable[[str], str] = str
+) -> list[GrammarConstraint] | None:
     """One fresh constraint per choice for the request's structured-output fields, or None when it has none.
 
-    Raises APIError(400) naming the field when the grammar compiler refuses the schema or pattern."""
+    Raises APIError(400) naming the field (as `names` maps it for the door the request came through) when the
+    grammar compiler refuses the schema or pattern."""
     from llguidance import LLMatcher
 
     try:
         found = grammar_for(fields)
     except (ValueError, json.JSONDecodeError) as err:
-        raise APIError(400, f"not a valid JSON schema: {err}", param="guided_json", code="invalid_schema") from None
+        param = names("guided_json")
+        raise APIError(400, f"not a valid JSON schema: {err}", param=param, code="invalid_schema") from None
     if found is None:
         return None
     grammar, param = found
     if param == "response_format" and fields.response_format.type == "json_schema":
         param = "response_format.json_schema.schema"
+    param = names(param)
     tok = ll_tokenizer(tokenizer, stop_ids)
     first = LLMatcher(tok, grammar, log_level=0)
     if first.is_error():

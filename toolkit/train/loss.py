@@ -33,8 +33,8 @@ def use_chunked_loss(setting: str, max_seq_len: int) -> bool:
 
 
 def sft_trainer_class(chunked: bool) -> Any:
-    """TRL's SFTTrainer (its FLOPs count taking the parameter count once), or further a subclass whose loss is the
-    model's own over the full logits (`chunked=False`).
+    """TRL's SFTTrainer (its FLOPs count taking the parameter count once, no device move of a model the loader
+    placed), or further a subclass whose loss is the model's own over the full logits (`chunked=False`).
 
     SFTTrainer always installs the fused LM head; with it off, `compute_loss` calls the model with its labels, as
     transformers' Trainer does (the model's forward without `fused_lm_head=True` is the original one). The entropy
@@ -44,6 +44,14 @@ def sft_trainer_class(chunked: bool) -> Any:
     from trl import SFTTrainer
 
     class ToolkitSFTTrainer(SFTTrainer):
+        def _move_model_to_device(self, model, device) -> None:
+            # The loader put the model on its device (cuda:LOCAL_RANK under DDP), and GPTQModel's `hf_device_map`
+            # makes Trainer skip the move anyway, logging "The model is already on multiple devices" on every run.
+            # Only a model that is elsewhere goes on to Trainer (and its warning, which then means something).
+            if all(t.device == device for t in (*model.parameters(), *model.buffers())):
+                return
+            super()._move_model_to_device(model, device)
+
         def floating_point_ops(self, inputs: dict) -> int:
             # Trainer's FLOPs log counts the model's parameters (a walk over every module) on every step: 5 ms of a
             # ~100 ms step on the tiny base; the count does not change while training, so it is taken once

@@ -135,8 +135,10 @@ def _sft_config(recipe: Recipe, run_dir: Path, device: str, has_eval: bool):
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=recipe.eval.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # transformers 5.23's names: `gradient_checkpointing*` are deprecated aliases that warn (FutureWarning) when
+        # set, and TRL's own `gradient_checkpointing=True` default stays silent once the new name is given
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         seed=t.seed,
         data_seed=t.seed,
         eval_strategy="steps" if (t.eval_every and has_eval) else "no",
@@ -290,17 +292,7 @@ def train(
     from toolkit.lora import folder as adapter_files
 
     table = markdown_table({c: metrics[c] for c in ("base", "adapter")}, ["base", "adapter"]) if data.eval else None
-    adapter_files.write_adapter(
-        final,
-        model=model,
-        recipe=recipe,
-        name=name,
-        base=base,
-        data=data,
-        metrics=metrics,
-        run_dir=run_dir,
-        overwrite=overwrite,
-        metrics_table=table,
-    )
+    contents = adapter_files.AdapterContents(model, recipe, name, base, data, metrics, run_dir, metrics_table=table)
+    adapter_files.write_adapter(final, contents, overwrite=overwrite)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(final, metrics, step=step, model=model)

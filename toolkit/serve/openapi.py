@@ -1,0 +1,94 @@
+"""GET /openapi.json: FastAPI's document from the protocol models, narrowed to what this server enforces.
+
+The request models declare every fixed rule (ranges, enums, lengths, which fields exclude which). A few rules
+depend on the running server: which model names exist (the base and its adapters, runtime-loaded ones too), how
+many tokens a choice may ask for (`--max-tokens-limit`, else the context) and which token ids exist (the
+vocabulary). They are written into the document here, so a generated client or a schema fuzzer sends only what
+the server accepts, and the document changes when the served adapters do.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+GENERATING = ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest")
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+TOKEN_ID_FIELDS = ("stop_token_ids", "prompt")
+
+
+def install(app: Any, state: Any) -> None:
+    """Serve the narrowed document from `app.openapi()` (what /openapi.json returns), rebuilt when the served
+    model names change."""
+    generic = app.openapi  # FastAPI's: builds once, then keeps it in app.openapi_schema
+    built: dict[str, Any] = {}
+
+    def document() -> dict:
+        key = (state.served_name, *state.adapters)
+        if built.get("key") != key:
+            built.update(key=key, doc=narrowed(generic(), state))
+        return built["doc"]
+
+    app.openapi = document
+
+
+def narrowed(doc: dict, state: Any) -> dict:
+    """A copy of `doc` with the served model names, the max-tokens bound and the vocabulary written in."""
+    doc = copy.deepcopy(doc)
+    schemas = doc["components"]["schemas"]
+    names = [state.served_name, *state.adapters]
+    most = state.context_length - 1  # a prompt has at least one token
+    if state.max_tokens_limit is not None:
+        most = min(most, state.max_tokens_limit)
+    vocab = len(state.base.tokenizer)
+    for name in GENERATING:
+        props = schemas[name]["properties"]
+        props["model"] = {
+            "anyOf": [{"type": "string", "enum": names}, {"type": "null"}],
+            "description": "the base's name or an adapter's (GET /v1/models); unknown: 404",
+        }
+        for field in MAX_TOKENS_FIELDS:
+            _set(props.get(field), lambda n: n.get("type") == "integer", maximum=most)
+        for field in TOKEN_ID_FIELDS:
+            _set(props.get(field), lambda n: n.get("type") == "integer" and n.get("minimum") == 0, maximum=vocab - 1)
+        if "logit_bias" in props:
+            _set(props["logit_bias"], lambda n: "propertyNames" in n, propertyNames={"pattern": below(vocab)})
+    return doc
+
+
+def _set(node: Any, match: Callable[[dict], bool], **keywords: Any) -> None:
+    for found in _walk(node):
+        if match(found):
+            found.update(keywords)
+
+
+def _walk(node: Any) -> Iterator[dict]:
+    """Every schema object under `node` (through anyOf / oneOf / allOf branches and array items)."""
+    if not isinstance(node, dict):
+        return
+    yield node
+    for key in ("anyOf", "oneOf", "allOf"):
+        for branch in node.get(key, []):
+            yield from _walk(branch)
+    yield from _walk(node.get("items"))
+
+
+def below(n: int) -> str:
+    """A regular expression for the decimal integers 0 .. n-1, without leading zeros (a token id as a JSON key).
+
+    Written by hand: JSON Schema bounds numbers, not object keys, and no maintained library builds the pattern."""
+    top = str(n - 1)
+    shorter = ["0"] if len(top) > 1 else []
+    if len(top) > 2:
+        shorter.append(f"[1-9][0-9]{{0,{len(top) - 2}}}")
+    elif len(top) == 2:
+        shorter.append("[1-9]")
+    same = []  # numbers of top's length, digit by digit: a smaller digit here, then any digits after
+    for i, digit in enumerate(top):
+        low = 1 if i == 0 and len(top) > 1 else 0
+        if int(digit) > low:
+            rest = len(top) - i - 1
+            same.append(top[:i] + f"[{low}-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    same.append(top)
+    return "^(" + "|".join(shorter + same) + ")$"
