@@ -49,7 +49,7 @@ def test_runtime_loading_is_off_by_default(make_server, folder):
 
 def test_paths_keys_and_fingerprints_are_checked(rt, folder):
     assert _load(rt, "qs", "qs", headers={}).status_code == 401
-    for path in ("../qs", str(folder.parent), "/etc"):
+    for path in ("../qs", str(folder.parent), "/etc", "qs\x00", "x" * 5000):  # the last two: 500s found by fuzzing
         r = _load(rt, "x", path)
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
     r = _load(rt, "other", "other-base")

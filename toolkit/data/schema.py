@@ -24,6 +24,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Content must say something: a string with a non-space character, or at least one part (a conversation's rules
+# beyond one message are checked in _conversation_problems). Declared here so the request schema says it too.
+NON_BLANK = r"\S"
+Said = Annotated[str, Field(pattern=NON_BLANK)]
+
+
 class CacheBreakpoint(_Strict):
     mode: Literal["explicit"] = "explicit"
 
@@ -63,15 +69,18 @@ UserPart = Annotated[
 ]
 
 
+TextParts = Annotated[list[TextPart], Field(min_length=1)]
+
+
 class SystemMessage(_Strict):
     role: Literal["system"]
-    content: str | list[TextPart]
+    content: Said | TextParts
     name: str | None = None
 
 
 class DeveloperMessage(_Strict):
     role: Literal["developer"]
-    content: str | list[TextPart]
+    content: Said | TextParts
     name: str | None = None
 
 
@@ -80,13 +89,13 @@ INSTRUCTION_ROLES = ("system", "developer")  # the leading messages that become 
 
 class UserMessage(_Strict):
     role: Literal["user"]
-    content: str | list[UserPart]
+    content: Said | Annotated[list[UserPart], Field(min_length=1)]
     name: str | None = None
 
 
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    content: str | list[TextPart]
+    content: Said | TextParts
     name: str | None = None
 
 
@@ -101,11 +110,11 @@ def _role_tag(v: Any) -> str | None:
     return tags.get(role) if isinstance(role, str) else None  # found by fuzzing: {"role": {}} is unhashable
 
 
-Message = Annotated[
-    Annotated[SystemMessage, Tag("system-message")]
-    | Annotated[DeveloperMessage, Tag("developer-message")]
-    | Annotated[UserMessage, Tag("user-message")]
-    | Annotated[AssistantMessage, Tag("assistant-message")],
+Message = Annotated[  # the user's first: what a conversation needs (and what schema-driven generators try first)
+    Annotated[UserMessage, Tag("user-message")]
+    | Annotated[AssistantMessage, Tag("assistant-message")]
+    | Annotated[SystemMessage, Tag("system-message")]
+    | Annotated[DeveloperMessage, Tag("developer-message")],
     Discriminator(
         _role_tag,
         custom_error_type="role",
@@ -133,19 +142,10 @@ class Problem:
 
 TOOLS_UNSUPPORTED = "tool calling is not supported by this model (no tools, tool messages or tool_calls)"
 
-# pydantic puts union-branch labels into error locations; they are not fields a user wrote.
-_BRANCH_LABELS = {
-    "text-part",
-    "image-part",
-    "system-message",
-    "developer-message",
-    "user-message",
-    "assistant-message",
-    "str",
-    "int",
-    "bool",
-    "float",
-}
+# pydantic puts union-branch labels into error locations; they are not fields a user wrote. Our unions' tags end in
+# -part, -message or -item (no field name has a hyphen); the rest are pydantic's names for a branch's type.
+_BRANCH_LABELS = {"str", "int", "bool", "float"}
+_BRANCH_SUFFIXES = ("-part", "-message", "-item")
 _BRANCH_PREFIXES = ("list[", "dict[", "function-", "constrained-", "nullable[")
 
 
@@ -154,7 +154,7 @@ def _path(loc: tuple) -> str:
     for item in (x for x in loc if x != "body"):  # FastAPI prefixes request-body errors with "body"
         if isinstance(item, int):
             out += f"[{item}]"
-        elif item in _BRANCH_LABELS or str(item).startswith(_BRANCH_PREFIXES):
+        elif item in _BRANCH_LABELS or str(item).startswith(_BRANCH_PREFIXES) or str(item).endswith(_BRANCH_SUFFIXES):
             continue
         else:
             out += f".{item}" if out else str(item)
@@ -176,6 +176,10 @@ def problems_from_errors(errors: list[dict]) -> list[Problem]:
         # detail comes with a deeper path) and say what the union accepts.
         if e["type"] in ("string_type", "list_type") and path.endswith("content"):
             msg = "content must be a string or a list of content parts"
+        if (e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NON_BLANK) or (
+            e["type"] == "too_short" and path.endswith("content")
+        ):
+            msg = "is empty"
         problems.setdefault(path, Problem(path, msg))
     # A list with a bad part also fails the string branch; the part's own problem is the useful one.
     return [p for p in problems.values() if not any(q.path.startswith(p.path + "[") for q in problems.values())]

@@ -14,7 +14,8 @@ from typing import Any
 from toolkit.errors import ToolkitError
 from toolkit.lora.folder import read_manifest
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # and no ".." (checked apart: the pattern stays portable)
+_NAME = re.compile(ADAPTER_NAME)
 
 
 def resolve_adapter(spec: str, adapters_dir: str | Path = "adapters") -> tuple[str, Path]:

@@ -90,18 +90,38 @@ class AdapterSet:
 
         root = Path(self.state.adapters_dir or "adapters").resolve()
         given = Path(path)
-        folder = (given if given.is_absolute() else root / given).resolve()
+        outside = APIError(400, f"lora_path must be a folder inside the adapters folder ({root})", param="lora_path")
+        try:
+            folder = (given if given.is_absolute() else root / given).resolve()
+        except (OSError, ValueError):  # found by fuzzing: a NUL byte, or a name too long for the filesystem
+            raise outside from None
         if not folder.is_relative_to(root):
-            raise APIError(400, f"lora_path must be a folder inside the adapters folder ({root})", param="lora_path")
+            raise outside
         if name == self.state.served_name:
             raise APIError(400, f"lora_name {name!r} is the base's name", param="lora_name")
         try:
             _, folder = resolve_adapter(f"{name}={folder}")
             check_base_matches(folder, self.state.base)
+        except OSError:  # a name too long for the filesystem
+            raise outside from None
         except ToolkitError as err:
             param = "lora_name" if "name" in err.what and "not allowed" in err.what else "lora_path"
             raise APIError(400, err.what, param=param, code="invalid_adapter") from None
         return folder
+
+    def loadable(self) -> list[str]:
+        """The folders in the adapters folder a load request may name (adapters trained on the served base)."""
+        if not self.allow_runtime:
+            return []
+        root = Path(self.state.adapters_dir or "adapters")
+        found = []
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                self.resolve(folder.name, folder.name)
+                found.append(folder.name)
+            except APIError:
+                continue
+        return found
 
     def load(self, name: str, path: str) -> str:
         self._require()

@@ -101,12 +101,27 @@ def create_app(state: ServerState) -> FastAPI:
     async def text_completions(body: CompletionRequest, request: Request) -> Any:
         return await generate(completions, body, request)
 
-    @app.post("/v1/responses", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"])
+    # OpenAPI links: a created response's id is what GET and DELETE take (clients and fuzzers follow them)
+    by_id = {"response_id": "$response.body#/id"}
+    links = {name: {"operationId": name, "parameters": by_id} for name in ("get_response", "delete_response")}
+
+    @app.post(
+        "/v1/responses",
+        responses={**ERRORS, 200: {"description": "a Response (or its events)", "links": links}},
+        dependencies=[Depends(require_key)],
+        tags=["responses"],
+    )
     async def create_response(body: ResponsesRequest, request: Request) -> Any:
         """OpenAI's Responses API on the same engine, adapters and rules as chat completions (docs/API.md)."""
         return await generate(responses, body, request)
 
-    @app.get("/v1/responses/{response_id}", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"])
+    @app.get(
+        "/v1/responses/{response_id}",
+        responses=ERRORS,
+        dependencies=[Depends(require_key)],
+        tags=["responses"],
+        operation_id="get_response",
+    )
     async def get_response(response_id: str) -> Any:
         found = state.responses.get(response_id)
         if found is None:
@@ -114,7 +129,11 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(found.body)
 
     @app.delete(
-        "/v1/responses/{response_id}", responses=ERRORS, dependencies=[Depends(require_key)], tags=["responses"]
+        "/v1/responses/{response_id}",
+        responses=ERRORS,
+        dependencies=[Depends(require_key)],
+        tags=["responses"],
+        operation_id="delete_response",
     )
     async def delete_response(response_id: str) -> Any:
         if not state.responses.delete(response_id):
@@ -130,7 +149,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def unload_lora_adapter(body: UnloadLoraRequest) -> PlainTextResponse:
         return PlainTextResponse(await asyncio.to_thread(state.runtime.unload, body.lora_name))
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def metrics() -> Response:
         """Prometheus text format (open like /health: scrapers rarely send keys; it holds no request content)."""
         if state.metrics is None:

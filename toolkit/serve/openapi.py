@@ -2,9 +2,10 @@
 
 The request models declare every fixed rule (ranges, enums, lengths, which fields exclude which). A few rules
 depend on the running server: which model names exist (the base and its adapters, runtime-loaded ones too), how
-many tokens a choice may ask for (`--max-tokens-limit`, else the context) and which token ids exist (the
-vocabulary). They are written into the document here, so a generated client or a schema fuzzer sends only what
-the server accepts, and the document changes when the served adapters do.
+many tokens a choice may ask for (`--max-tokens-limit`, else the context), which token ids exist (the
+vocabulary) and, with --allow-runtime-adapters, which folders a load may name. They are written into the document
+here, so a generated client or a schema fuzzer sends only what the server accepts, and the document changes when
+they do.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ def install(app: Any, state: Any) -> None:
     built: dict[str, Any] = {}
 
     def document() -> dict:
-        key = (state.served_name, *state.adapters)
+        loadable = state.runtime.loadable() if state.runtime is not None else []
+        key = ((state.served_name, *state.adapters), tuple(loadable))
         if built.get("key") != key:
-            built.update(key=key, doc=narrowed(generic(), state))
+            built.update(key=key, doc=narrowed(generic(), state, loadable))
         return built["doc"]
 
     app.openapi = document
 
 
-def narrowed(doc: dict, state: Any) -> dict:
-    """A copy of `doc` with the served model names, the max-tokens bound and the vocabulary written in."""
+def narrowed(doc: dict, state: Any, loadable: list[str] | None = None) -> dict:
+    """A copy of `doc` with the served model names, the max-tokens bound, the vocabulary and the `loadable` adapter
+    folders written in."""
     doc = copy.deepcopy(doc)
     schemas = doc["components"]["schemas"]
     names = [state.served_name, *state.adapters]
@@ -54,6 +57,8 @@ def narrowed(doc: dict, state: Any) -> dict:
             _set(props.get(field), lambda n: n.get("type") == "integer" and n.get("minimum") == 0, maximum=vocab - 1)
         if "logit_bias" in props:
             _set(props["logit_bias"], lambda n: "propertyNames" in n, propertyNames={"pattern": below(vocab)})
+    if loadable:  # (relative names; the server also takes their absolute paths)
+        schemas["LoadLoraRequest"]["properties"]["lora_path"]["enum"] = list(loadable)
     return doc
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from toolkit.data.schema import TOOLS_UNSUPPORTED, Message
+from toolkit.lora.registry import ADAPTER_NAME
 
 MAX_N = 16
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (vLLM's default max_logprobs is 20 too)
@@ -422,8 +423,8 @@ class ModelList(BaseModel):
 
 
 class LoadLoraRequest(BaseModel):
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(pattern=ADAPTER_NAME, description="the name to serve it under (no '..')")
+    lora_path: str = Field(min_length=1, description="an adapter folder inside the server's adapters folder")
 
 
 class UnloadLoraRequest(BaseModel):

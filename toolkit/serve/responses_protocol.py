@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from toolkit.data.schema import TOOLS_UNSUPPORTED
+from toolkit.data.schema import TOOLS_UNSUPPORTED, Said
 from toolkit.serve.protocol import MAX_LOGPROBS, NOT_IMPLEMENTED, BadField, Refused, ToolsNotSupported, integer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -80,24 +80,43 @@ class _Item(BaseModel):
     status: str | None = None
 
 
+def _part_tag(v: Any) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return f"{kind}-part" if isinstance(kind, str) else None  # "-part": error paths leave the tag out
+
+
+UserPart = Annotated[
+    Annotated[InputText, Tag("input_text-part")] | Annotated[InputImage, Tag("input_image-part")],
+    Discriminator(_part_tag),
+]
+TextPart = Annotated[
+    Annotated[InputText, Tag("input_text-part")]
+    | Annotated[OutputText, Tag("output_text-part")]
+    | Annotated[RefusalPart, Tag("refusal-part")],
+    Discriminator(_part_tag),
+]
+
+
 class UserItem(_Item):
     role: Literal["user"]
-    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
+    content: Said | Annotated[list[UserPart], Field(min_length=1)]
 
 
 class TextItem(_Item):
     """Instructions (system, developer) and earlier answers (assistant): text only."""
 
     role: Literal["assistant", "system", "developer"]
-    content: str | list[Annotated[InputText | OutputText | RefusalPart, Field(discriminator="type")]]
+    content: Said | Annotated[list[TextPart], Field(min_length=1)]
 
 
 def _item_tag(v: Any) -> str:
     role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
-    return "user" if role == "user" else "text"
+    return "user-item" if role == "user" else "text-item"
 
 
-MessageItem = Annotated[Annotated[UserItem, Tag("user")] | Annotated[TextItem, Tag("text")], Discriminator(_item_tag)]
+MessageItem = Annotated[
+    Annotated[UserItem, Tag("user-item")] | Annotated[TextItem, Tag("text-item")], Discriminator(_item_tag)
+]
 
 
 class FormatText(BaseModel):
@@ -128,7 +147,9 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI's API does
 
     model: str | None = None
-    input: str | list[MessageItem] = Field(description="a string (one user message) or a list of message items")
+    input: Said | Annotated[list[MessageItem], Field(min_length=1)] = Field(
+        description="a string (one user message) or a list of message items"
+    )
     instructions: str | None = Field(None, description="becomes the system turn (before any system/developer items)")
     max_output_tokens: integer(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
