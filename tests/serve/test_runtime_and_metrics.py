@@ -98,23 +98,40 @@ def test_load_serve_unload_with_a_request_in_flight(rt):
     )
 
 
-def test_metrics_scrape_in_prometheus_format(rt):
+def _samples(server) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    client = openai.OpenAI(base_url=rt.url + "/v1", api_key="k", max_retries=0)
-    client.chat.completions.create(model=rt.state.served_name, messages=JAPAN, temperature=0, max_tokens=4)
-    client.completions.create(model=rt.state.served_name, prompt="Hello", temperature=0, max_tokens=3)
-    httpx.post(rt.url + "/v1/chat/completions", json={"messages": JAPAN, "model": "nope"}, headers=KEY)
-    r = httpx.get(rt.url + "/metrics")
+    r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
             samples.setdefault(s.name, []).append(s)
+    return samples
+
+
+def _generated(samples: dict) -> float:
+    return sum(s.value for s in samples.get("toolkit_generation_tokens_total", []))
+
+
+def test_metrics_scrape_in_prometheus_format(rt):
+    client = openai.OpenAI(base_url=rt.url + "/v1", api_key="k", max_retries=0)
+    before = _generated(_samples(rt))
+    chat = client.chat.completions.create(model=rt.state.served_name, messages=JAPAN, temperature=0, max_tokens=4)
+    text = client.completions.create(model=rt.state.served_name, prompt="Hello", temperature=0, max_tokens=3)
+    stop = client.chat.completions.create(  # <end_of_turn> (106) first: a choice that is its stop token alone
+        model=rt.state.served_name, messages=JAPAN, max_tokens=4, logit_bias={"106": 100}
+    )
+    assert stop.choices[0].finish_reason == "stop" and stop.usage.completion_tokens == 1
+    httpx.post(rt.url + "/v1/chat/completions", json={"messages": JAPAN, "model": "nope"}, headers=KEY)
+    samples = _samples(rt)
+    # generated tokens as usage counts them, stop tokens included
+    used = chat.usage.completion_tokens + text.usage.completion_tokens + stop.usage.completion_tokens
+    assert _generated(samples) - before == used
     ok = [s for s in samples["toolkit_requests_total"] if s.labels["status"] == "200"]
     assert {s.labels["endpoint"] for s in ok} >= {"/v1/chat/completions", "/v1/completions"}
     missing = [s.labels["model"] for s in samples["toolkit_requests_total"] if s.labels["status"] == "404"]
-    assert "nope" in missing
+    assert "unknown" in missing and "nope" not in missing  # one series for every unknown name
     assert sum(s.value for s in samples["toolkit_prompt_tokens_total"]) > 0
     assert sum(s.value for s in samples["toolkit_generation_tokens_total"]) >= 4
     assert sum(s.value for s in samples["toolkit_time_to_first_token_seconds_count"]) >= 2

@@ -24,10 +24,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Content must say something: a string with a non-space character, or at least one part (a conversation's rules
-# beyond one message are checked in _conversation_problems). Declared here so the request schema says it too.
-NON_BLANK = r"\S"
-Said = Annotated[str, Field(pattern=NON_BLANK)]
+# Content must say something: a string with a character str.strip() keeps, or at least one part. Declared for
+# the request schema (OpenAPI) only: _conversation_problems checks it ("is empty") with every other problem of the
+# conversation, where a failed parse would stop at the first. \x1c-\x1f: whitespace to Python, not to JSON Schema.
+NON_BLANK = r"[^\s\x1c-\x1f]"
+Said = Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK})]
+
+
+def parts(part: Any) -> Any:
+    """A content list of `part`s: at least one, declared like NON_BLANK (checked with the conversation)."""
+    return Annotated[list[part], Field(json_schema_extra={"minItems": 1})]
 
 
 class CacheBreakpoint(_Strict):
@@ -69,7 +75,7 @@ UserPart = Annotated[
 ]
 
 
-TextParts = Annotated[list[TextPart], Field(min_length=1)]
+TextParts = parts(TextPart)
 
 
 class SystemMessage(_Strict):
@@ -89,7 +95,7 @@ INSTRUCTION_ROLES = ("system", "developer")  # the leading messages that become 
 
 class UserMessage(_Strict):
     role: Literal["user"]
-    content: Said | Annotated[list[UserPart], Field(min_length=1)]
+    content: Said | parts(UserPart)
     name: str | None = None
 
 
@@ -144,7 +150,7 @@ TOOLS_UNSUPPORTED = "tool calling is not supported by this model (no tools, tool
 
 # pydantic puts union-branch labels into error locations; they are not fields a user wrote. Our unions' tags end in
 # -part, -message or -item (no field name has a hyphen); the rest are pydantic's names for a branch's type.
-_BRANCH_LABELS = {"str", "int", "bool", "float"}
+_BRANCH_LABELS = {"str", "int", "bool", "float", "[key]"}
 _BRANCH_SUFFIXES = ("-part", "-message", "-item")
 _BRANCH_PREFIXES = ("list[", "dict[", "function-", "constrained-", "nullable[")
 
@@ -165,22 +171,22 @@ def problems_from_errors(errors: list[dict]) -> list[Problem]:
     """pydantic error dicts -> Problems with user-facing paths (used for rows and for HTTP request bodies)."""
     problems: dict[str, Problem] = {}
     # A union reports every branch at the same path: a branch whose type matched and whose value broke a bound
-    # ("at most 4 items") says more than the others' "not a string", so it goes first.
-    ranked = sorted(errors, key=lambda e: e["type"].endswith("_type"))
-    for e in ranked:
+    # ("at most 4 items") says more than the others' "not a string", so it is the one kept for that path.
+    rank: dict[str, bool] = {}
+    for e in errors:
         path = _path(e["loc"])
         msg = e["msg"]
+        if e["loc"] and e["loc"][-1] == "[key]":  # a dict key that broke its pattern (logit_bias)
+            msg = f"the key {e['loc'][-2]!r}: {msg}"
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         # `str | list` unions report both branches; keep the first problem per path (the list branch's
         # detail comes with a deeper path) and say what the union accepts.
         if e["type"] in ("string_type", "list_type") and path.endswith("content"):
             msg = "content must be a string or a list of content parts"
-        if (e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NON_BLANK) or (
-            e["type"] == "too_short" and path.endswith("content")
-        ):
-            msg = "is empty"
-        problems.setdefault(path, Problem(path, msg))
+        is_type = e["type"].endswith("_type")
+        if path not in problems or (rank[path] and not is_type):  # first per path, unless a better one comes
+            problems[path], rank[path] = Problem(path, msg), is_type
     # A list with a bad part also fails the string branch; the part's own problem is the useful one.
     return [p for p in problems.values() if not any(q.path.startswith(p.path + "[") for q in problems.values())]
 

@@ -104,6 +104,9 @@ class AdapterSet:
             check_base_matches(folder, self.state.base)
         except OSError:  # a name too long for the filesystem
             raise outside from None
+        except (ValueError, AttributeError):  # found in review: a toolkit.json that is not JSON, or not an object
+            unreadable = f"{path!r} has no readable toolkit.json"
+            raise APIError(400, unreadable, param="lora_path", code="invalid_adapter") from None
         except ToolkitError as err:
             param = "lora_name" if "name" in err.what and "not allowed" in err.what else "lora_path"
             raise APIError(400, err.what, param=param, code="invalid_adapter") from None

@@ -77,7 +77,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def generate(door: Any, body: Any, request: Request) -> Any:
         """Every generating route: the model for /metrics' label, then the door's SSE stream or its one body."""
-        request.state.model = body.model or state.served_name
+        model = body.model or state.served_name
+        known = model == state.served_name or model in state.adapters  # a label per unknown name would grow forever
+        request.state.model = model if known else "unknown"
         if body.stream:
             events = await door.stream(state, body, request.is_disconnected)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -115,26 +117,16 @@ def create_app(state: ServerState) -> FastAPI:
         """OpenAI's Responses API on the same engine, adapters and rules as chat completions (docs/API.md)."""
         return await generate(responses, body, request)
 
-    @app.get(
-        "/v1/responses/{response_id}",
-        responses=ERRORS,
-        dependencies=[Depends(require_key)],
-        tags=["responses"],
-        operation_id="get_response",
-    )
+    stored = {"responses": ERRORS, "dependencies": [Depends(require_key)], "tags": ["responses"]}
+
+    @app.get("/v1/responses/{response_id}", operation_id="get_response", **stored)
     async def get_response(response_id: str) -> Any:
         found = state.responses.get(response_id)
         if found is None:
             raise responses.not_found(response_id)
         return JSONResponse(found.body)
 
-    @app.delete(
-        "/v1/responses/{response_id}",
-        responses=ERRORS,
-        dependencies=[Depends(require_key)],
-        tags=["responses"],
-        operation_id="delete_response",
-    )
+    @app.delete("/v1/responses/{response_id}", operation_id="delete_response", **stored)
     async def delete_response(response_id: str) -> Any:
         if not state.responses.delete(response_id):
             raise responses.not_found(response_id)

@@ -163,7 +163,8 @@ async def stream(state: ServerState, req: CompletionRequest, is_disconnected: An
             async for s, delta, before in each_event(live, is_disconnected):
                 if (c := echo(s)) is not None:  # after the first events: they bring the prompt's log probabilities
                     yield c
-                new_ids, new = s.logprob_ids()[before:], s.logprobs[before:]
+                scored = s.logprob_ids() if req.logprobs is not None else s.ids  # the stop token: scored, not text
+                new_ids, new = scored[before:], s.logprobs[before:]
                 if delta or new_ids:
                     logprobs = None
                     if req.logprobs is not None:

@@ -154,6 +154,10 @@ class JSONSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: free text, any JSON object, or JSON following a schema (token by token)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"if": {"properties": {"type": {"const": "json_schema"}}}, "then": _set("json_schema")}
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -181,7 +185,11 @@ LogitBias = Annotated[
 _CONSTRAINED = {  # a response_format that constrains the answer (type "text" does not)
     "required": ["response_format"],
     "properties": {
-        "response_format": {"required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": ["json_object", "json_schema"]}},
+        }
     },
 }
 # What the validators enforce across fields, declared in the OpenAPI document for clients and fuzzers
@@ -259,7 +267,8 @@ class ChatCompletionRequest(SamplingFields):
     def _before(cls, data: Any) -> Any:
         if isinstance(data, dict):
             _no_tools(data)
-            for i, m in enumerate(data.get("messages") or []):
+            messages = data.get("messages")
+            for i, m in enumerate(messages if isinstance(messages, list) else []):  # found in review: 5 was a 500
                 if isinstance(m, dict) and (m.get("role") in ("tool", "function") or "tool_calls" in m):
                     raise ToolsNotSupported(f"messages[{i}]", TOOLS_UNSUPPORTED)
             _refuse(data, CHAT_REFUSED)

@@ -8,14 +8,13 @@ message schema is the door's job (responses.py). This module knows no engine and
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from toolkit.data.schema import TOOLS_UNSUPPORTED, Said
+from toolkit.data.schema import TOOLS_UNSUPPORTED, Said, parts
 from toolkit.serve.protocol import MAX_LOGPROBS, NOT_IMPLEMENTED, BadField, Refused, ToolsNotSupported, integer
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # OpenAI's `include` values. Only the logprobs one changes what this server returns; the others ask for parts
 # of tool calls, reasoning items or echoed input images, which this server never produces: nothing to add.
 Includable = Literal[
@@ -28,6 +27,7 @@ Includable = Literal[
     "code_interpreter_call.outputs",
     "reasoning.encrypted_content",
 ]
+LOGPROBS_INCLUDE = get_args(Includable)[0]
 # Fields that would change the answer and are not implemented: refused unless absent or at a value that changes
 # nothing (the second element). `tools`, `tool_choice` and input items are checked apart (tool calling).
 REFUSED: dict[str, tuple[Any, ...]] = {
@@ -54,6 +54,7 @@ class InputImage(_Part):
     type: Literal["input_image"]
     image_url: str = Field(min_length=1, description="data: URI or http(s) URL (the same fetch rules as chat)")
     detail: Literal["auto", "low", "high", "original"] | None = Field(None, description="accepted; ignored")
+    file_id: None = Field(None, description="refused: send image_url (uploaded files are not kept)")
 
 
 class OutputText(_Part):
@@ -99,14 +100,14 @@ TextPart = Annotated[
 
 class UserItem(_Item):
     role: Literal["user"]
-    content: Said | Annotated[list[UserPart], Field(min_length=1)]
+    content: Said | parts(UserPart)
 
 
 class TextItem(_Item):
     """Instructions (system, developer) and earlier answers (assistant): text only."""
 
     role: Literal["assistant", "system", "developer"]
-    content: Said | Annotated[list[TextPart], Field(min_length=1)]
+    content: Said | parts(TextPart)
 
 
 def _item_tag(v: Any) -> str:

@@ -137,12 +137,13 @@ def fit_max_tokens(
     `what`: the request field the prompt came from; `param`: the one that asked for `asked` tokens."""
     room = state.context_length - n_prompt
     limit = state.max_tokens_limit
+    prompt = "the prompt" if what == "prompt" else f"the prompt ({what})"
     if asked is not None and limit is not None and asked > limit:
         raise APIError(400, f"{param} is {asked}; this server allows at most {limit}", param=param, code="max_tokens")
     if asked is not None and n_prompt + asked > state.context_length:
         raise APIError(
             400,
-            f"This model's maximum context length is {state.context_length} tokens; the prompt ({what}) takes "
+            f"This model's maximum context length is {state.context_length} tokens; {prompt} takes "
             f"{n_prompt} tokens and {param} asks for {asked} more ({n_prompt + asked} in all)",
             param=param,
             code="context_length_exceeded",
@@ -150,7 +151,7 @@ def fit_max_tokens(
     if room < 1 and asked != 0:
         raise APIError(
             400,
-            f"The prompt ({what}) takes {n_prompt} tokens, the whole context of {state.context_length}",
+            f"{prompt[0].upper()}{prompt[1:]} takes {n_prompt} tokens, the whole context of {state.context_length}",
             param=what,
             code="context_length_exceeded",
         )
@@ -251,8 +252,8 @@ class ChoiceStream:
         # costs the model CPU time on small machines. A choice whose text is decoded once at the end (not
         # streamed, no stop strings) needs no wake-up before its last event.
         now = time.monotonic()
-        if kind == "token":
-            self.times.append(now)
+        if kind == "token" or (kind == "done" and value[0] == "stop" and value[1] is not None):
+            self.times.append(now)  # a stop token was generated too (usage and the metrics count it)
         urgent = self.incremental or kind in ("done", "error")
         recent = now - self._woken < STREAM_INTERVAL_S
         if urgent and kind in ("token", "logprobs") and len(self.times) > 1 and recent:
