@@ -31,9 +31,10 @@ from toolkit import constants as C
 from toolkit.data.schema import problems_from_errors
 from toolkit.serve import logprobs as lp
 from toolkit.serve.errors import APIError
+from toolkit.serve.field_names import FieldNames
 from toolkit.serve.protocol import ChatCompletionRequest
 from toolkit.serve.responses_protocol import LOGPROBS_INCLUDE, MessageItem, ResponsesRequest
-from toolkit.serve.serving import ChoiceStream, FieldNames, ServerState, cancel, each_event, run_all, start_chat
+from toolkit.serve.serving import ChoiceStream, ServerState, cancel, each_event, run_all, start_chat
 
 STORE_MAX_BYTES = 64 * 2**20  # images sent as data: URIs are kept with the conversation: bound the bytes too
 CHAT_FIELDS = (  # chat's fields -> the Responses request's (messages, item by item, come from to_messages)

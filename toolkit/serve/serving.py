@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +32,7 @@ from toolkit.serve import logprobs as lp
 from toolkit.serve import structured
 from toolkit.serve.engine_process import EngineGone
 from toolkit.serve.errors import APIError
+from toolkit.serve.field_names import CHAT_NAMES, FieldNames
 from toolkit.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -92,32 +92,6 @@ class ServerState:
 
 
 # ------------------------------------------------------------------------------------------------ the core
-@dataclass(frozen=True)
-class FieldNames:
-    """How a door's request names chat's fields, so that errors raised on the chat path name the field the client
-    sent (the Responses door: `messages[2].content[0]` -> `input[1].content[0]`, `max_tokens` ->
-    `max_output_tokens`). Chat's own is the identity."""
-
-    fields: tuple[tuple[str, str], ...] = ()  # (chat's field, the door's), a field's sub-fields follow it
-    # Per chat message, the door's field it came from: an item ("input[0]") keeps the sub-field after it; a whole
-    # field ("instructions", "previous_response_id") stands for any part of that message.
-    messages: tuple[str, ...] | None = None
-
-    def __call__(self, path: str) -> str:
-        if self.messages is not None and (m := re.match(r"messages\[(\d+)\]", path)):
-            k = int(m.group(1))
-            if k < len(self.messages):
-                source = self.messages[k]
-                return source + path[m.end() :] if source.endswith("]") else source
-        for ours, theirs in self.fields:
-            if path == ours or path.startswith((ours + ".", ours + "[")):
-                return theirs + path[len(ours) :]
-        return path
-
-
-CHAT_NAMES = FieldNames()
-
-
 def check_model(state: ServerState, model: str | None) -> None:
     if model is None or model == state.served_name or model in state.adapters:
         return
