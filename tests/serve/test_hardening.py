@@ -68,6 +68,7 @@ BAD_BODIES = {
     "role is an object": ({"json": {"messages": [{"role": {}, "content": "x"}]}}, 400, "role"),
     "messages is a number": ({"json": {"messages": 5}}, 400, "messages"),  # was a 500 (found in review)
     "huge n": ({"json": {"messages": USER, "n": 10**9}}, 400, "less than or equal to 16"),
+    "more choices than the queue": ({"json": {"messages": USER, "n": 9}}, 400, "queues at most 8"),  # not a 429
     "huge max_tokens": ({"json": {"messages": USER, "max_tokens": 10**12}}, 400, "at most 8"),
     "negative max_tokens": ({"json": {"messages": USER, "max_tokens": -1}}, 400, "greater than or equal to 1"),
     "body over the limit": ({"json": {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}}, 413, "limit"),

@@ -139,15 +139,15 @@ def _no_tools(data: dict) -> None:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = Field(False, description="vLLM's extension: usage in every chunk")
+    include_usage: bool = Field(False, strict=True)
+    continuous_usage_stats: bool = Field(False, strict=True, description="vLLM's extension: usage in every chunk")
 
 
 class JSONSchemaFormat(BaseModel):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = Field(None, strict=True)
     model_config = ConfigDict(populate_by_name=True)
 
 

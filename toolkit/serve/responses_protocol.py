@@ -133,7 +133,7 @@ class FormatJSONSchema(BaseModel):
     name: str = Field(max_length=64)
     schema_: dict[str, Any] = Field(alias="schema")
     description: str | None = None
-    strict: bool | None = Field(None, description="either way the schema is enforced token by token")
+    strict: bool | None = Field(None, strict=True, description="either way the schema is enforced token by token")
     model_config = ConfigDict(populate_by_name=True)
 
 

@@ -343,6 +343,14 @@ def submit(
     max_tokens_param: str = "max_tokens",
 ) -> None:
     """Hand every row to the engine (all or none: on a full queue the ones taken are cancelled -> 429)."""
+    if len(rows) > state.engine.max_queue:  # no retry can succeed (a 429 would say "retry shortly")
+        raise APIError(
+            400,
+            f"the request asks for {len(rows)} choices (n per prompt); this server queues at most "
+            f"{state.engine.max_queue} (--max-queue)",
+            param="n",
+            code="too_many_choices",
+        )
     served = model or state.served_name
     engine_name = state.runtime.acquire(model, len(rows)) if model and model != state.served_name else None
     released = [False] * len(rows)
