@@ -31,7 +31,11 @@ from toolkit.serve.serving import ServerState, generation_error
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-ERRORS = {code: errors.envelope_schema() for code in (400, 401, 404, 429)}
+# Every status a /v1 route answers with, documented (FastAPI's 422 is never sent: openapi.py drops it)
+ERRORS = {code: errors.envelope_schema() for code in (400, 401, 404, 413, 415, 429)}
+# with `stream: true`: each event's data is a chunk (an object), an error envelope, or [DONE]
+SSE = {"text/event-stream": {"schema": {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}}}
+GENERATING = {**ERRORS, 503: errors.envelope_schema(), 200: {"content": SSE}}  # 503: the engine process exited
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -88,7 +92,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
-        responses=ERRORS,
+        responses=GENERATING,
         dependencies=[Depends(require_key)],
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -97,7 +101,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        responses=ERRORS,
+        responses=GENERATING,
         dependencies=[Depends(require_key)],
     )
     async def text_completions(body: CompletionRequest, request: Request) -> Any:
@@ -109,7 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post(
         "/v1/responses",
-        responses={**ERRORS, 200: {"description": "a Response (or its events)", "links": links}},
+        responses={**GENERATING, 200: {"description": "a Response (or its events)", "links": links, "content": SSE}},
         dependencies=[Depends(require_key)],
         tags=["responses"],
     )

@@ -80,11 +80,27 @@ def install(app: FastAPI) -> None:
         message = str(exc.detail)
         if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes, deep nesting
             message = "request body is not valid JSON (it must be UTF-8 JSON, nested at most a few hundred levels)"
-        return error_response(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette's Allow names the first route's methods; a path may have several
+            headers = {**(headers or {}), "Allow": ", ".join(_methods(request))}
+        return error_response(exc.status_code, message, type=kind, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a raw traceback to clients
         return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def _methods(request: Request) -> list[str]:
+    """Every method some route takes at this request's path."""
+    from starlette.routing import Match
+
+    found = {
+        method
+        for route in request.app.router.routes
+        if route.matches(request.scope)[0] != Match.NONE
+        for method in getattr(route, "methods", None) or ()
+    }
+    return sorted(found)
 
 
 def envelope_schema() -> dict[str, Any]:

@@ -39,7 +39,12 @@ def narrowed(doc: dict, state: Any, loadable: list[str] | None = None) -> dict:
     """A copy of `doc` with the served model names, the max-tokens bound, the vocabulary and the `loadable` adapter
     folders written in."""
     doc = copy.deepcopy(doc)
+    for path in doc["paths"].values():  # FastAPI documents a 422 for every body; this server answers 400
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
     schemas = doc["components"]["schemas"]
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
     names = [state.served_name, *state.adapters]
     most = state.context_length - 1  # a prompt has at least one token
     if state.max_tokens_limit is not None:

@@ -260,7 +260,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = Field(False, strict=True)
     top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     metadata: dict[str, str] | None = Field(None, description="accepted; no effect")
-    store: bool | None = Field(None, description="accepted; nothing is stored")
+    store: bool | None = Field(None, strict=True, description="accepted; nothing is stored")
 
     @model_validator(mode="before")
     @classmethod

@@ -162,12 +162,14 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = Field(None, description="accepted; no effect")
     metadata: dict[str, str] | None = Field(None, description="echoed in the response")
     user: str | None = Field(None, description="accepted; no effect")
-    store: bool | None = Field(None, description="keep the response for GET and previous_response_id (default true)")
+    store: bool | None = Field(
+        None, strict=True, description="keep the response for GET and previous_response_id (default true)"
+    )
     previous_response_id: str | None = Field(None, description="continue a stored response's conversation")
     tools: list[Any] | None = Field(None, max_length=0, description="only [] (no tool calling)")
     tool_choice: Literal["auto", "none"] | None = Field(None, description="auto or none (no tools)")
-    parallel_tool_calls: bool | None = Field(None, description="accepted; no effect (no tools)")
-    max_tool_calls: int | None = Field(None, description="accepted; no effect (no tools)")
+    parallel_tool_calls: bool | None = Field(None, strict=True, description="accepted; no effect (no tools)")
+    max_tool_calls: integer() | None = Field(None, description="accepted; no effect (no tools)")
     truncation: Literal["disabled"] | None = Field(None, description="only 'disabled' (too long: 400)")
     reasoning: dict[str, None] | None = Field(None, description="only null or all-null fields (no reasoning)")
     service_tier: str | None = Field(None, description="accepted; no effect")

@@ -498,9 +498,11 @@ def _prepare(state: ServerState, req: ChatCompletionRequest, names: FieldNames) 
         where = names(err.where)
         raise APIError(400, f"{where}: {err.what}", param=where, code="invalid_image") from None
     prompt = chat.encode_prompt(state.base.processor, messages, images)
+    what, n = names("messages"), len(prompt.input_ids)
+    if req.max_completion_tokens is not None and req.max_tokens is not None:  # the first wins, both must fit
+        fit_max_tokens(state, n, req.max_tokens, None, what, names("max_tokens"))
     asked = req.max_completion_tokens or req.max_tokens
-    what, param = names("messages"), names(_max_tokens_field(req))
-    return prompt, fit_max_tokens(state, len(prompt.input_ids), asked, None, what, param)
+    return prompt, fit_max_tokens(state, n, asked, None, what, names(_max_tokens_field(req)))
 
 
 async def start_chat(
