@@ -86,6 +86,20 @@ def test_bad_bodies_get_a_clear_4xx_never_a_500(server, case):
     _assert_envelope(_post(server, **kwargs), status, text)
 
 
+def test_the_openapi_document_lists_what_the_routes_answer(server):
+    """Found by Schemathesis's default checks: statuses sent but undocumented (413, 415), documented but never sent
+    (FastAPI's 422), a 405 whose Allow named one method of two, a bound on max_tokens skipped beside
+    max_completion_tokens."""
+    doc = httpx.get(server.url + "/openapi.json").json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "413", "415", "429", "503"} <= set(chat) and "422" not in chat
+    assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
+    r = httpx.request("OPTIONS", server.url + "/v1/responses/resp_x")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+    error = _assert_envelope(_post(server, json={"messages": USER, "max_completion_tokens": 2, "max_tokens": 99}), 400)
+    assert error["param"] == "max_tokens"
+
+
 def test_model_names_cannot_reach_the_filesystem(server):
     for name in ("../quickstart", "../../etc/passwd", "/etc/passwd", "quickstart/../quickstart", "adapters/quickstart"):
         error = _assert_envelope(_post(server, json={"messages": USER, "model": name}), 404, "does not exist")
