@@ -31,6 +31,11 @@ NON_BLANK = r"[^\s\x1c-\x1f]"
 Said = Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK})]
 
 
+# A conversation needs a user turn (it must end with one): declared as JSON Schema's `contains`, checked with the
+# conversation (_conversation_problems: "needs a user message", "the last message must be from the user").
+HAS_USER_TURN = {"contains": {"type": "object", "required": ["role"], "properties": {"role": {"const": "user"}}}}
+
+
 def parts(part: Any) -> Any:
     """A content list of `part`s: at least one, declared like NON_BLANK (checked with the conversation)."""
     return Annotated[list[part], Field(json_schema_extra={"minItems": 1})]

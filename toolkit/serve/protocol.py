@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
-from toolkit.data.schema import TOOLS_UNSUPPORTED, Message
+from toolkit.data.schema import HAS_USER_TURN, TOOLS_UNSUPPORTED, Message
 from toolkit.lora.registry import ADAPTER_NAME
 
 MAX_N = 16
@@ -254,7 +254,7 @@ TOP_NEEDS_LOGPROBS = {
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"allOf": [ONE_GUIDE, TOP_NEEDS_LOGPROBS]})
 
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, json_schema_extra=HAS_USER_TURN)
     max_tokens: integer(ge=1) | None = None
     max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = Field(False, strict=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from toolkit.data.schema import TOOLS_UNSUPPORTED, Said, parts
+from toolkit.data.schema import HAS_USER_TURN, TOOLS_UNSUPPORTED, Said, parts
 from toolkit.serve.protocol import MAX_LOGPROBS, NOT_IMPLEMENTED, BadField, Refused, ToolsNotSupported, integer
 
 # OpenAI's `include` values. Only the logprobs one changes what this server returns; the others ask for parts
@@ -148,7 +148,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI's API does
 
     model: str | None = None
-    input: Said | Annotated[list[MessageItem], Field(min_length=1)] = Field(
+    input: Said | Annotated[list[MessageItem], Field(min_length=1, json_schema_extra=HAS_USER_TURN)] = Field(
         description="a string (one user message) or a list of message items"
     )
     instructions: str | None = Field(None, description="becomes the system turn (before any system/developer items)")
