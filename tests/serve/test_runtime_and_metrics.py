@@ -59,6 +59,21 @@ def test_paths_keys_and_fingerprints_are_checked(rt, folder):
     assert _unload(rt, "never-loaded").status_code == 404
 
 
+def test_an_unreadable_manifest_is_a_400_and_the_document_still_builds(rt, folder, trained):
+    """Found in review: a toolkit.json that is not JSON made the load, and /openapi.json (which lists the loadable
+    folders), a 500."""
+    broken = shutil.copytree(trained.adapter_dir, folder / "broken")
+    (broken / "toolkit.json").write_text("not json")
+    try:
+        r = _load(rt, "broken", "broken")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
+        doc = httpx.get(rt.url + "/openapi.json")
+        assert doc.status_code == 200
+        assert doc.json()["components"]["schemas"]["LoadLoraRequest"]["properties"]["lora_path"]["enum"] == ["qs"]
+    finally:
+        shutil.rmtree(broken)
+
+
 def test_load_serve_unload_with_a_request_in_flight(rt):
     client = openai.OpenAI(base_url=rt.url + "/v1", api_key="k", max_retries=0)
     base_name = rt.state.served_name
