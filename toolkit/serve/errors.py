@@ -90,17 +90,16 @@ def install(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
-def _methods(request: Request) -> list[str]:
-    """Every method some route takes at this request's path."""
+def routes_at(scope: dict) -> list[Any]:
+    """The app's routes whose path matches the request's, in routing order (a 405's matched all but the method)."""
     from starlette.routing import Match
 
-    found = {
-        method
-        for route in request.app.router.routes
-        if route.matches(request.scope)[0] != Match.NONE
-        for method in getattr(route, "methods", None) or ()
-    }
-    return sorted(found)
+    return [r for r in getattr(scope.get("app"), "routes", ()) if r.matches(scope)[0] != Match.NONE]
+
+
+def _methods(request: Request) -> list[str]:
+    """Every method some route takes at this request's path."""
+    return sorted({method for route in routes_at(request.scope) for method in getattr(route, "methods", None) or ()})
 
 
 def envelope_schema() -> dict[str, Any]:

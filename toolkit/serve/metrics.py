@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.routing import Match
+from toolkit.serve.errors import routes_at
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -111,13 +111,7 @@ def endpoint_label(scope: dict) -> str:
     """The route's path template (`/v1/responses/{response_id}`), never the raw path: a label per response id or per
     mistyped URL would grow the registry without bound. Routing puts the matched route in the scope (405s too:
     the route matched all but the method); a request answered before routing (BodyLimit's 413) is matched here."""
-    route = scope.get("route")
-    if route is None:
-        for candidate in getattr(scope.get("app"), "routes", ()):
-            match, _ = candidate.matches(scope)
-            if match is not Match.NONE:
-                route = candidate
-                break
+    route = scope.get("route") or next(iter(routes_at(scope)), None)
     return getattr(route, "path_format", None) or UNMATCHED
 
 

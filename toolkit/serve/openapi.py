@@ -57,17 +57,18 @@ def narrowed(doc: dict, state: Any, loadable: list[str] | None = None) -> dict:
             "description": "the base's name or an adapter's (GET /v1/models); unknown: 404",
         }
         for field in MAX_TOKENS_FIELDS:
-            _set(props.get(field), lambda n: n.get("type") == "integer", maximum=most)
+            _write(props.get(field), lambda n: n.get("type") == "integer", maximum=most)
         for field in TOKEN_ID_FIELDS:
-            _set(props.get(field), lambda n: n.get("type") == "integer" and n.get("minimum") == 0, maximum=vocab - 1)
+            _write(props.get(field), lambda n: n.get("type") == "integer" and n.get("minimum") == 0, maximum=vocab - 1)
         if "logit_bias" in props:
-            _set(props["logit_bias"], lambda n: "propertyNames" in n, propertyNames={"pattern": below(vocab)})
+            _write(props["logit_bias"], lambda n: "propertyNames" in n, propertyNames={"pattern": below(vocab)})
     if loadable:  # (relative names; the server also takes their absolute paths)
         schemas["LoadLoraRequest"]["properties"]["lora_path"]["enum"] = list(loadable)
     return doc
 
 
-def _set(node: Any, match: Callable[[dict], bool], **keywords: Any) -> None:
+def _write(node: Any, match: Callable[[dict], bool], **keywords: Any) -> None:
+    """Add `keywords` to every schema under `node` that `match` picks."""
     for found in _walk(node):
         if match(found):
             found.update(keywords)
