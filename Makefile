@@ -60,30 +60,24 @@ client-matrix: $(VENV)/.installed
 	$(BIN)/python bench/client_matrix.py
 
 # Peer benchmarks (docs/BENCHMARKS.md). llama.cpp's OpenAI server is a benchmark peer, not a dependency: it gets its
-# own venv (llama-cpp-python compiles llama.cpp, about 3 minutes on 2 cores).
+# own venv (llama-cpp-python compiles llama.cpp, about 3-5 minutes on 2 cores). bench/llama_build.py builds it as its
+# users do (plain `pip install`: -march=native) and smoke-tests it on the 270M GGUF; only if that test dies by a
+# signal (a VM that lists AMX in /proc/cpuinfo without granting its state faults on the first `ldtilecfg`) it
+# rebuilds for the SIMD features /proc/cpuinfo lists, AMX off. build/llama-venv/BUILD.json says which and why (delete
+# it to rebuild).
 LLAMA_VENV := build/llama-venv
-# llama.cpp's native build (-march=native) uses AMX tiles wherever /proc/cpuinfo lists them and faults on the first
-# `ldtilecfg` on VMs that list AMX without granting its register state (seen here, 2026-12-01): build for the CPU's
-# AVX2 / AVX512 features as listed, AMX off.
-cpu_has = $(shell grep -m1 -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
-LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-  -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_FMA=$(call cpu_has,fma) \
-  -DGGML_F16C=$(call cpu_has,f16c) -DGGML_BMI2=$(call cpu_has,bmi2) -DGGML_AVX512=$(call cpu_has,avx512f) \
-  -DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
-  -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
-$(LLAMA_VENV)/.installed:
-	$(PYTHON) -m venv $(LLAMA_VENV)
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(LLAMA_VENV)/bin/pip install --quiet --no-cache-dir "llama-cpp-python[server]==0.3.36"
-	@touch $@
+GGUF = $$($(BIN)/python -c 'from toolkit.base.real_weights import weights_file; print(weights_file())')
+$(LLAMA_VENV)/BUILD.json: | $(VENV)/.installed
+	$(PYTHON) bench/llama_build.py --venv $(LLAMA_VENV) --gguf "$(GGUF)"
 
-llama-cpp: $(LLAMA_VENV)/.installed
+llama-cpp: $(LLAMA_VENV)/BUILD.json
 
 peer-serve: $(VENV)/.installed
 	$(BIN)/python bench/peer_serve.py --out docs/BENCHMARKS.md
 
 peer-serve-270m: real-base llama-cpp
 	$(BIN)/python bench/peer_serve.py --base $(REAL_BASE) --out docs/BENCHMARKS.md \
-	  --llama-cpp "$$($(BIN)/python -c 'from toolkit.base.real_weights import weights_file; print(weights_file())')"
+	  --llama-cpp "$(GGUF)"
 
 clean:
 	rm -rf build $(VENV)

@@ -66,12 +66,16 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     kernel: Annotated[str, typer.Option(help="GPTQ kernel to report on: auto (measured choice) or a name.")] = "auto",
+    lm_head: Annotated[
+        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
+    ] = "auto",
 ) -> None:
     """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, tokens, kernel and dtype."""
-    from toolkit.base.info import describe, kernel_choice, summary_lines
+    from toolkit.base.info import describe, head_choice, kernel_choice, summary_lines
 
     data = describe(dir)
     data["kernel"] = kernel_choice(device, kernel, base=dir)
+    data["lm_head"] = head_choice(device, lm_head, data)
     typer.echo(json.dumps(data, indent=2) if as_json else "\n".join(summary_lines(data)))
 
 
@@ -87,6 +91,9 @@ def chat(
     kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
         "auto"
     ),
+    lm_head: Annotated[
+        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
+    ] = "auto",
 ) -> None:
     """Send one message (optionally with images) to the base and print its greedy reply."""
     from toolkit.base.loader import load_base
@@ -100,7 +107,7 @@ def chat(
     raw = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     messages = parse_messages(raw, purpose="request", where="message")
     images = chat_mod.load_images(messages, base_dir=Path.cwd(), policy=None, where="--image")
-    loaded = load_base(base, device=device, kernel=kernel)
+    loaded = load_base(base, device=device, kernel=kernel, lm_head=lm_head)
     if adapter:
         import dataclasses
 
@@ -288,6 +295,9 @@ def serve(
     kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
         "auto"
     ),
+    lm_head: Annotated[
+        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
+    ] = "auto",
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:
@@ -319,6 +329,7 @@ def serve(
         api_key=api_key,
         device=device,
         kernel=kernel,
+        lm_head=lm_head,
         allow_private_urls=allow_private_urls,
         allowed_media_dir=allowed_media_dir,
         max_batch=max_batch,

@@ -34,6 +34,9 @@ class BaseSection(_Section):
         "auto", "torch", "torch_aten", "torch_fused", "cpu_avx512", "marlin", "exllama_v2", "machete", "triton"
     ] = "auto"
     """GPTQ kernel for the 4-bit layers: auto (measured per device and phase; `toolkit info` shows it) or one."""
+    lm_head: Literal["auto", "exact", "int8"] = "auto"
+    """LM head for evaluation and serving: auto (int8 rows on a CPU for a large head, the top candidates rescored
+    exactly; `toolkit info` shows it), exact or int8. Training always uses the exact head."""
 
 
 # the fields a dataset format reads (toolkit/data/formats.py), which data.columns may rename

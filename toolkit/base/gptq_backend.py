@@ -206,6 +206,51 @@ def _direct_op(module):
     return None
 
 
+def fused_op(modules):
+    """One kernel call for inference layers that read the same input (a layer's q/k/v, its MLP's gate/up): their
+    packed weights joined along the output, so a decoding step makes one call where it made three (or two). Each
+    output column is the same dot product over the same packed codes, so the result is the separate calls' side by
+    side, bit for bit; that is checked here once on a random input, and where it does not hold (or the layers are
+    not all repacked inference layers of one CPU kernel with a direct op) the answer is None: call them one by one.
+    The joined copy costs the layers' packed size again (the 270M: ~1.5 MB a layer).
+    """
+    import torch
+
+    if len(modules) < 2 or any(getattr(m, "lean_op", None) is None for m in modules):
+        return None
+    kind = {type(m).__name__ for m in modules}
+    first = modules[0]
+    if len(kind) != 1 or any(m.group_size != first.group_size or m.in_features != first.in_features for m in modules):
+        return None
+    if kind == {"TorchCpuAvx512Linear"}:
+        kernel = first.gemm_int4_qzero_group_scaled_cpu_kernel
+        qweight = torch.cat([m.qweight for m in modules])  # [out, in / 2], 32-row blocks: rows join as they are
+        qzeros = torch.cat([m.qzeros for m in modules], dim=1)  # [groups, out]
+        scales = torch.cat([m.scales for m in modules], dim=1)
+        group = first.group_size
+
+        def op(x):
+            return kernel(x.contiguous(), qweight, qzeros, scales, group, None)
+
+    elif kind == {"TorchFusedLinear"}:
+        ops = [m.torch_fused_op for m in modules]
+        qweight = torch.cat([o.qweight_uint8 for o in ops])  # [out, in / 2]
+        scales_and_zeros = torch.cat([o.scales_and_zeros for o in ops], dim=1)  # [groups, out, 2]
+        mm, group = torch.ops.aten._weight_int4pack_mm_for_cpu, first.group_size
+
+        def op(x):
+            return mm(x.to(torch.bfloat16), qweight, group, scales_and_zeros).to(x.dtype)
+
+    else:
+        return None
+    probe = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    try:
+        joined, apart = op(probe), torch.cat([m.lean_op(probe) for m in modules], dim=1)
+    except RuntimeError:  # a layout the join does not fit: the kernel refuses the joined tensors
+        return None
+    return op if torch.equal(joined.to(apart.dtype), apart) else None
+
+
 def layer_kernels(model) -> list[str]:
     """The class names of the 4-bit layers in `model` (what actually runs)."""
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear

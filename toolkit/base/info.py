@@ -127,6 +127,15 @@ def kernel_choice(device: str | None = None, kernel: str = "auto", base: str | P
     return out
 
 
+def head_choice(device: str | None, lm_head: str, info: dict) -> dict:
+    """The LM head a serving load on `device` would use for this base (kernels.choose_head)."""
+    from toolkit.base import kernels
+
+    device = base_mod.pick_device(device)
+    choice = kernels.choose_head(device, lm_head, elements=info["vocab_size"] * info["hidden_size"])
+    return {"device": device, "head": choice.name, "reason": choice.reason}
+
+
 def _kept_timing(config: dict) -> tuple[str, str] | None:
     """The training kernel kept for this base at this process's thread count, else one kept at another count.
 
@@ -173,4 +182,5 @@ def summary_lines(info: dict) -> list[str]:
             for phase, c in k.items()
             if phase != "device"
         ]
+        + [f"  lm head        serving on {h['device']}: {h['head']}, {h['reason']}" for h in [info.get("lm_head")] if h]
     )

@@ -6,6 +6,8 @@ docs/DEPENDENCIES.md): tokens/s, whether peft LoRA wraps it, whether gradients r
 layer input as on the dequantised reference, and the logits' largest difference from that reference. `auto`
 takes the first available kernel of the measured preference list; `--kernel` / `base.kernel` names one.
 This module knows names, dtypes and the choice; only gptq_backend.py talks to GPTQModel.
+
+The LM head's precision for serving is chosen here too (`choose_head`; lm_head.py holds the int8 head).
 """
 
 from __future__ import annotations
@@ -129,3 +131,52 @@ def choose(device: str, phase: str = "inference", requested: str = "auto", *, av
             return Choice(kernel, phase, "auto" + (f" ({'; '.join(skipped)})" if skipped else ""))
         skipped.append(f"{name}: {why}")
     raise ToolkitError(f"no GPTQ kernel runs here: {'; '.join(skipped)}", where="kernel", fix="install GPTQModel")
+
+
+# The LM head at serving time. On a CPU a decoding step of a small Gemma 3 is mostly the tied 262k-row head read
+# from memory (the 270M's: 335 MB in bfloat16 per token, 178 MB as int8); llama.cpp keeps it as Q8_0. Measured on
+# an AMD EPYC (AVX512-BF16, 2 cores): 14.5 ms in bfloat16 (F.linear), 4.2 ms as int8 (docs/BENCHMARKS.md, "LM
+# head"). On a GPU the head is a small part of the 27B's bytes per step and stays exact (int8 unmeasured there).
+HEADS = ("auto", "exact", "int8")
+INT8_HEAD_MIN = 1 << 22  # elements: a smaller head stays in the CPU's caches (the tiny base's 1,773 x 256)
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """The LM head a load serves with: "exact" (the model's own) or "int8" (lm_head.Int8Head), and why."""
+
+    name: str
+    reason: str
+
+
+def choose_head(
+    device: str, requested: str = "auto", *, elements: int | None = None, training: bool = False
+) -> HeadChoice:
+    """The serving LM head for `device`: int8 on a CPU for a head of at least INT8_HEAD_MIN `elements`, else exact.
+    Training always keeps the exact head (its gradients and loss are the model's own)."""
+    if requested not in HEADS:
+        raise ToolkitError(f"unknown LM head {requested!r}", where="lm_head", fix=f"use one of: {', '.join(HEADS)}")
+    if training:
+        return HeadChoice("exact", "training keeps the exact head")
+    why = _int8_unavailable(device)
+    if requested == "int8":
+        if why:
+            raise ToolkitError(f"the int8 LM head is not available here: {why}", where="lm_head", fix="use exact")
+        return HeadChoice("int8", "asked for")
+    if requested == "exact":
+        return HeadChoice("exact", "asked for")
+    if why:
+        return HeadChoice("exact", f"auto ({why})")
+    if elements is not None and elements < INT8_HEAD_MIN:
+        return HeadChoice("exact", "auto (a small head: int8 saves nothing)")
+    return HeadChoice("int8", "auto (int8 rows, per-row scales; the top candidates rescored exactly)")
+
+
+def _int8_unavailable(device: str) -> str | None:
+    if device_type(device) != "cpu":
+        return "int8 is the CPU's head (measured there only)"
+    import torch
+
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return f"torch {torch.__version__} has no _weight_int8pack_mm"
+    return None

@@ -39,6 +39,8 @@ class Base:
     config: dict = field(repr=False, default_factory=dict)
     kernel: str = "torch"
     """The GPTQ kernel running the 4-bit layers (kernels.py name), chosen per device and phase."""
+    head: str = "exact"
+    """The LM head it serves with: "exact" or "int8" (kernels.choose_head, lm_head.py)."""
 
     @property
     def tokenizer(self):
@@ -178,11 +180,17 @@ def load_without_weights(path_or_id: str | Path) -> Base:
 
 
 def load_base(
-    path_or_id: str | Path, *, device: str | None = None, training: bool = False, kernel: str = "auto"
+    path_or_id: str | Path,
+    *,
+    device: str | None = None,
+    training: bool = False,
+    kernel: str = "auto",
+    lm_head: str = "auto",
 ) -> Base:
     """Load a 4-bit Gemma 3 base and its processor, frozen, on `device` (default: CUDA if present, else CPU).
 
-    `kernel`: auto (the measured choice for this device and phase, kernels.py) or a kernel name.
+    `kernel`: auto (the measured choice for this device and phase, kernels.py) or a kernel name. `lm_head`: auto,
+    exact or int8, the head it serves with (kernels.choose_head; a training load always keeps the exact one).
     """
     path = resolve_path(path_or_id)
     config, spec = check_base(path)  # before any heavy import: a bad base fails in milliseconds
@@ -209,9 +217,27 @@ def load_base(
     model.requires_grad_(False)  # the base is frozen; LoRA adds the only trainable weights
     if device == "cpu" and not training and choice.dtype == "float32":
         bfloat16_token_matrix(model)
+    head = model.get_output_embeddings()
+    elements = head.weight.numel() if head is not None else 0
+    head_choice = kernels.choose_head(device, lm_head, elements=elements, training=training)
+    if head_choice.name == "int8" and head is not None:
+        from toolkit.base.lm_head import use_int8_head
+
+        use_int8_head(model)
     processor = AutoProcessor.from_pretrained(path)
     dtype = getattr(torch, choice.dtype)
-    return Base(model, processor, path, spec, device, dtype, fingerprint(config), config, kernel=choice.kernel.name)
+    return Base(
+        model,
+        processor,
+        path,
+        spec,
+        device,
+        dtype,
+        fingerprint(config),
+        config,
+        kernel=choice.kernel.name,
+        head=head_choice.name if head is not None else "exact",
+    )
 
 
 def _measured_training_choice(gptq_dir: Path, config: dict) -> Any:

@@ -121,6 +121,11 @@ class LeanDecoder:
             for layer in self.text.layers
         ]
         self.final_norm = (1.0 + self.text.norm.weight.float()).detach()
+        # per layer, q's and k's norm weights per head [heads + kv_heads, 1, head_dim] (the joined q/k norm)
+        self.qk_norms = [
+            torch.cat([w_q.expand(self.heads, -1), w_k.expand(self.kv_heads, -1)]).unsqueeze(1)
+            for *_, w_q, w_k in self.norms
+        ]
         mlp = self.text.layers[0].mlp
         self._widest = max(  # the largest projection's in x out (PARALLEL_MATMUL's gate, per token)
             m.in_features * m.out_features for m in (_base(mlp.gate_proj), _base(mlp.down_proj))
@@ -131,6 +136,7 @@ class LeanDecoder:
         # per LoRA layer: for its latest sets of adapters (STACKED_COPIES), their weights stacked (_stacked)
         self._stacks: dict[int, dict[tuple[str, ...], tuple]] = {}
         self._grouping: dict[tuple, Any] = {}  # per pass: how its adapters' tokens go into batched GEMMs (_groups)
+        self._fused: dict[int, Any] = {}  # per group of projections on one input: its joined op (_linears) or None
 
     def _helper(self) -> Any:
         """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
@@ -244,8 +250,8 @@ class LeanDecoder:
             hidden = hidden + self._norm(x, w_attn)
             x = self._norm(hidden, w_pre)
             mlp = layer.mlp
-            gate = mlp.act_fn(self._linear(mlp.gate_proj, x, names))
-            x = self._linear(mlp.down_proj, gate * self._linear(mlp.up_proj, x, names), names)
+            gate, up = self._linears((mlp.gate_proj, mlp.up_proj), x, names)
+            x = self._linear(mlp.down_proj, mlp.act_fn(gate) * up, names)
             hidden = hidden + self._norm(x, w_post)
         return hidden
 
@@ -269,6 +275,37 @@ class LeanDecoder:
         if slices:  # (none: no adapter in this pass, or its adapters leave this layer alone)
             self._add_lora(module, slices, result, x)
         return result
+
+    def _linears(self, modules: tuple, x: Any, names: list[str] | None, joined: bool = False) -> Any:
+        """Projections that read the same input (q/k/v, gate/up): their base layers in one kernel call where
+        gptq_backend.fused_op joins them (the same outputs, fewer ops per step), then each one's LoRA into its own
+        part of the output; else one by one (_linear). With `joined`: (the parts, the whole output or None)."""
+        key = id(modules[0])
+        if key not in self._fused:
+            bases = [_base(m) for m in modules]
+            if not all(hasattr(b, "_lean_checked") for b in bases):  # not yet repacked: its first call does that
+                apart = [self._linear(m, x, names) for m in modules]
+                return (apart, None) if joined else apart
+            from toolkit.base.gptq_backend import fused_op
+
+            op = fused_op(bases)
+            self._fused[key] = None if op is None else (op, [b.out_features for b in bases])
+        fused = self._fused[key]
+        slices = [
+            [] if names is None or _base(m) is m else [s for s in self._slices if s[0] in m.lora_A] for m in modules
+        ]
+        if fused is None or any(n in m.lora_variant for m, s in zip(modules, slices, strict=True) for n, _, _ in s):
+            apart = [self._linear(m, x, names) for m in modules]
+            return (apart, None) if joined else apart
+        op, widths = fused
+        wide = x.shape[0] * x.shape[1] * _base(modules[0]).in_features * sum(widths) >= PARALLEL_MATMUL
+        with parallel(self.threads, wide):
+            out = op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        parts = out.split(widths, dim=-1)
+        for module, part, own in zip(modules, parts, slices, strict=True):
+            if own:
+                self._add_lora(module, own, part, x)
+        return (list(parts), out) if joined else list(parts)
 
     def _add_lora(self, module: Any, slices: list[tuple[str, int, int]], result: Any, x: Any) -> None:
         """Add each slice's adapter's LoRA into its tokens' rows of `result` in place: scaling x
@@ -406,10 +443,18 @@ class LeanDecoder:
         self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, sizes: list, qk_norms: tuple
     ) -> Any:
         total, d = x.shape[0], self.head_dim
-        q = self._linear(attn.q_proj, x, names).view(total, 1, self.heads, d).transpose(1, 2)  # [T, heads, 1, d]
-        k = self._linear(attn.k_proj, x, names).view(total, 1, self.kv_heads, d).transpose(1, 2)
-        v = self._linear(attn.v_proj, x, names).view(total, 1, self.kv_heads, d).transpose(1, 2)
-        q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)
+        (q, k, v), joined = self._linears((attn.q_proj, attn.k_proj, attn.v_proj), x, names, joined=True)
+        v = v.view(total, 1, self.kv_heads, d).transpose(1, 2)
+        if joined is not None:  # q and k side by side: one norm (per-head weights) and one rotation for both
+            both = self.heads + self.kv_heads
+            qk = joined[..., : both * d].view(total, 1, both, d).transpose(1, 2)  # [T, heads + kv_heads, 1, d]
+            normed = F.rms_norm(qk.float(), (d,), None, self.eps) * self.qk_norms[layer]
+            qk = _rotate(normed.to(qk.dtype), *rope)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+        else:
+            q = q.view(total, 1, self.heads, d).transpose(1, 2)  # [T, heads, 1, d]
+            k = k.view(total, 1, self.kv_heads, d).transpose(1, 2)
+            q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)
         window = rows[0].layout.windows[layer]  # the storage's view of the layer (kv_cache.KVLayout)
         gqa = self.heads != self.kv_heads
         out, start = [], 0
@@ -448,6 +493,14 @@ class LeanDecoder:
                 helper = self._helper() if split else None
                 with parallel(self.threads, big and not split):
                     o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
+            elif m == 1 and gqa:
+                # one query: its GQA group folded into one head's queries (no mask ties a query to a position),
+                # the same numbers as SDPA's enable_gqa, which copies the keys per head: measured on the 270M's
+                # shapes (4 heads, 1 KV head, 256 dims), one thread, 511 keys: 58 us folded, 808 us with enable_gqa
+                folded = qi.reshape(1, self.kv_heads, self.heads // self.kv_heads, d)
+                with parallel(self.threads, big):
+                    o = F.scaled_dot_product_attention(folded, keys[None], values[None], scale=attn.scaling)
+                o = o.reshape(1, self.heads, 1, d)
             else:
                 mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
                 with parallel(self.threads, big):
@@ -457,6 +510,14 @@ class LeanDecoder:
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+
+def _rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """Gemma 3's rotary embedding (transformers' apply_rotary_pos_emb for one tensor, the same ops) of x
+    [T, heads, 1, d] with cos / sin [T, 1, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
 def _slices(names: list[str], sizes: list[int]) -> list[tuple[str, int, int]]:

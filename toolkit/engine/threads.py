@@ -10,23 +10,27 @@ long rows (the 270M's LM head: 61 ms on one thread, 31 ms on two).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch  # imported lazily by the engine, never at toolkit import time
 
 PARALLEL_ELEMENTS = 1 << 22  # a matrix (or logits block) at least this big runs on every thread
 
 
-@contextlib.contextmanager
-def parallel(threads: int, enabled: bool = True) -> Iterator[None]:
-    """Run the block on `threads` intra-op threads (when `enabled`), then go back to what was set."""
-    if not enabled:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class parallel:  # noqa: N801 (used as a context manager, like a function)
+    """Run the block on `threads` intra-op threads (when `enabled`), then go back to what was set.
+
+    A class, not contextlib.contextmanager: a decoding step enters this about a hundred times, mostly disabled, and
+    a generator-based manager's enter and exit cost ~1.5 us where this costs a fraction."""
+
+    __slots__ = ("threads", "enabled", "before")
+
+    def __init__(self, threads: int, enabled: bool = True) -> None:
+        self.threads, self.enabled = threads, enabled
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            torch.set_num_threads(self.before)

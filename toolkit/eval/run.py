@@ -77,7 +77,7 @@ def run_eval(
         if any(name == "base" for name, _ in resolved):
             raise ToolkitError("an adapter may not be called 'base' here", where="--adapter", fix="use NAME=PATH")
         device = None if recipe.base.device == "auto" else recipe.base.device
-        base = load_base(base_path, device=device, kernel=recipe.base.kernel)
+        base = load_base(base_path, device=device, kernel=recipe.base.kernel, lm_head=recipe.base.lm_head)
         model = attach(base, resolved) if resolved else base.model
         models["base"] = {"path": str(base.path), "fingerprint": base.fingerprint}
         for name, folder in resolved:

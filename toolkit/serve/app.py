@@ -163,6 +163,7 @@ def build_state(
     api_key: str | None = None,
     device: str | None = None,
     kernel: str = "auto",
+    lm_head: str = "auto",
     allow_private_urls: bool = False,
     allowed_media_dir: str | None = None,
     max_batch: int = 16,
@@ -213,10 +214,12 @@ def build_state(
         for _, folder in resolved:  # user errors before the model loads
             check_base_matches(folder, loaded)
         adapters_ = [(name, str(folder)) for name, folder in resolved]
-        engine = EngineClient(EngineSpec(base, adapters_, device, kernel, allow_runtime_adapters, options))
-        loaded = dataclasses.replace(loaded, device=engine.device, dtype=engine.dtype, kernel=engine.kernel)
+        engine = EngineClient(EngineSpec(base, adapters_, device, kernel, allow_runtime_adapters, options, lm_head))
+        loaded = dataclasses.replace(
+            loaded, device=engine.device, dtype=engine.dtype, kernel=engine.kernel, head=engine.head
+        )
     else:
-        loaded = load_base(base, device=device, kernel=kernel)
+        loaded = load_base(base, device=device, kernel=kernel, lm_head=lm_head)
         model = attach(loaded, resolved) if resolved else loaded.model
         if allow_runtime_adapters:  # adapters change only between forward passes (see serve/adapters.py)
             from toolkit.serve.adapters import LockedModel

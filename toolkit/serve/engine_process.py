@@ -46,6 +46,7 @@ class EngineSpec:
     kernel: str = "auto"
     runtime_adapters: bool = False  # wrap the model in serve.adapters.LockedModel
     options: dict[str, Any] = field(default_factory=dict)  # Engine keyword arguments
+    lm_head: str = "auto"
 
 
 class EngineGone(RuntimeError):
@@ -79,6 +80,7 @@ class EngineClient:
         import torch
 
         self.device, self.dtype, self.kernel = info["device"], getattr(torch, info["dtype"]), info["kernel"]
+        self.head = info["head"]
         self.stop_ids: set[int] = set(info["stop_ids"])
         self.layout, self.kv_budget = info["layout"], info["kv_budget"]
         self.max_batch, self.max_queue = info["max_batch"], spec.options.get("max_queue", DEFAULT_MAX_QUEUE)
@@ -279,7 +281,7 @@ def _build(spec: EngineSpec) -> tuple[Any, Any]:
     from toolkit.lora.registry import attach
     from toolkit.serve import structured
 
-    loaded = load_base(spec.base, device=spec.device, kernel=spec.kernel)
+    loaded = load_base(spec.base, device=spec.device, kernel=spec.kernel, lm_head=spec.lm_head)
     adapters = [(name, Path(folder)) for name, folder in spec.adapters]
     model = attach(loaded, adapters) if adapters else loaded.model
     if spec.runtime_adapters:  # adapters change only between forward passes (serve/adapters.py)
@@ -297,6 +299,7 @@ def _info(engine: Any, base: Any) -> dict:
         "device": base.device,
         "dtype": str(base.dtype).removeprefix("torch."),
         "kernel": base.kernel,
+        "head": base.head,
         "stop_ids": sorted(engine.stop_ids),
         "layout": engine.layout,
         "kv_budget": engine.kv_budget,

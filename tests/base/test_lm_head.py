@@ -1,0 +1,164 @@
+"""The serving LM head (base/lm_head.py, kernels.choose_head): int8 rows with the top candidates rescored exactly.
+
+The quality gate runs on the real Gemma 3 270M through the server, as a client measures it: perplexity of held-out
+text through /v1/completions (echo, prompt logprobs) within 0.5% of the exact bfloat16 head, and greedy
+continuations of held-out prompts equal token for token at >= 99% of positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from toolkit.base import kernels
+from toolkit.base.lm_head import INT8_ROWS, RESCORE, Int8Head
+from toolkit.errors import ToolkitError
+
+
+def _head(rows: int = 4096, cols: int = 64, dtype=torch.bfloat16) -> torch.nn.Linear:
+    head = torch.nn.Linear(cols, rows, bias=False)
+    head.weight.data = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return head
+
+
+def test_the_top_candidates_are_the_exact_heads_logits_and_the_rest_within_int8_rounding():
+    exact = _head()
+    hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = exact(hidden).float()
+    got = Int8Head(exact)(hidden).float()
+    top = want.topk(RESCORE // 2, dim=1).indices  # well inside the int8 top RESCORE
+    torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=0, atol=1e-2)  # bf16 rounding only
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    rest = (got - want).abs().max() / want.abs().max()
+    assert 0 < rest < 0.02  # the tail carries int8 rounding: not the exact head, but close
+
+
+def test_many_rows_go_in_chunks_with_the_same_logits_as_one_by_one():
+    head = Int8Head(_head())
+    hidden = torch.randn(1, 2 * INT8_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    together = head(hidden)
+    assert together.shape == (1, 2 * INT8_ROWS + 3, 4096)
+    alone = torch.cat([head(hidden[:, i : i + 1]) for i in range(hidden.shape[1])], dim=1)
+    torch.testing.assert_close(together.float(), alone.float(), rtol=0, atol=1e-2)
+    assert torch.equal(together.argmax(-1), alone.argmax(-1))
+
+
+def test_a_float32_model_over_a_bfloat16_matrix_gets_float32_logits():
+    exact = _head()
+    weight = exact.weight
+
+    class Tiles(torch.nn.Module):  # the loader's bfloat16_token_matrix: bf16 weight, float32 math
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return x.float() @ self.weight.float().t()
+
+    hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    got = Int8Head(Tiles())(hidden)
+    assert got.dtype == torch.float32
+    want = Tiles()(hidden)
+    top = want.topk(8, dim=1).indices
+    torch.testing.assert_close(got.gather(1, top), want.gather(1, top))
+
+
+def test_the_head_stays_tied_to_the_token_embedding():
+    exact = _head()
+    head = Int8Head(exact)
+    assert head.weight is exact.weight
+    replacement = torch.nn.Parameter(exact.weight.detach().clone())
+    head.weight = replacement  # what re-tying does
+    assert exact.weight is replacement
+
+
+def test_auto_picks_int8_for_a_large_head_on_a_cpu_only():
+    assert kernels.choose_head("cpu", elements=262_208 * 640).name == "int8"
+    assert kernels.choose_head("cpu", elements=1773 * 256).name == "exact"  # the tiny base's head
+    assert kernels.choose_head("cpu", "exact", elements=262_208 * 640).name == "exact"
+    assert kernels.choose_head("cpu", elements=262_208 * 640, training=True).name == "exact"
+    assert kernels.choose_head("cuda", elements=262_208 * 5376).name == "exact"
+    with pytest.raises(ToolkitError, match="not available here"):
+        kernels.choose_head("cuda", "int8")
+    with pytest.raises(ToolkitError, match="unknown LM head"):
+        kernels.choose_head("cpu", "int4")
+
+
+def test_loading_with_the_int8_head_serves_it_and_training_keeps_the_exact_one(tiny_ct):
+    from toolkit.base.loader import load_base
+
+    served = load_base(tiny_ct, device="cpu", lm_head="int8")
+    assert served.head == "int8" and isinstance(served.model.get_output_embeddings(), Int8Head)
+    assert served.model.get_output_embeddings().weight is served.model.get_input_embeddings().weight
+    trained = load_base(tiny_ct, device="cpu", training=True, lm_head="int8")
+    assert trained.head == "exact" and not isinstance(trained.model.get_output_embeddings(), Int8Head)
+
+
+# ---------------------------------------------------------------------------------------------- the real 270M gate
+@pytest.fixture(scope="module")
+def real_servers():
+    from helpers import LiveServer
+
+    from toolkit.base import real_weights
+    from toolkit.serve.app import build_state
+
+    path = str(real_weights.cached_base())
+    servers = {}
+    for head in ("int8", "exact"):
+        state = build_state(base=path, device="cpu", adapters=[], prefill_pacing=None, lm_head=head)
+        assert state.base.head == head
+        servers[head] = LiveServer(state)
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def _passages(words: int, count: int, skip: int = 0) -> list[str]:
+    from toolkit.base import real_weights
+
+    text = real_weights.heldout_text().split()[skip:]
+    return [" ".join(text[i * words : (i + 1) * words]) for i in range(count)]
+
+
+def _completion(server, **body) -> dict:
+    import httpx
+
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": model, **body}, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.mark.real_base
+def test_the_int8_heads_perplexity_through_completions_is_within_half_a_percent(real_servers):
+    passages = _passages(300, 4)  # ~1,600 held-out tokens
+    nll = {}
+    for head, server in real_servers.items():
+        logprobs = []
+        for text in passages:
+            choice = _completion(server, prompt=text, echo=True, logprobs=0, max_tokens=0)
+            logprobs += [lp for lp in choice["logprobs"]["token_logprobs"] if lp is not None]
+        assert len(logprobs) > 1000
+        nll[head] = -sum(logprobs) / len(logprobs)
+    ratio = math.exp(nll["int8"]) / math.exp(nll["exact"])
+    print(f"perplexity int8 / exact: {ratio:.5f}")
+    assert abs(ratio - 1) <= 0.005, ratio
+    assert ratio != 1  # the int8 head's tail is not the exact head's: the gate measures something
+
+
+@pytest.mark.real_base
+def test_greedy_continuations_with_the_int8_head_agree_at_99_percent_of_tokens(real_servers):
+    prompts = _passages(40, 24, skip=2000)  # held-out openings, away from the perplexity passages
+    same = total = 0
+    for prompt in prompts:
+        tokens = {
+            head: _completion(server, prompt=prompt, max_tokens=32, temperature=0, logprobs=1)["logprobs"]["tokens"]
+            for head, server in real_servers.items()
+        }
+        total += len(tokens["exact"])
+        same += sum(a == b for a, b in zip(tokens["int8"], tokens["exact"], strict=False))
+    assert total >= 24 * 16
+    print(f"greedy agreement: {same} of {total}")
+    assert same / total >= 0.99, (same, total)
