@@ -64,6 +64,7 @@ def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
 
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     head = base.model.get_output_embeddings()
     if hasattr(head, "qweight"):
@@ -89,6 +90,7 @@ def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
     return nbytes / min(times), f"{what} over the {nbytes / 1e6:.0f} MB head, {torch.get_num_threads()} threads"
 
 

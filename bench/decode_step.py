@@ -5,7 +5,9 @@
 For each base (default: the tiny base, built in a temporary folder) and each row count, the in-process engine
 decodes `--tokens` greedy tokens per row (`ignore_eos`) with `lean_decode` on and off, alternating, median of
 `--repeats`; reported: milliseconds per decoding step (the time between a row's tokens, after its first) and the
-ratio generic / lean. Also the kernel and dtype the base ran with. Not part of the test suite.
+ratio generic / lean. Also the kernel and dtype the base ran with, and the one-row step's memory-bandwidth limit
+(bench/bandwidth.py: the bytes a step reads over the bandwidth of a matvec at the head's precision) with the lean
+step's fraction of it. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bandwidth import decode_limit  # noqa: E402
 from report import cpus, replace_section  # noqa: E402
+
+PROMPT = "<start_of_turn>user\nTell me about the sea.<end_of_turn>\n<start_of_turn>model\n"
 
 
 def step_ms(base, lean: bool, rows: int, tokens: int) -> float:
     from toolkit.engine.engine import Engine, Request, SamplingParams
 
-    prompt = "<start_of_turn>user\nTell me about the sea.<end_of_turn>\n<start_of_turn>model\n"
-    ids = base.tokenizer(prompt)["input_ids"]
+    ids = base.tokenizer(PROMPT)["input_ids"]
     engine = Engine.for_base(base, max_batch=rows, lean_decode=lean, start=False)
     times: list[list[float]] = [[] for _ in range(rows)]
     left, done = [rows], threading.Event()
@@ -74,6 +78,9 @@ def main() -> None:
         for path in paths:
             base = load_base(path, device="cpu")
             name = Path(path).name
+            context = len(base.tokenizer(PROMPT)["input_ids"]) + args.tokens // 2  # a row's mean length while timed
+            limit = decode_limit(path, context, base=base)
+            print(json.dumps({"base": name, "limit": limit}), flush=True)
             for rows in (int(r) for r in args.rows.split(",")):
                 step_ms(base, True, rows, 8)  # warm-up: repacking, first calls
                 runs = {True: [], False: []}
@@ -89,6 +96,8 @@ def main() -> None:
                         "lean_ms": lean_ms,
                         "generic_ms": generic_ms,
                         "ratio": generic_ms / lean_ms,
+                        "limit_ms": limit["limit_ms"] if rows == 1 else None,
+                        "limit_what": limit["what"],
                     }
                 )
                 print(json.dumps(results[-1]), flush=True)
@@ -100,14 +109,16 @@ def main() -> None:
             f"engine, greedy, {args.tokens} tokens per row (`ignore_eos`), median of {args.repeats} alternating runs. "
             "Milliseconds per decoding step of all rows.",
             "",
-            "| base | kernel | rows | lean step | generic forward | generic / lean |",
-            "|---|---|---|---|---|---|",
+            "| base | kernel | rows | lean step | generic forward | generic / lean | one-row limit | lean at |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
+            at = f"{r['limit_ms']:.2f} ms | {r['limit_ms'] / r['lean_ms']:.0%}" if r["limit_ms"] else "| "
             lines.append(
                 f"| {r['base']} | {r['kernel']} | {r['rows']} | {r['lean_ms']:.2f} ms | {r['generic_ms']:.2f} ms "
-                f"| {r['ratio']:.2f}x |"
+                f"| {r['ratio']:.2f}x | {at} |"
             )
+        lines += ["", "Limits: " + "; ".join(sorted({f"{r['base']}: {r['limit_what']}" for r in results}))]
         lines += ["", READING, ""]
         replace_section(Path(args.out), "## Lean decoding step", "\n".join(lines))
 

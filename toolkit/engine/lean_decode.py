@@ -457,6 +457,8 @@ class LeanDecoder:
             q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)
         window = rows[0].layout.windows[layer]  # the storage's view of the layer (kv_cache.KVLayout)
         gqa = self.heads != self.kv_heads
+        kw = {"scale": attn.scaling, "enable_gqa": gqa}
+        lone = not self._threaded
         out, start = [], 0
         for row, m in zip(rows, sizes, strict=True):
             end = start + m
@@ -481,8 +483,6 @@ class LeanDecoder:
             # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
             # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
-            kw = {"scale": attn.scaling, "enable_gqa": gqa}
-            lone = not self._threaded
             big = keys.shape[1] * m >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)  # worth every thread
             # in a single-threaded pass, a chunk over its row's past (or one query over a long one) in a global
             # layer: unmasked parts (_past_then_chunk). A pass on every thread keeps SDPA, whose split over heads
