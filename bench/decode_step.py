@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bandwidth import decode_limit  # noqa: E402
-from report import cpus, replace_section  # noqa: E402
+from report import cpu_label, cpus, replace_section  # noqa: E402
 
 PROMPT = "<start_of_turn>user\nTell me about the sea.<end_of_turn>\n<start_of_turn>model\n"
 
@@ -105,7 +104,7 @@ def main() -> None:
         lines = [
             "## Lean decoding step (`bench/decode_step.py`)",
             "",
-            f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {cpus()} cores, in-process "
+            f"{time.strftime('%Y-%m-%d')}, {cpu_label()}, {cpus()} cores, in-process "
             f"engine, greedy, {args.tokens} tokens per row (`ignore_eos`), median of {args.repeats} alternating runs. "
             "Milliseconds per decoding step of all rows.",
             "",

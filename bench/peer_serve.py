@@ -448,7 +448,9 @@ def main() -> None:
                     for s in servers:  # alternate: every server runs each round
                         s.mark(("decode", clients))
                         runs[s.name][clients].append(load(s, clients, args.per_client, args.max_tokens))
-            prefill, skipped = run_prefill(servers, tokenizer, lengths, args.repeats, args.prefill_timeout)
+            prefill, skipped = (
+                run_prefill(servers, tokenizer, lengths, args.repeats, args.prefill_timeout) if lengths else ({}, {})
+            )
         finally:
             for s in servers:
                 s.stop()
