@@ -64,6 +64,7 @@ PAD_LIMIT = 3
 # latest sets are kept up to this many copies (at most ~3.7 GB on the 27B however many adapters a server mixes;
 # 4 sets of 4 adapters), and a pass's own set always.
 STACKED_COPIES = 16
+ROPE_TABLE = 4096  # positions whose rotary cos / sin are kept per layer type (_rope): the 270M's, 4 MB per type
 # SDPA's own CPU kernel with its log-sum-exp (private; without it chunks keep SDPA with the boolean mask)
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -94,6 +95,11 @@ class LeanDecoder:
         config = self.text.config
         self.config = config
         self.types = list(config.layer_types)
+        self._rope_types = sorted(set(self.types))
+        self._rope_table: dict | None = None  # _rope's, made at the first pass that fits it
+        # per layer: its attention and MLP modules and the MLP's activation as a plain function where it is
+        # transformers' GELUTanh (its module call cost ~4 us a layer). peft replaces only the projections inside.
+        self._parts = [(layer.self_attn, layer.mlp, _activation(layer.mlp.act_fn)) for layer in self.text.layers]
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -210,7 +216,7 @@ class LeanDecoder:
         self._threaded = everywhere or self._head_parallel or total * self._widest >= PARALLEL_MATMUL
         with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
-            rope = {t: self.text.rotary_emb(hidden, positions, t) for t in set(self.types)}
+            rope = self._rope(hidden, positions, max(r.seen + m for r, m in zip(rows, sizes, strict=True)))
             hidden = self._layers(hidden, rope, rows, names, sizes)
         for row, m in zip(rows, sizes, strict=True):
             row.seen += m
@@ -242,16 +248,28 @@ class LeanDecoder:
             and hidden.device.type == "cpu"
         )
 
+    def _rope(self, hidden: Any, positions: Any, end: int) -> dict:
+        """Each layer type's rotary cos / sin [T, 1, d] at `positions` (all below `end`): rows of a table kept per
+        type for the first ROPE_TABLE positions (the rotary module's own output for them, computed once: the same
+        values, two index ops instead of its ~10 per step and type), else the module itself."""
+        if end > ROPE_TABLE:
+            return {t: self.text.rotary_emb(hidden, positions, t) for t in self._rope_types}
+        if self._rope_table is None:
+            everywhere = torch.arange(ROPE_TABLE).unsqueeze(0)
+            self._rope_table = {t: self.text.rotary_emb(hidden[:1], everywhere, t) for t in self._rope_types}
+        at = positions.view(-1)
+        return {t: (c[0].index_select(0, at).unsqueeze(1), s[0].index_select(0, at).unsqueeze(1))
+                for t, (c, s) in self._rope_table.items()}  # fmt: skip
+
     def _layers(self, hidden: Any, rope: dict, rows: list, names: list | None, sizes: list[int]) -> Any:
-        for i, layer in enumerate(self.text.layers):
+        for i, (attn, mlp, act) in enumerate(self._parts):
             w_in, w_attn, w_pre, w_post, w_q, w_k = self.norms[i]
             x = self._norm(hidden, w_in)
-            x = self._attention(layer.self_attn, i, x, rope[self.types[i]], rows, names, sizes, (w_q, w_k))
+            x = self._attention(attn, i, x, rope[self.types[i]], rows, names, sizes, (w_q, w_k))
             hidden = hidden + self._norm(x, w_attn)
             x = self._norm(hidden, w_pre)
-            mlp = layer.mlp
             gate, up = self._linears((mlp.gate_proj, mlp.up_proj), x, names)
-            x = self._linear(mlp.down_proj, mlp.act_fn(gate) * up, names)
+            x = self._linear(mlp.down_proj, act(gate) * up, names)
             hidden = hidden + self._norm(x, w_post)
         return hidden
 
@@ -510,6 +528,13 @@ class LeanDecoder:
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+
+def _activation(module: Any) -> Any:
+    """transformers' GELUTanh as the function it calls (F.gelu, tanh approximation); any other module as itself."""
+    if type(module).__name__ == "GELUTanh" and "forward" not in vars(module) and callable(getattr(module, "act", None)):
+        return module.act
+    return module
 
 
 def _rotate(x: Any, cos: Any, sin: Any) -> Any:
