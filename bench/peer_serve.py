@@ -626,7 +626,8 @@ def write_section(out: Path, summary: dict, levels: list[int], args) -> None:
             "",
             f"llama.cpp: {b.get('package', 'llama-cpp-python[server]')}, **{b['build']} build** (`make llama-cpp`, "
             f"bench/llama_build.py: {b.get('reason', '')}; CMake arguments: {flags}), server arguments "
-            f"`{' '.join(summary['llama.cpp']['server_args'])}`, threads and batch sizes its defaults. Its system "
+            f"`{' '.join(summary['llama.cpp']['server_args'])}`, "
+            f"{'batch sizes' if args.llama_threads else 'threads and batch sizes'} its defaults. Its system "
             f"info: `{b.get('system_info', '?')}`",
         ]
     lines += [
