@@ -13,7 +13,8 @@
 4. VENV/BUILD.json: which build, its CMake arguments, why, and llama.cpp's own system info line; the Makefile's
    stamp for `make llama-cpp`, and bench/peer_serve.py copies it into its report.
 
-Standard library only: runs with the Python that creates the venv, before any project venv exists.
+Standard library only (and toolkit.base.kernel_probe, which is too at import): runs with the Python that creates
+the venv, before any project venv exists.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toolkit.base.kernel_probe import cpu_name  # noqa: E402 (standard library only at import)
 
 SPEC = "llama-cpp-python[server]==0.3.36"
 SMOKE_TIMEOUT_S = 300
@@ -59,16 +62,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def workaround_cmake_args(flags: set[str]) -> list[str]:
@@ -161,7 +154,7 @@ def main() -> None:
         "cmake_args": cmake_args,
         "reason": reason,
         "system_info": result["system_info"],
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "date": time.strftime("%Y-%m-%d"),
         "smoke": {k: result[k] for k in ("prompt_tokens", "completion_tokens", "text", "seconds")},
     }

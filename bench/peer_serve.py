@@ -630,18 +630,13 @@ def write_section(out: Path, summary: dict, levels: list[int], args) -> None:
             f"{'batch sizes' if args.llama_threads else 'threads and batch sizes'} its defaults. Its system "
             f"info: `{b.get('system_info', '?')}`",
         ]
-    lines += [
-        "",
-        "| server | " + " | ".join(f"{c} client(s): tokens/s, TTFT" for c in levels) + " |",
-        "|---|" + "---|" * len(levels),
-    ]
-    for n in names:
-        cells = []
-        for c in levels:
-            r = summary[n][str(c)]
-            ttft = f"{r['ttft_s'] * 1000:.0f} ms" if r["ttft_s"] is not None else "-"
-            cells.append(f"{r['tokens_per_s']:.1f}, {ttft}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+
+    def decoding(r: dict) -> str:
+        return f"{r['tokens_per_s']:.1f}, " + (f"{r['ttft_s'] * 1000:.0f} ms" if r["ttft_s"] is not None else "-")
+
+    lines += [""] + table(
+        names, [f"{c} client(s): tokens/s, TTFT" for c in levels], lambda n, i: decoding(summary[n][str(levels[i])])
+    )
     p = summary.get("prefill")
     if p:
         lengths = sorted({int(n) for name in names for n in (p.get(name) or {})})
@@ -651,19 +646,23 @@ def write_section(out: Path, summary: dict, levels: list[int], args) -> None:
             "after its chat template) / seconds from send to response; each prompt opens with a sentence of its own, "
             "so no server reuses a cached prefix.",
             "",
-            "| server | " + " | ".join(f"~{n} prompt tokens: tokens/s, seconds" for n in lengths) + " |",
-            "|---|" + "---|" * len(lengths),
         ]
-        for n in names:
-            cells = []
-            for length in lengths:
-                r = (p.get(n) or {}).get(str(length))
-                cells.append(f"{r['tokens_per_s']:.0f}, {r['seconds']:.2f} s" if r else "-")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+
+        def prefilled(n: str, i: int) -> str:
+            r = (p.get(n) or {}).get(str(lengths[i]))
+            return f"{r['tokens_per_s']:.0f}, {r['seconds']:.2f} s" if r else "-"
+
+        lines += table(names, [f"~{n} prompt tokens: tokens/s, seconds" for n in lengths], prefilled)
     lines.append("")
     lines += [f"- {line}" for line in result_lines(summary)]
     lines += ["", READING + kernel_sentence(args.kernel), ""]
     replace_section(out, f"## Peer serving ({label})", "\n".join(lines))
+
+
+def table(names: list[str], columns: list[str], cell) -> list[str]:
+    """A markdown table: one row per server, `cell(server, column index)` in each column."""
+    head = ["| server | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    return head + [f"| {n} | " + " | ".join(cell(n, i) for i in range(len(columns))) + " |" for n in names]
 
 
 READING = (
