@@ -138,6 +138,7 @@ class LeanDecoder:
         )
         self._head_parallel = self.head.weight.numel() >= PARALLEL_ELEMENTS  # e.g. the 262k-row head
         self._mv: bool | None = None  # _mv_faster's answer, once timed
+        self._short_steps = False  # whether the current pass is decoding rows only, none long (_one_query_each)
         self._threaded = False  # whether the current pass runs other ops on every thread (PARALLEL_KEYS_LONE)
         self._executor = None  # _helper's, made on first use
         # per LoRA layer: for its latest sets of adapters (STACKED_COPIES), their weights stacked (_stacked)
@@ -213,6 +214,8 @@ class LeanDecoder:
         # Not a token count: prompt chunks ride on decoding steps, and a step of small ops (norms, rotary, one row's
         # attention) on two threads pays the ~80 us wake per op (threads.py): measured on the tiny base, two 26-token
         # prompts beside 15 decoding rows cost 24 ms over an 11 ms step when the pass ran on two threads.
+        # decoding rows only, all short: _one_query_each serves every layer's attention
+        self._short_steps = total == n and max(r.seen for r in rows) < LONG_ROW_KEYS - 1
         everywhere = total * self.text.config.hidden_size >= PARALLEL_ELEMENTS
         self._threaded = everywhere or self._head_parallel or total * self._widest >= PARALLEL_MATMUL
         with parallel(self.threads, everywhere):
@@ -327,7 +330,8 @@ class LeanDecoder:
             from toolkit.base.gptq_backend import fused_op
 
             op = fused_op(bases)
-            self._fused[key] = None if op is None else (op, [b.out_features for b in bases])
+            widths = [b.out_features for b in bases]
+            self._fused[key] = None if op is None else (op, widths, bases[0].in_features * sum(widths))
         fused = self._fused[key]
         slices = [
             [] if names is None or _base(m) is m else [s for s in self._slices if s[0] in m.lora_A] for m in modules
@@ -335,11 +339,11 @@ class LeanDecoder:
         if fused is None or any(n in m.lora_variant for m, s in zip(modules, slices, strict=True) for n, _, _ in s):
             apart = [self._linear(m, x, names) for m in modules]
             return (apart, None) if joined else apart
-        op, widths = fused
-        wide = x.shape[0] * x.shape[1] * _base(modules[0]).in_features * sum(widths) >= PARALLEL_MATMUL
+        op, widths, size = fused
+        wide = x.shape[0] * x.shape[1] * size >= PARALLEL_MATMUL
         with parallel(self.threads, wide):
             out = op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-        parts = out.split(widths, dim=-1)
+        parts = out.split_with_sizes(widths, dim=-1)  # (Tensor.split's Python wrapper costs ~2 us a call)
         for module, part, own in zip(modules, parts, slices, strict=True):
             if own:
                 self._add_lora(module, own, part, x)
@@ -477,6 +481,26 @@ class LeanDecoder:
         result += (out * module.scaling[name]).to(result.dtype)
         return result
 
+    def _one_query_each(self, q: Any, k: Any, v: Any, rows: list, layer: int, window: Any, scale: float) -> Any:
+        """A pass of decoding rows only, none past LONG_ROW_KEYS: `_attention`'s loop for that case alone (a
+        decoding step's common one), each query's GQA group folded into one head as there; [T, 1, heads * d]."""
+        d, kv, big = self.head_dim, self.kv_heads, PARALLEL_KEYS_LONE if not self._threaded else PARALLEL_KEYS
+        group, out = self.heads // kv, []
+        for i, row in enumerate(rows):
+            ki, vi = k[i], v[i]  # [kv_heads, 1, d]
+            if window is not None:  # the held last window - 1 tokens and the new one, read in place
+                held = row.held(layer)
+                row.append(layer, ki, vi)
+                keys, values = row.last(layer, held + 1)
+            else:
+                row.append(layer, ki, vi)
+                keys, values = row.view(layer)
+            folded = q[i].reshape(1, kv, group, d)
+            with parallel(self.threads, keys.shape[1] >= big):
+                o = F.scaled_dot_product_attention(folded, keys[None], values[None], scale=scale)
+            out.append(o.reshape(1, self.heads * d))
+        return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)
+
     def _attention(
         self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, sizes: list, qk_norms: tuple
     ) -> Any:
@@ -495,6 +519,8 @@ class LeanDecoder:
             q, k = self.rope(self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1]), *rope)
         window = rows[0].layout.windows[layer]  # the storage's view of the layer (kv_cache.KVLayout)
         gqa = self.heads != self.kv_heads
+        if self._short_steps and gqa:
+            return self._linear(attn.o_proj, self._one_query_each(q, k, v, rows, layer, window, attn.scaling), names)
         kw = {"scale": attn.scaling, "enable_gqa": gqa}
         lone = not self._threaded
         out, start = [], 0
