@@ -60,15 +60,18 @@ def tiny_base(
     typer.echo(f"built {size} Gemma 3 base ({format}, seed {seed}) in {out}")
 
 
+LmHeadOption = Annotated[
+    str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
+]
+
+
 @app.command()
 def info(
     dir: Annotated[str, typer.Argument(help="Base folder (or hub id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     kernel: Annotated[str, typer.Option(help="GPTQ kernel to report on: auto (measured choice) or a name.")] = "auto",
-    lm_head: Annotated[
-        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
-    ] = "auto",
+    lm_head: LmHeadOption = "auto",
 ) -> None:
     """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, tokens, kernel and dtype."""
     from toolkit.base.info import describe, head_choice, kernel_choice, summary_lines
@@ -91,9 +94,7 @@ def chat(
     kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
         "auto"
     ),
-    lm_head: Annotated[
-        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
-    ] = "auto",
+    lm_head: LmHeadOption = "auto",
 ) -> None:
     """Send one message (optionally with images) to the base and print its greedy reply."""
     from toolkit.base.loader import load_base
@@ -295,9 +296,7 @@ def serve(
     kernel: Annotated[str, typer.Option(help="GPTQ kernel: auto (measured choice; see `toolkit info`) or a name.")] = (
         "auto"
     ),
-    lm_head: Annotated[
-        str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
-    ] = "auto",
+    lm_head: LmHeadOption = "auto",
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:

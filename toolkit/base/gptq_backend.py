@@ -189,8 +189,7 @@ def _direct_op(module):
         op, ret = getattr(module, "torch_fused_op", None), getattr(module, "ret_idx", None)
         if op is None or ret is None or not torch.equal(ret.cpu(), torch.arange(ret.numel(), dtype=ret.dtype)):
             return None
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        return lambda x: mm(x.to(torch.bfloat16), op.qweight_uint8, op.group_size, op.scales_and_zeros).to(x.dtype)
+        return _int4pack_op(op.qweight_uint8, op.group_size, op.scales_and_zeros)
     if type(module).__name__ == "TorchCpuAvx512Linear":
         kernel = module.gemm_int4_qzero_group_scaled_cpu_kernel
         if kernel is None or not module._ret_idx_is_identity():
@@ -204,6 +203,14 @@ def _direct_op(module):
 
         return op
     return None
+
+
+def _int4pack_op(qweight, group_size, scales_and_zeros):
+    """aten's packed int4 matmul over TorchFusedLinear's tensors: bfloat16 activations in, the input's dtype out."""
+    import torch
+
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    return lambda x: mm(x.to(torch.bfloat16), qweight, group_size, scales_and_zeros).to(x.dtype)
 
 
 def fused_op(modules):
@@ -236,10 +243,7 @@ def fused_op(modules):
         ops = [m.torch_fused_op for m in modules]
         qweight = torch.cat([o.qweight_uint8 for o in ops])  # [out, in / 2]
         scales_and_zeros = torch.cat([o.scales_and_zeros for o in ops], dim=1)  # [groups, out, 2]
-        mm, group = torch.ops.aten._weight_int4pack_mm_for_cpu, first.group_size
-
-        def op(x):
-            return mm(x.to(torch.bfloat16), qweight, group, scales_and_zeros).to(x.dtype)
+        op = _int4pack_op(qweight, first.group_size, scales_and_zeros)
 
     else:
         return None

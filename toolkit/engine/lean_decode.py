@@ -317,22 +317,26 @@ class LeanDecoder:
             self._add_lora(module, slices, result, x)
         return result
 
-    def _linears(self, modules: tuple, x: Any, names: list[str] | None, joined: bool = False) -> Any:
-        """Projections that read the same input (q/k/v, gate/up): their base layers in one kernel call where
-        gptq_backend.fused_op joins them (the same outputs, fewer ops per step), then each one's LoRA into its own
-        part of the output; else one by one (_linear). With `joined`: (the parts, the whole output or None)."""
+    def _joined_op(self, modules: tuple) -> tuple | None:
+        """gptq_backend.fused_op for these projections' base layers, with their widths and in x out (cached per
+        group, once the layers are repacked: the first call of each does that), or None: call them one by one."""
         key = id(modules[0])
         if key not in self._fused:
             bases = [_base(m) for m in modules]
-            if not all(hasattr(b, "_lean_checked") for b in bases):  # not yet repacked: its first call does that
-                apart = [self._linear(m, x, names) for m in modules]
-                return (apart, None) if joined else apart
+            if not all(hasattr(b, "_lean_checked") for b in bases):  # not yet repacked: their first call does that
+                return None
             from toolkit.base.gptq_backend import fused_op
 
             op = fused_op(bases)
             widths = [b.out_features for b in bases]
             self._fused[key] = None if op is None else (op, widths, bases[0].in_features * sum(widths))
-        fused = self._fused[key]
+        return self._fused[key]
+
+    def _linears(self, modules: tuple, x: Any, names: list[str] | None, joined: bool = False) -> Any:
+        """Projections that read the same input (q/k/v, gate/up): their base layers in one kernel call where
+        gptq_backend.fused_op joins them (the same outputs, fewer ops per step), then each one's LoRA into its own
+        part of the output; else one by one (_linear). With `joined`: (the parts, the whole output or None)."""
+        fused = self._joined_op(modules)
         slices = [
             [] if names is None or _base(m) is m else [s for s in self._slices if s[0] in m.lora_A] for m in modules
         ]
@@ -484,22 +488,21 @@ class LeanDecoder:
     def _one_query_each(self, q: Any, k: Any, v: Any, rows: list, layer: int, window: Any, scale: float) -> Any:
         """A pass of decoding rows only, none past LONG_ROW_KEYS: `_attention`'s loop for that case alone (a
         decoding step's common one), each query's GQA group folded into one head as there; [T, 1, heads * d]."""
-        d, kv, big = self.head_dim, self.kv_heads, PARALLEL_KEYS_LONE if not self._threaded else PARALLEL_KEYS
-        group, out = self.heads // kv, []
+        big, out = PARALLEL_KEYS_LONE if not self._threaded else PARALLEL_KEYS, []
         for i, row in enumerate(rows):
-            ki, vi = k[i], v[i]  # [kv_heads, 1, d]
-            if window is not None:  # the held last window - 1 tokens and the new one, read in place
-                held = row.held(layer)
-                row.append(layer, ki, vi)
-                keys, values = row.last(layer, held + 1)
-            else:
-                row.append(layer, ki, vi)
-                keys, values = row.view(layer)
-            folded = q[i].reshape(1, kv, group, d)
-            with parallel(self.threads, keys.shape[1] >= big):
-                o = F.scaled_dot_product_attention(folded, keys[None], values[None], scale=scale)
-            out.append(o.reshape(1, self.heads * d))
+            keys, values = _stored(row, layer, k[i], v[i], window)  # (k[i], v[i]: [kv_heads, 1, d])
+            out.append(self._one_query(q[i], keys, values, scale, keys.shape[1] >= big).view(1, -1))
         return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)
+
+    def _one_query(self, q: Any, keys: Any, values: Any, scale: float, big: bool) -> Any:
+        """One decoding query (heads x d) over its row's keys and values [kv_heads, n, d] -> [1, heads, 1, d]: its
+        GQA group folded into one head's queries (no mask ties a query to a position), the same numbers as SDPA's
+        enable_gqa, which copies the keys per head: measured on the 270M's shapes (4 heads, 1 KV head, 256 dims),
+        one thread, 511 keys: 58 us folded, 808 us with enable_gqa."""
+        folded = q.reshape(1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        with parallel(self.threads, big):
+            o = F.scaled_dot_product_attention(folded, keys[None], values[None], scale=scale)
+        return o.reshape(1, self.heads, 1, self.head_dim)
 
     def _attention(
         self, attn: Any, layer: int, x: Any, rope: tuple, rows: list, names: list | None, sizes: list, qk_norms: tuple
@@ -529,21 +532,7 @@ class LeanDecoder:
             qi = q[start:end].transpose(0, 2)  # [1, heads, m, d]
             ki, vi = k[start:end, :, 0].transpose(0, 1), v[start:end, :, 0].transpose(0, 1)  # [kv_heads, m, d]
             start = end
-            if window is not None and m <= min(SLIDING_SLACK, window - 2):
-                # the held last window - 1 tokens and the new ones, read in place after the append: copying them per
-                # row per layer (torch.cat) cost ~3 ms of a ~14 ms 15-row step on the tiny base past the window
-                held = row.held(layer)
-                row.append(layer, ki, vi)
-                keys, values = row.last(layer, held + m)
-            elif window is not None:  # a long chunk: storage keeps only the newest window - 1, so read the old first
-                keys, values = ki, vi
-                if row.length[layer]:
-                    pk, pv = row.view(layer)
-                    keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
-                row.append(layer, ki, vi)
-            else:
-                row.append(layer, ki, vi)
-                keys, values = row.view(layer)
+            keys, values = _stored(row, layer, ki, vi, window)
             # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
             # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
             causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
@@ -558,13 +547,7 @@ class LeanDecoder:
                 with parallel(self.threads, big and not split):
                     o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
             elif m == 1 and gqa:
-                # one query: its GQA group folded into one head's queries (no mask ties a query to a position),
-                # the same numbers as SDPA's enable_gqa, which copies the keys per head: measured on the 270M's
-                # shapes (4 heads, 1 KV head, 256 dims), one thread, 511 keys: 58 us folded, 808 us with enable_gqa
-                folded = qi.reshape(1, self.kv_heads, self.heads // self.kv_heads, d)
-                with parallel(self.threads, big):
-                    o = F.scaled_dot_product_attention(folded, keys[None], values[None], scale=attn.scaling)
-                o = o.reshape(1, self.heads, 1, d)
+                o = self._one_query(qi, keys, values, attn.scaling, big)
             else:
                 mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
                 with parallel(self.threads, big):
@@ -574,6 +557,27 @@ class LeanDecoder:
             out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+
+def _stored(row: Any, layer: int, ki: Any, vi: Any, window: int | None) -> tuple[Any, Any]:
+    """Append a row's new keys and values [kv_heads, m, d] to `layer`'s storage; return the keys and values its m
+    new tokens attend to (a sliding layer's: its held window and the new tokens; a global one's: all it holds)."""
+    m = ki.shape[1]
+    if window is not None and m <= min(SLIDING_SLACK, window - 2):
+        # the held last window - 1 tokens and the new ones, read in place after the append: copying them per row
+        # per layer (torch.cat) cost ~3 ms of a ~14 ms 15-row step on the tiny base past the window
+        held = row.held(layer)
+        row.append(layer, ki, vi)
+        return row.last(layer, held + m)
+    if window is not None:  # a long chunk: storage keeps only the newest window - 1, so read the old first
+        keys, values = ki, vi
+        if row.length[layer]:
+            pk, pv = row.view(layer)
+            keys, values = torch.cat([pk, keys], dim=1), torch.cat([pv, values], dim=1)
+        row.append(layer, ki, vi)
+        return keys, values
+    row.append(layer, ki, vi)
+    return row.view(layer)
 
 
 def _activation(module: Any) -> Any:
