@@ -12,7 +12,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import ToolkitError
 
@@ -52,6 +52,9 @@ DataColumn = Literal[
     "history",
     "prompt",
     "completion",
+    "chosen",
+    "rejected",
+    "label",
     "regex",
 ]
 
@@ -61,8 +64,9 @@ class DataSection(_Section):
     """Training rows: a .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or a hub dataset name."""
     eval: str | None = None
     """Held-out rows in the same forms; when absent, eval_fraction of the training rows is held out."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    """Row shape of train/eval files (docs/DATA.md); auto: from the first row's fields (`toolkit validate` says)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto"] = "auto"
+    """Row shape of train/eval files (docs/DATA.md); auto: from the first row's fields (`toolkit validate` says).
+    preference: pairs (chosen and rejected answers to one prompt); kto: one answer with a true / false label."""
     columns: dict[DataColumn, str] = Field(default_factory=dict)
     """Your field names for the format's fields, e.g. {messages: dialog, role: speaker, content: text, images: pics}."""
     roles: dict[str, Literal["system", "developer", "user", "assistant"]] = Field(default_factory=dict)
@@ -106,7 +110,49 @@ class LoraSection(_Section):
     """Weight-decomposed LoRA (DoRA), where peft supports it on GPTQ layers."""
 
 
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+PAIRED_METHODS = ("dpo", "orpo", "simpo")  # they need a chosen and a rejected answer to the same prompt
+# TRL 1.16's DPOTrainer loss types (DPOConfig.loss_type)
+DPO_LOSSES = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+# beta when the recipe gives none: TRL's defaults (DPO, KTO, ORPO's lambda); SimPO's paper range (2.0 to 2.5)
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
 class TrainingSection(_Section):
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo"] = "sft"
+    """sft (supervised, on conversations) or a preference method: dpo, orpo, simpo (pairs: a chosen and a rejected
+    answer) or kto (answers labelled desirable or not; pairs are split into one of each). docs/TRAINING.md."""
+    init_adapter: str | None = None
+    """Continue from an adapter (a name under output.dir, or a folder): its weights start the new adapter, and for
+    dpo and kto it is also the frozen reference (not the bare base). Trained on the same base (fingerprint)."""
+    beta: float | None = Field(None, gt=0)
+    """Preference strength: DPO / KTO's KL weight (default 0.1), ORPO's lambda (0.1), SimPO's reward scale (2.0)."""
+    loss_type: list[DPO_LOSSES] = Field(default_factory=lambda: ["sigmoid"])
+    """dpo: TRL's DPO loss types (one or several, summed), e.g. [sigmoid], [ipo], [hinge], [sigmoid, sft]."""
+    rpo_alpha: float | None = Field(None, ge=0)
+    """dpo: add the chosen answers' NLL with this weight (RPO: DPO + NLL; TRL's `sft` loss type)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the desirable answers' loss (raise it when they are fewer than the undesirable ones)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the undesirable answers' loss."""
+    gamma: float = Field(1.0, ge=0)
+    """simpo: target reward margin (TRL's simpo_gamma); the paper's gamma / beta of 0.5 with beta 2.0."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training rows (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -142,6 +188,40 @@ class TrainingSection(_Section):
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # TRL accepts one name or a list
+
+    @model_validator(mode="after")
+    def _settings_of_the_method(self) -> TrainingSection:
+        # a setting of another method would be silently ignored: refuse it, naming the method it belongs to
+        owners = {
+            "beta": ("dpo", "kto", "orpo", "simpo"),
+            "loss_type": ("dpo",),
+            "rpo_alpha": ("dpo",),
+            "desirable_weight": ("kto",),
+            "undesirable_weight": ("kto",),
+            "gamma": ("simpo",),
+        }
+        for key, methods in owners.items():
+            if key in self.model_fields_set and self.method not in methods:
+                raise ValueError(
+                    f"{key} is a setting of {' / '.join(methods)}, and training.method is {self.method} "
+                    f"(remove {key}, or set training.method)"
+                )
+        if self.method == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "kto estimates its KL term from the other answers of a batch, so it needs training.batch_size >= 2 "
+                "(TRL's rule); set training.batch_size: 2 or more"
+            )
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        """beta as given, else the method's default."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.method, 0.1)
 
 
 class EvalSection(_Section):
