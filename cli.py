@@ -141,7 +141,7 @@ def validate(
     show: Annotated[int, typer.Option(help="Print N encoded rows with the trained tokens between [[ and ]].")] = 0,
 ) -> None:
     """Check a recipe and read and encode its whole dataset; print rows, tokens, images, skipped, longest row."""
-    from toolkit.data.datasets import load_recipe_data
+    from toolkit.data.datasets import load_recipe_data, summary_lines
     from toolkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
@@ -160,18 +160,8 @@ def validate(
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(f"recipe {recipe}: ok (adapter {loaded.adapter_name!r}, base {loaded.base.path})")
-    how = "detected from the first row" if loaded.data.format == "auto" else "data.format"
-    typer.echo("  format " + ", ".join(f"{k} {v}" for k, v in summary["format"].items()) + f" ({how})")
-    for split in ("train", "eval"):
-        s = summary[split]
-        longest = f", longest {s['longest_row']['tokens']} tokens ({s['longest_row']['where']})" if s["rows"] else ""
-        typer.echo(
-            f"  {split:5} {s['rows']} rows, {s['tokens']} tokens ({s['answer_tokens']} answer tokens), "
-            f"{s['images']} images{longest}"
-        )
-    typer.echo(f"  skipped {summary['skipped']}, truncated {summary['truncated']}, dropped {summary['dropped']}")
-    for item in summary["skipped_rows"]:
-        typer.echo(f"  skipped {item['where']}: {item['reason']}")
+    for line in summary_lines(summary, detected=loaded.data.format == "auto"):
+        typer.echo(line)
 
 
 @app.command()
@@ -203,7 +193,8 @@ def train(
         from toolkit.eval.report import rich_table
 
         m = result.metrics
-        Console().print(rich_table("held-out", {"base": m["base"], "adapter": m["adapter"]}, ["base", "adapter"]))
+        columns = [c for c in ("base", "reference", "adapter") if c in m]
+        Console().print(rich_table("held-out", {c: m[c] for c in columns}, columns))
 
 
 @app.command("eval")
@@ -226,6 +217,10 @@ def evaluate(
         str | None, typer.Option(help="Evaluate an OpenAI-compatible server (e.g. http://host:8000/v1) instead.")
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Bearer key for --url.")] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Preference rows: the reference of the DPO reward accuracy (an adapter, or base)."),
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Compare the base and adapters on held-out rows: table, report files; with --min/--max, exit 1 on a miss."""
@@ -244,6 +239,7 @@ def evaluate(
         maxs=maximum,
         url=url,
         api_key=api_key,
+        reference=reference,
     )
     Console().print(report_table(result.report))
     typer.echo(f"report: {result.out_dir}/report.md (report.json, answers.jsonl, chart.png)")

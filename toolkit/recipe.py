@@ -391,6 +391,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             elif e["type"] == "missing":
                 msg = "required key is missing"
                 line = _line_of(node, loc[:-1])
+            elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+                # a section's own rule (a model validator): its message says it all, the section's dict would not
+                msg = e["msg"].removeprefix("Value error, ")
+                line = _line_of(node, loc)
             else:
                 msg = e["msg"]
                 if e.get("input") is not None and e["type"] not in ("model_type",):

@@ -109,7 +109,7 @@ def test_sdpa_trains_like_eager_past_the_sliding_window(tiny_ct):
 
 
 def test_text_only_batches_drop_all_zero_token_type_ids_and_train_the_same(tiny_ct):
-    from toolkit.train.trainer import _RowCollator
+    from toolkit.train.sft import RowCollator as _RowCollator
 
     def row(types):
         n = len(types)

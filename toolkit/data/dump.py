@@ -1,7 +1,8 @@
 """What the model is trained on, made visible: encoded rows as JSON lines, or as text with the trained tokens marked.
 
 Used by `toolkit validate --dump FILE` / `--show N`. Knows the encoded rows (datasets.py) and a tokenizer; it
-encodes nothing itself, so what it prints is exactly what training sees.
+encodes nothing itself, so what it prints is exactly what training sees. Preference items show and dump each side
+(the prompt, then that answer) as training feeds it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from toolkit.data.preference import Preference, prompt_length
 from toolkit.data.template import IGNORE
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # around each run of tokens that carries a label (the loss sees it)
@@ -22,17 +24,26 @@ def _rows(report: Any):
 
 
 def dump_rows(report: Any, path: str | Path) -> int:
-    """Write one JSON line per encoded row: split, where (file:row), input_ids, labels (-100: not trained)."""
+    """Write one JSON line per encoded row: split, where (file:row), input_ids, labels (-100: not trained). A
+    preference item's line holds `chosen` and `rejected`, each {input_ids, labels} or null (KTO: the other side)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with path.open("w") as f:
         for split, item in _rows(report):
-            enc = item.encoded
-            line = {"split": split, "where": item.row.where, "input_ids": enc.input_ids, "labels": enc.labels}
+            if isinstance(item, Preference):
+                sides = {"chosen": item.chosen, "rejected": item.rejected}
+                line = {"split": split, "where": item.where}
+                line |= {name: _ids(side.encoded) if side else None for name, side in sides.items()}
+            else:
+                line = {"split": split, "where": item.row.where, **_ids(item.encoded)}
             f.write(json.dumps(line) + "\n")
             n += 1
     return n
+
+
+def _ids(enc: Any) -> dict:
+    return {"input_ids": enc.input_ids, "labels": enc.labels}
 
 
 def _squeeze_repeats(pieces: list[str]) -> list[str]:
@@ -66,11 +77,15 @@ def render_row(input_ids: list[int], labels: list[int], tokenizer: Any) -> str:
 
 
 def show_rows(report: Any, tokenizer: Any, n: int) -> list[str]:
-    """The first `n` rows (train, then eval), each as a header line and its marked text."""
+    """The first `n` rows (train, then eval), each as a header line and its marked text; a preference item as a
+    header, then `chosen:` and `rejected:` each with its whole marked conversation."""
     out = []
     for split, item in _rows(report):
         if len(out) >= n:
             break
+        if isinstance(item, Preference):
+            out.append(_show_preference(split, item, tokenizer))
+            continue
         enc = item.encoded
         header = (
             f"--- {split} {item.row.where}: {len(enc.input_ids)} tokens, {enc.num_label_tokens} trained "
@@ -78,3 +93,17 @@ def show_rows(report: Any, tokenizer: Any, n: int) -> list[str]:
         )
         out.append(header + "\n" + render_row(enc.input_ids, enc.labels, tokenizer))
     return out
+
+
+def _show_preference(split: str, item: Preference, tokenizer: Any) -> str:
+    sides = item.sides()
+    what = "pair" if item.paired else "desirable answer" if item.chosen else "undesirable answer"
+    counts = "; ".join(
+        f"{name} {len(side.encoded.input_ids)} tokens, {side.encoded.num_label_tokens} trained" for name, side in sides
+    )
+    header = (
+        f"--- {split} {item.where}: {what}, prompt {prompt_length(sides[0][1].encoded)} tokens; {counts} "
+        f"(between {TRAINED_OPEN} {TRAINED_CLOSE})"
+    )
+    shown = [f"{name}:\n" + render_row(side.encoded.input_ids, side.encoded.labels, tokenizer) for name, side in sides]
+    return "\n".join([header, *shown])

@@ -13,19 +13,28 @@ An image is a path (relative to the data file), an http(s) or data: URL, a `data
 `convert_row` returns the schema's raw messages and, for every schema field path it made, the field as the user
 wrote it (`messages[2].role` -> `conversations[2].from`), so errors found later still name the user's field.
 This module knows field names and conventions, not the schema's rules (schema.py checks the result) nor the
-template (template.py): nothing past this door knows which format a row came in.
+template (template.py): nothing past this door knows which format a row came in. Preference and KTO rows
+(`preference`, `kto`) come through preference.py's door, built from the same pieces (`Builder`, `add_turns`).
+
+`Row` (a checked conversation) and `EncodedRow` (it with the template's `Encoded`, a type only) live here, below
+both doors' users: datasets.py makes them and preference.py's `Preference` holds them; datasets.py imports
+preference.py, so neither could hold them without an import circle.
 """
 
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 from toolkit.data.schema import TOOLS_UNSUPPORTED
+from toolkit.data.template import Encoded
 from toolkit.errors import ToolkitError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+PREFERENCE_FORMATS = ("preference", "kto")  # preference.py's door: pairs, and answers labelled true / false
+FORMATS = CONVERSATION_FORMATS + PREFERENCE_FORMATS
 ROLES = ("system", "developer", "user", "assistant")
 _TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 MARKER = "<image>"  # LLaVA's and LLaMA-Factory's image placeholder in text
@@ -43,6 +52,28 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
         "content": "content",
         **_COMMON,
     },
+    # TRL's preference rows, and LLaMA-Factory's ranking rows (conversations / instruction + chosen + rejected)
+    "preference": {
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "messages": "conversations",
+        "instruction": "instruction",
+        "input": "input",
+        "history": "history",
+        "role": "role",
+        "content": "content",
+        **_COMMON,
+    },
+    "kto": {
+        "prompt": "prompt",
+        "completion": "completion",
+        "label": "label",
+        "messages": "messages",
+        "role": "role",
+        "content": "content",
+        **_COMMON,
+    },
 }
 COLUMN_KEYS = tuple(sorted({k for cols in DEFAULT_COLUMNS.values() for k in cols} | {"regex"}))
 
@@ -50,6 +81,28 @@ COLUMN_KEYS = tuple(sorted({k for cols in DEFAULT_COLUMNS.values() for k in cols
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "model": "assistant"}
 
 FIX_ROLES = "in the recipe: data.roles: {{{}: user | assistant | system | developer}}"
+
+
+@dataclass
+class Row:
+    """A conversation past the door and the schema: checked messages, ready to encode."""
+
+    where: str  # "file:row"
+    messages: list
+    regex: str | None = None
+    base_dir: Path | None = None
+    train_from: int = 0  # assistant messages before this index are context only (prompt_completion, preference)
+    fields: dict[str, str] = field(default_factory=dict)  # schema path -> the field as the user wrote it
+
+    def field_of(self, path: str) -> str:
+        """The user's name of a schema field path (`messages[2].role` -> `conversations[2].from`)."""
+        return field_of(self.fields, path)
+
+
+@dataclass
+class EncodedRow:
+    row: Row
+    encoded: Encoded
 
 
 @dataclass
@@ -81,6 +134,15 @@ def detect_format(raw: Any, columns: dict[str, str]) -> str | None:
     """The format of a row from its fields (None when none fits); `columns` renames the fields looked for."""
     if not isinstance(raw, dict):
         return None
+    # before the conversation formats: UltraFeedback's pairs also carry a `messages` list, and KTO rows a completion
+    if columns.get("chosen", "chosen") in raw and columns.get("rejected", "rejected") in raw:
+        return "preference"
+    if columns.get("completion", "completion") in raw and columns.get("label", "label") in raw:
+        return "kto"
+    # LLaMA-Factory's KTO rows: a whole conversation and a true / false label (its kto_tag); only a bool says so,
+    # since a `label` beside a conversation may be anything else
+    if isinstance(raw.get(columns.get("label", "label")), bool) and conversation_field(raw, columns):
+        return "kto"
     named = columns.get("messages")
     for key in [named] if named else ["messages", "conversations"]:
         turns = raw.get(key)
@@ -93,6 +155,14 @@ def detect_format(raw: Any, columns: dict[str, str]) -> str | None:
     if columns.get("prompt", "prompt") in raw and columns.get("completion", "completion") in raw:
         return "prompt_completion"
     return None
+
+
+def conversation_field(raw: dict, columns: dict[str, str]) -> str | None:
+    """The field holding a row's conversation: data.columns.messages, else `messages` or `conversations`."""
+    named = columns.get("messages")
+    return next(
+        (k for k in ([named] if named else ["messages", "conversations"]) if isinstance(raw.get(k), list)), None
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ images
@@ -163,7 +233,7 @@ class _Msg:
 
 
 @dataclass
-class _Builder:
+class Builder:
     """Collects converted messages, the image slots in order, and the field of everything it made."""
 
     images: list[tuple[Any, str]]  # (value, user's field) from the images column
@@ -253,7 +323,7 @@ class _Builder:
         return Converted([m.data for m in self.msgs], fields, train_from)
 
 
-def _images_of(raw: dict, cols: dict[str, str], llava: bool) -> tuple[list[tuple[Any, str]], str]:
+def images_of(raw: dict, cols: dict[str, str], llava: bool) -> tuple[list[tuple[Any, str]], str]:
     """[(image, its field)] from the images column (`images`; for LLaVA rows also a single `image`)."""
     name = cols["images"]
     if name not in raw and llava and "image" in raw:
@@ -280,26 +350,46 @@ def _role(value: Any, where_field: str, roles: dict[str, str], defaults: dict[st
     fail(where_field, f"{value!r} is not a known role; map it with data.roles", fix=FIX_ROLES.format(example))
 
 
-def _add_turns(b: _Builder, turns: Any, list_field: str, cols: dict, roles: dict, *, sharegpt: bool = False) -> None:
+def add_turns(
+    b: Builder, turns: Any, list_field: str, cols: dict, roles: dict, *, sharegpt: bool = False, start: int = 0
+) -> None:
+    """Add a list of role/content (or ShareGPT from/value) turns; `start`: the index of turns[0] in the user's list
+    (a preference row's answer is the last turn of its list)."""
     if not isinstance(turns, list):
         fail(list_field, "must be a list of messages")
-    rk, ck = cols["role"], cols["content"]
-    for i, turn in enumerate(turns):
-        f = f"{list_field}[{i}]"
-        if not isinstance(turn, dict):
-            fail(f, "must be an object")
-        if rk not in turn:
-            fail(f, f"has no {rk!r} field" + ("" if rk == "role" else " (data.columns.role)"))
-        role = _role(turn[rk], f"{f}.{rk}", roles, SHAREGPT_ROLES if sharegpt else {})
-        # OpenAI-style rows keep their other keys (name, tool_calls...) for the schema to check; ShareGPT turns
-        # carry only from/value (other keys, like FastChat's "markdown", are not part of the conversation)
-        extra = {} if sharegpt else {k: v for k, v in turn.items() if k not in (rk, ck) and v is not None}
-        if ck not in turn:
-            fail(f, f"has no {ck!r} field" + ("" if ck == "content" else " (data.columns.content)"))
-        b.add(role, turn[ck], f, f"{f}.{rk}", f"{f}.{ck}", **extra)
+    for i, turn in enumerate(turns, start=start):
+        add_turn(b, turn, f"{list_field}[{i}]", cols, roles, sharegpt=sharegpt)
 
 
-def _str_field(raw: dict, key: str, *, required: bool) -> str | None:
+def add_turn(b: Builder, turn: Any, where_field: str, cols: dict, roles: dict, *, sharegpt: bool = False) -> None:
+    """Add one role/content (or ShareGPT from/value) turn whose field is `where_field`."""
+    f, rk, ck = where_field, cols["role"], cols["content"]
+    if not isinstance(turn, dict):
+        fail(f, "must be an object")
+    if rk not in turn:
+        fail(f, f"has no {rk!r} field" + ("" if rk == "role" else " (data.columns.role)"))
+    role = _role(turn[rk], f"{f}.{rk}", roles, SHAREGPT_ROLES if sharegpt else {})
+    # OpenAI-style rows keep their other keys (name, tool_calls...) for the schema to check; ShareGPT turns
+    # carry only from/value (other keys, like FastChat's "markdown", are not part of the conversation)
+    extra = {} if sharegpt else {k: v for k, v in turn.items() if k not in (rk, ck) and v is not None}
+    if ck not in turn:
+        fail(f, f"has no {ck!r} field" + ("" if ck == "content" else " (data.columns.content)"))
+    b.add(role, turn[ck], f, f"{f}.{rk}", f"{f}.{ck}", **extra)
+
+
+def add_history(b: Builder, raw: dict, hf: str) -> None:
+    """Alpaca's `history`: [user, assistant] pairs of strings before the instruction (LLaMA-Factory)."""
+    history = raw.get(hf) or []
+    if not isinstance(history, list):
+        fail(hf, "must be a list of [user, assistant] pairs")
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            fail(f"{hf}[{k}]", "must be a [user, assistant] pair of strings")
+        b.add("user", pair[0], f"{hf}[{k}]", f"{hf}[{k}]", f"{hf}[{k}][0]")
+        b.add("assistant", pair[1], f"{hf}[{k}]", f"{hf}[{k}]", f"{hf}[{k}][1]")
+
+
+def str_field(raw: dict, key: str, *, required: bool) -> str | None:
     value = raw.get(key)
     if value is None and not required:
         return None
@@ -311,43 +401,35 @@ def _str_field(raw: dict, key: str, *, required: bool) -> str | None:
 def convert_row(raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, str]) -> Converted:
     """One row of format `fmt` -> the schema's raw messages and field map; raises ToolkitError("field: what")."""
     cols = {**DEFAULT_COLUMNS[fmt], **columns}
-    images, images_field = _images_of(raw, cols, llava=fmt == "sharegpt" and "images" not in columns)
+    images, images_field = images_of(raw, cols, llava=fmt == "sharegpt" and "images" not in columns)
     if fmt in ("messages", "sharegpt"):
         list_field = cols["messages"]
         if not isinstance(raw.get(list_field), list):
             fail(list_field, "must be a list of messages" if list_field in raw else "is missing")
         sharegpt = fmt == "sharegpt"
-        b = _Builder(images, markers=sharegpt or bool(images))
+        b = Builder(images, markers=sharegpt or bool(images))
         system = raw.get(cols["system"]) if sharegpt or "system" in columns else None
         if system is not None and system != "":
             b.add("system", system, cols["system"], cols["system"], cols["system"])
-        _add_turns(b, raw[list_field], list_field, cols, roles, sharegpt=sharegpt)
+        add_turns(b, raw[list_field], list_field, cols, roles, sharegpt=sharegpt)
         b.fill_images(images_field, trl_rule=not sharegpt)
         return b.result(list_field)
     if fmt == "alpaca":
-        b = _Builder(images, markers=True)
-        system = _str_field(raw, cols["system"], required=False)
+        b = Builder(images, markers=True)
+        system = str_field(raw, cols["system"], required=False)
         if system:
             b.add("system", system, cols["system"], cols["system"], cols["system"])
-        history = raw.get(cols["history"]) or []
-        hf = cols["history"]
-        if not isinstance(history, list):
-            fail(hf, "must be a list of [user, assistant] pairs")
-        for k, pair in enumerate(history):
-            if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-                fail(f"{hf}[{k}]", "must be a [user, assistant] pair of strings")
-            b.add("user", pair[0], f"{hf}[{k}]", f"{hf}[{k}]", f"{hf}[{k}][0]")
-            b.add("assistant", pair[1], f"{hf}[{k}]", f"{hf}[{k}]", f"{hf}[{k}][1]")
-        instruction = _str_field(raw, cols["instruction"], required=True)
-        query = _str_field(raw, cols["input"], required=False)
+        add_history(b, raw, cols["history"])
+        instruction = str_field(raw, cols["instruction"], required=True)
+        query = str_field(raw, cols["input"], required=False)
         user = "\n".join(t for t in (instruction, query) if t)  # LLaMA-Factory's rule: input only when not empty
         b.add("user", user, cols["instruction"], cols["instruction"], cols["instruction"])
-        output = _str_field(raw, cols["output"], required=True)
+        output = str_field(raw, cols["output"], required=True)
         b.add("assistant", output, cols["output"], cols["output"], cols["output"])
         b.fill_images(images_field, trl_rule=False)
         return b.result(cols["instruction"])
     if fmt == "prompt_completion":
-        b = _Builder(images, markers=bool(images))
+        b = Builder(images, markers=bool(images))
         for key, role in (("prompt", "user"), ("completion", "assistant")):
             name = cols[key]
             if name not in raw:
@@ -355,7 +437,7 @@ def convert_row(raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, s
             if isinstance(raw[name], str):
                 b.add(role, raw[name], name, name, name)
             else:
-                _add_turns(b, raw[name], name, cols, roles)
+                add_turns(b, raw[name], name, cols, roles)
             if key == "prompt":
                 train_from = len(b.msgs)
         b.fill_images(images_field, trl_rule=True)

@@ -2,7 +2,8 @@
 
 In-process, generation goes through the serving `Engine` (batched, greedy), so the numbers describe what
 `toolkit serve` answers; the loss is teacher-forced over assistant tokens (scoring.py). Against a URL, the
-same rows go to any OpenAI-compatible server and only generation metrics are computed. Metrics are reported
+same rows go to any OpenAI-compatible server and only generation metrics are computed. (Preference pairs are
+scored by preference.py, on this module's Outcome, groups and gate.) Metrics are reported
 over all rows and, when both kinds are present, over text-only rows (`metric.text`) and rows with images
 (`metric.image`). Requests are submitted in a fixed order before the engine starts, so two runs batch the
 same rows together and give identical numbers. Writing the report files is report.py's job.
@@ -32,10 +33,18 @@ def reference(row: Any) -> str:
     return (content if isinstance(content, str) else "".join(p.text for p in content)).strip()
 
 
+def num_images(item: Any) -> int:
+    """Images in an eval row, or in a preference item's prompt (both sides carry the same prompt)."""
+    encoded = getattr(item, "encoded", None)
+    if encoded is None:
+        encoded = (item.chosen or item.rejected).encoded
+    return encoded.num_images
+
+
 def _groups(rows: list) -> dict[str, list[int]]:
     """Row indices of each group: all, and text / image when both kinds are present."""
-    text = [i for i, r in enumerate(rows) if not r.encoded.num_images]
-    image = [i for i, r in enumerate(rows) if r.encoded.num_images]
+    text = [i for i, r in enumerate(rows) if not num_images(r)]
+    image = [i for i, r in enumerate(rows) if num_images(r)]
     groups = {"": list(range(len(rows)))}
     if text and image:
         groups.update({".text": text, ".image": image})
@@ -118,10 +127,18 @@ def generate(
     return {a: [decode(tokens[(a, i)], skip_special_tokens=True).strip() for i in range(len(rows))] for a in adapters}
 
 
-def score_in_process(base: Any, model: Any, rows: list, models: dict[str, str | None], cfg: Any) -> Outcome:
-    """Loss and generation metrics of each model label -> adapter name (None: the base, adapters disabled)."""
+def active(model: Any, adapter: str | None) -> Any:
+    """A context in which `model` computes as `adapter` (None: the base, its adapters disabled)."""
     import contextlib
 
+    if adapter is None:
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
+
+
+def score_in_process(base: Any, model: Any, rows: list, models: dict[str, str | None], cfg: Any) -> Outcome:
+    """Loss and generation metrics of each model label -> adapter name (None: the base, adapters disabled)."""
     out = Outcome()
     was_training = model.training
     model.eval()  # peft refuses per-row adapters in training mode; dropout off
@@ -134,12 +151,7 @@ def score_in_process(base: Any, model: Any, rows: list, models: dict[str, str | 
     for label, adapter in models.items():
         values: dict[str, float | None] = {}
         if "loss" in selected:
-            if adapter is None:
-                ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-            else:
-                model.set_adapter(adapter)
-                ctx = contextlib.nullcontext()
-            with ctx:
+            with active(model, adapter):
                 losses = scoring.row_losses(model, rows, pad, base.device, base.dtype, cfg.batch_size)
             values.update(loss_metrics(losses, rows))
         per_row = [{} for _ in rows]
@@ -268,16 +280,23 @@ class Threshold:
             )
         return cls(name, value, kind)
 
-    def validate(self, selected: list[str]) -> None:
-        """Refuse, before any work, a threshold on a metric the run will not compute."""
+    def validate(self, selected: list[str], *, preference: bool = False, reference: bool = False) -> None:
+        """Refuse, before any model is loaded, a threshold on a metric the run will not compute: `selected` (the
+        recipe's eval.metrics) on conversations; on preference pairs the pair metrics, and the reward metrics
+        when there is a `reference` model."""
         name, _, group = self.metric.partition(".")
-        known = [m for m in selected if m in metrics.GENERATION_METRICS]
-        known += list(metrics.LOSS_METRICS) if "loss" in selected else []
+        if preference:
+            known = list(metrics.PREFERENCE_METRICS) + (list(metrics.REWARD_METRICS) if reference else [])
+            why = "preference pairs give these; reward_* need a reference model (--reference, or adapters)"
+        else:
+            known = [m for m in selected if m in metrics.GENERATION_METRICS]
+            known += list(metrics.LOSS_METRICS) if "loss" in selected else []
+            why = "eval.metrics selects what runs"
         if name not in known or group not in ("", "text", "image"):
             raise ToolkitError(
                 f"metric {self.metric!r} is not computed by this run",
                 where=f"--{self.kind}",
-                fix=f"use one of {known}, optionally with .text or .image (eval.metrics selects what runs)",
+                fix=f"use one of {known}, optionally with .text or .image ({why})",
             )
 
     def check(self, label: str, values: dict) -> str | None:

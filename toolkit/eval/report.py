@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.eval.evaluate import reference
-from toolkit.eval.metrics import higher_is_better
+from toolkit.eval.metrics import higher_is_better, is_margin
 
 
 def table_rows(metrics: dict[str, dict], labels: list[str]) -> list[list[str]]:
@@ -76,7 +76,7 @@ def markdown(report: dict) -> str:
         "",
         f"- Data: {report['data']['source']} ({report['data']['rows']} rows, sha256 {report['data']['sha256']})",
         f"- Mode: {report['mode']}" + (f" ({report['url']})" if report.get("url") else ""),
-        f"- Generation: greedy, at most {report['max_new_tokens']} tokens",
+        _scoring_line(report),
     ]
     for label, m in report["models"].items():
         lines.append(f"- {label}: " + ", ".join(f"{k} `{v}`" for k, v in m.items()))
@@ -88,8 +88,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _scoring_line(report: dict) -> str:
+    if report.get("scoring") != "preference pairs":
+        return f"- Generation: greedy, at most {report['max_new_tokens']} tokens"
+    ref = report.get("reference")
+    return "- Scoring: preference pairs, summed log-probability of each answer (teacher-forced)" + (
+        f"; implicit rewards against `{ref}`" if ref else ""
+    )
+
+
 def chart(report: dict, png: Path) -> None:
-    """Grouped bars: generation metrics (0..1) on the left, loss on the right, one colour per model."""
+    """Grouped bars, one colour per model: the metrics of 0..1 (generation, pair accuracies), the margins in nats,
+    the loss; a panel for each kind the run computed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -99,7 +109,11 @@ def chart(report: dict, png: Path) -> None:
     metrics = report["metrics"]
     names = list(dict.fromkeys(n for lab in labels for n in metrics[lab]))
     panels = [
-        ("generation metrics", [n for n in names if higher_is_better(n)]),
+        (
+            "accuracies" if any(n.startswith(("preference", "reward")) for n in names) else "generation metrics",
+            [n for n in names if higher_is_better(n) and not is_margin(n)],
+        ),
+        ("margins (nats)", [n for n in names if is_margin(n)]),
         ("assistant-token loss", [n for n in names if n.startswith("loss")]),
     ]
     panels = [(t, ns) for t, ns in panels if ns]
@@ -118,14 +132,22 @@ def chart(report: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def _row_fields(item: Any) -> dict:
+    """Where an evaluated item comes from, and a conversation row's reference answer (a preference pair has two)."""
+    if hasattr(item, "chosen"):
+        return {"row": item.where}
+    return {"row": item.row.where, "reference": reference(item.row)}
+
+
 def write(out: Path, report: dict, rows: list, per_row: dict[str, list[dict]]) -> None:
-    """report.json, report.md, answers.jsonl (one line per row and model) and chart.png under `out`."""
+    """report.json, report.md, answers.jsonl (one line per row, or preference item, and model) and chart.png
+    under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     with open(out / "answers.jsonl", "w") as f:
         for label, scored in per_row.items():
             for r, s in zip(rows, scored, strict=True):
-                line = {"model": label, "row": r.row.where, "reference": reference(r.row), **s}
+                line = {"model": label, **_row_fields(r), **s}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     chart(report, out / "chart.png")

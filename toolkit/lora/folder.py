@@ -58,9 +58,16 @@ def _plot(metrics_file: Path, png: Path) -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("assistant-token loss")
+    ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    accuracy = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+    if accuracy:  # the preference methods: how often the chosen answer out-rewards the rejected one
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*accuracy, strict=True), color="tab:green", label="reward accuracy")
+        ax2.set_ylim(-0.05, 1.05)
+        ax2.set_ylabel("reward accuracy")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -68,6 +75,24 @@ def _plot(metrics_file: Path, png: Path) -> None:
 
 def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _method_line(training: dict) -> str:
+    method = training.get("method", "sft")
+    if method == "sft":
+        return "sft (supervised fine-tuning)"
+    beta = training.get("beta")
+    settings = {
+        "dpo": [f"loss {'+'.join(training.get('loss_type', ['sigmoid']))}"]
+        + ([f"rpo_alpha {training['rpo_alpha']}"] if training.get("rpo_alpha") is not None else []),
+        "kto": [
+            f"desirable_weight {training.get('desirable_weight')}",
+            f"undesirable_weight {training.get('undesirable_weight')}",
+        ],
+        "simpo": [f"gamma {training.get('gamma')}"],
+        "orpo": [],
+    }[method]
+    return ", ".join([method, f"beta {beta if beta is not None else 'default'}", *settings])
 
 
 def _model_card(name: str, manifest: dict, metrics_table: list[str] | None) -> str:
@@ -82,9 +107,18 @@ def _model_card(name: str, manifest: dict, metrics_table: list[str] | None) -> s
         f"{', '.join(recipe['lora']['target_modules'])}",
         f"- Data: {manifest['dataset']['train_rows']} training rows, {manifest['dataset']['eval_rows']} held-out rows "
         f"(sha256 {manifest['dataset']['sha256']})",
+        f"- Method: {_method_line(recipe['training'])}",
         f"- Steps: {m['train']['steps']}, final train loss {_fmt(m['train']['train_loss'])}",
         "",
     ]
+    if manifest.get("init_adapter"):
+        start = manifest["init_adapter"]
+        lines[-1:-1] = [
+            f"- Started from adapter `{start['name']}` ({start['method']}, weights sha256 {start['fingerprint']}), "
+            "which was also the frozen reference"
+            if recipe["training"]["method"] in ("dpo", "kto")
+            else f"- Started from adapter `{start['name']}` ({start['method']}, weights sha256 {start['fingerprint']})"
+        ]
     if metrics_table:  # rendered by the caller (eval owns the table): the folder writer knows no metrics
         lines += [*metrics_table, ""]
     lines += [
@@ -114,6 +148,7 @@ class AdapterContents:
     metrics: dict
     run_dir: Path
     metrics_table: list[str] | None = None
+    started_from: dict | None = None  # training.init_adapter: name, path, weights' fingerprint, its method
 
 
 def _fill(staging: Path, contents: AdapterContents) -> None:
@@ -133,6 +168,7 @@ def _fill(staging: Path, contents: AdapterContents) -> None:
             "dropped": len(c.data.dropped),
         },
         "metrics": c.metrics,
+        "init_adapter": c.started_from,
         "versions": library_versions(),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

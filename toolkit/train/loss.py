@@ -43,25 +43,10 @@ def sft_trainer_class(chunked: bool) -> Any:
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class ToolkitSFTTrainer(SFTTrainer):
-        def _move_model_to_device(self, model, device) -> None:
-            # The loader put the model on its device (cuda:LOCAL_RANK under DDP), and GPTQModel's `hf_device_map`
-            # makes Trainer skip the move anyway, logging "The model is already on multiple devices" on every run.
-            # Only a model that is elsewhere goes on to Trainer (and its warning, which then means something).
-            if all(t.device == device for t in (*model.parameters(), *model.buffers())):
-                return
-            super()._move_model_to_device(model, device)
+    from toolkit.train.hf_trainer import ToolkitTrainerMixin
 
-        def floating_point_ops(self, inputs: dict) -> int:
-            # Trainer's FLOPs log counts the model's parameters (a walk over every module) on every step: 5 ms of a
-            # ~100 ms step on the tiny base; the count does not change while training, so it is taken once
-            model = self.model
-            if getattr(self, "_counted", (None,))[0] is not model:
-                count = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else None
-                self._counted = (model, count)
-            ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
-            count = self._counted[1]
-            return 0 if ids is None or count is None else 6 * ids.numel() * count
+    class ToolkitSFTTrainer(ToolkitTrainerMixin, SFTTrainer):
+        pass
 
     if chunked:
         return ToolkitSFTTrainer

@@ -1,4 +1,7 @@
-"""`toolkit train`: a QLoRA adapter on the frozen 4-bit base, with TRL's SFTTrainer over our encoded rows.
+"""`toolkit train`: the one run every method shares (a QLoRA adapter on the frozen 4-bit base).
+
+The method (`training.method`) brings its TRL trainer and its held-out scoring: sft.py (SFTTrainer over encoded
+conversations), preference.py (DPO, KTO, ORPO, SimPO over encoded pairs); everything else is here, once.
 
 Order: arguments, setup, data, model, loop, save. The run folder `<output.dir>/.<name>.run/` holds checkpoints,
 metrics.jsonl and TensorBoard logs while training (so `--resume` continues from the latest checkpoint with its
@@ -11,7 +14,6 @@ chunks for long rows (`training.chunked_loss`, loss.py). Never imports the serve
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -34,33 +36,6 @@ class TrainResult:
     model: Any = None  # the trained PeftModel (in-process callers and tests)
 
 
-class _RowCollator:
-    """SFTTrainer wants a datasets.Dataset; ours holds only row indices and this collator looks the encoded rows
-    up, so pixel tensors never go through Arrow. Train and eval rows share one index space."""
-
-    def __init__(self, rows: list, pad_id: int) -> None:
-        self.rows, self.pad_id = rows, pad_id
-
-    def __call__(self, batch: list[dict]) -> dict:
-        from toolkit.data.collate import pad_batch
-        from toolkit.eval.scoring import features
-
-        padded = pad_batch([features(self.rows[item["row"]].encoded) for item in batch], self.pad_id)
-        if not padded["token_type_ids"].any():
-            # Text-only batch: token_type_ids mark image tokens only, and all-zero ones give the same attention as
-            # none (tests/train/test_chunked_loss.py). Without them transformers can hand SDPA `is_causal` instead
-            # of building [tokens x tokens] masks for the full-attention layers (CPU SDPA turns a boolean mask into a
-            # float one: 3.6 GB at 30k tokens).
-            del padded["token_type_ids"]
-        return padded
-
-
-def _index_dataset(start: int, n: int):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"row": list(range(start, start + n))})
-
-
 def _complete(checkpoint: Path) -> bool:
     """The Trainer writes trainer_state.json last: without a readable one, the save was cut short (SIGKILL)."""
     try:
@@ -72,6 +47,16 @@ def _complete(checkpoint: Path) -> bool:
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+# the log keys the bar shows, and their short names (the preference methods log TRL's reward metrics)
+PROGRESS_KEYS = {
+    "loss": "loss",
+    "eval_loss": "eval_loss",
+    "rewards/accuracies": "reward_acc",
+    "rewards/margins": "margin",
+    "learning_rate": "lr",
+}
 
 
 def _callbacks(run_dir: Path, stop_flag: dict) -> list:
@@ -112,7 +97,7 @@ def _callbacks(run_dir: Path, stop_flag: dict) -> list:
             }
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            post = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in logs}
+            post = {PROGRESS_KEYS[k]: f"{logs[k]:.4g}" for k in PROGRESS_KEYS if k in logs}
             self.bar.set_postfix(**post, tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
 
         def on_train_end(self, args, state, control, **kw):
@@ -121,11 +106,10 @@ def _callbacks(run_dir: Path, stop_flag: dict) -> list:
     return [Progress()]
 
 
-def _sft_config(recipe: Recipe, run_dir: Path, device: str, has_eval: bool):
-    from trl import SFTConfig
-
+def training_args(recipe: Recipe, run_dir: Path, device: str, has_eval: bool) -> dict:
+    """The TrainingArguments every method's TRL config takes from the recipe (the method adds its own)."""
     t = recipe.training
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -150,9 +134,6 @@ def _sft_config(recipe: Recipe, run_dir: Path, device: str, has_eval: bool):
         report_to=["tensorboard"],
         disable_tqdm=True,  # our Progress callback draws the one bar
         remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},  # rows are already encoded by chat.py
-        packing=False,
-        max_length=None,
         include_num_input_tokens_seen="non_padding",
         bf16=device != "cpu",  # CUDA: bfloat16; CPU: float32 (never float16: Gemma 3 overflows it)
         use_cpu=device == "cpu",
@@ -189,6 +170,63 @@ def _prepare_run_dir(run_dir: Path, final: Path, resume: bool, overwrite: bool) 
     return None
 
 
+def _method(name: str) -> Any:
+    """The module of a training method: build_trainer(...) and score_held_out(...)."""
+    if name == "sft":
+        from toolkit.train import sft
+
+        return sft
+    from toolkit.train import preference
+
+    return preference
+
+
+def _start_adapter(recipe: Recipe, base: Any) -> tuple[Any, dict | None]:
+    """The model to train: a new LoRA from the recipe's lora section, or `training.init_adapter` loaded trainable
+    (its own shape: a lora section that asks for another one is refused rather than ignored)."""
+    from toolkit.lora.config import apply_lora
+
+    spec = recipe.training.init_adapter
+    if spec is None:
+        return apply_lora(base.model, recipe.lora), None
+    from peft import PeftModel
+
+    from toolkit.lora.folder import read_manifest
+    from toolkit.lora.registry import check_base_matches, resolve_adapter
+
+    try:
+        name, folder = resolve_adapter(spec, recipe.output.dir)
+    except ToolkitError as err:
+        raise ToolkitError(err.what, where="training.init_adapter", fix=err.fix) from None
+    check_base_matches(folder, base)  # an adapter of another base would load and compute nonsense
+    manifest = read_manifest(folder)
+    trained = manifest["recipe"]["lora"]
+    asked = recipe.lora.model_dump(include=recipe.lora.model_fields_set)
+    differ = {k: (v, trained.get(k)) for k, v in asked.items() if trained.get(k) != v}
+    if differ:
+        key, (want, has) = next(iter(differ.items()))
+        raise ToolkitError(
+            f"lora.{key} is {want!r} but init_adapter {name!r} has {has!r}: a continued adapter keeps its shape",
+            where="lora",
+            fix="remove the lora section (or make it match the adapter's), or train a new adapter",
+        )
+    recipe.lora = recipe.lora.model_validate(trained)  # the manifest records the shape that was trained
+    model = PeftModel.from_pretrained(base.model, str(folder), adapter_name="default", is_trainable=True)
+    weights = folder / "adapter_model.safetensors"
+    started = {"name": name, "path": str(folder), "fingerprint": _file_sha(weights), "method": _method_of(manifest)}
+    return model, started
+
+
+def _method_of(manifest: dict) -> str:
+    return manifest.get("recipe", {}).get("training", {}).get("method", "sft")
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def train(
     recipe: Recipe, *, resume: bool = False, overwrite: bool = False, output_name: str | None = None
 ) -> TrainResult:
@@ -197,9 +235,7 @@ def train(
 
     from toolkit.base.loader import load_base, load_processor, prepare_recipe_base
     from toolkit.data.datasets import load_data
-    from toolkit.lora.config import apply_lora
     from toolkit.train import image_masks
-    from toolkit.train.loss import sft_trainer_class, use_chunked_loss
 
     # arguments
     name = output_name or recipe.adapter_name
@@ -212,6 +248,7 @@ def train(
             where="training.packing",
             fix="set training.packing: false (batches are padded to their longest row)",
         )
+    method = _method(recipe.training.method)
     out_root = Path(recipe.output.dir)
     final, run_dir = out_root / name, out_root / f".{name}.run"
     checkpoint = _prepare_run_dir(run_dir, final, resume, overwrite)
@@ -225,29 +262,21 @@ def train(
     base_path = prepare_recipe_base(recipe.base)
     processor = load_processor(base_path)
     t_data = time.monotonic()
-    data = load_data(recipe.data, processor)
+    data = load_data(recipe.data, processor, recipe.training.method)
     data_s = time.monotonic() - t_data
 
     # model
     device = None if recipe.base.device == "auto" else recipe.base.device
     base = load_base(base_path, device=device, training=True, kernel=recipe.base.kernel)
-    model = apply_lora(base.model, recipe.lora)
+    model, started_from = _start_adapter(recipe, base)
     image_masks.install(model)  # batches with images: their attention masks without transformers' vmap
     if recipe.training.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
     # loop
-    chunked = use_chunked_loss(recipe.training.chunked_loss, recipe.data.max_seq_len)
     stop = {"stop": False}
-    trainer = sft_trainer_class(chunked)(
-        model=model,
-        args=_sft_config(recipe, run_dir, base.device, has_eval=bool(data.eval)),
-        train_dataset=_index_dataset(0, len(data.train)),
-        eval_dataset=_index_dataset(len(data.train), len(data.eval)) if data.eval else None,
-        data_collator=_RowCollator(data.train + data.eval, processor.tokenizer.pad_token_id),
-        processing_class=processor.tokenizer,
-        callbacks=_callbacks(run_dir, stop),
-    )
+    args = training_args(recipe, run_dir, base.device, has_eval=bool(data.eval))
+    trainer = method.build_trainer(recipe, model, data, args, processor.tokenizer, _callbacks(run_dir, stop))
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -272,27 +301,31 @@ def train(
     model = trainer.accelerator.unwrap_model(trainer.model)
     metrics = {
         "train": {
+            "method": recipe.training.method,
             "steps": step,
             "train_loss": output.training_loss,
             "runtime_s": output.metrics.get("train_runtime"),
             "data_encoding_s": round(data_s, 3),
             "tokens_seen": trainer.state.num_input_tokens_seen,
-            "chunked_loss": chunked,
+            **getattr(trainer, "toolkit_summary", {}),
             "kernel": f"{base.kernel} {str(base.dtype).removeprefix('torch.')}",
         }
     }
+    if started_from:
+        metrics["train"]["init_adapter"] = started_from
+    columns = ["base", "adapter"]
     if data.eval:  # the same scoring as `toolkit eval`, on the model in memory
-        from toolkit.eval.evaluate import score_in_process
-
-        outcome = score_in_process(
-            dataclasses.replace(base, model=model), model, data.eval, {"base": None, "adapter": "default"}, recipe.eval
-        )
-        metrics.update(outcome.metrics)
+        metrics.update(method.score_held_out(base, model, data, recipe, "ref" if started_from else None))
+        columns = [c for c in ("base", "reference", "adapter") if c in metrics]
+    for extra in [a for a in model.peft_config if a != "default"]:
+        model.delete_adapter(extra)  # a trainer's frozen reference copy is not part of the new adapter
     from toolkit.eval.report import markdown_table
     from toolkit.lora import folder as adapter_files
 
-    table = markdown_table({c: metrics[c] for c in ("base", "adapter")}, ["base", "adapter"]) if data.eval else None
-    contents = adapter_files.AdapterContents(model, recipe, name, base, data, metrics, run_dir, metrics_table=table)
+    table = markdown_table({c: metrics[c] for c in columns}, columns) if data.eval else None
+    contents = adapter_files.AdapterContents(
+        model, recipe, name, base, data, metrics, run_dir, metrics_table=table, started_from=started_from
+    )
     adapter_files.write_adapter(final, contents, overwrite=overwrite)
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(final, metrics, step=step, model=model)

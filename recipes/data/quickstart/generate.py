@@ -5,6 +5,9 @@
 Two tasks a tiny model can learn in minutes on CPU, each with a held-out eval split:
 - text: the capital of a country. Train rows use four phrasings, eval rows two phrasings never trained on.
 - image: the colour of a square on a plain background. Eval images have positions and sizes never trained on.
+The same tasks as preference pairs for recipes/quickstart-dpo.yaml (preference_train.jsonl, preference_eval.jsonl,
+TRL's explicit conversational form; image rows as TRL's vision rows: an `images` column and `{"type": "image"}`
+placeholders): the right answer is chosen, a wrong one (another capital, another colour) rejected.
 Deterministic (seeded); tests/test_quickstart_data.py checks that the committed files match this script.
 """
 
@@ -96,8 +99,40 @@ def generate(out: Path) -> None:
             )
             (evals if held_out else train).append(row)
     rng.shuffle(train)
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+    pref_train, pref_eval = _pairs(train, rng), _pairs(evals, rng)
+    for name, rows in (
+        ("train.jsonl", train),
+        ("eval.jsonl", evals),
+        ("preference_train.jsonl", pref_train),
+        ("preference_eval.jsonl", pref_eval),
+    ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _pairs(rows: list[dict], rng: random.Random) -> list[dict]:
+    """Single-answer rows as preference pairs: the answer chosen, another answer of the same task rejected."""
+    pairs = []
+    for row in rows:
+        messages = row["messages"]
+        if len(messages) > 3:
+            continue  # the two-turn rows stay SFT's
+        answer = messages[-1]["content"]
+        pool = COLOURS if answer in COLOURS else list(CAPITALS.values())
+        wrong = rng.choice([a for a in pool if a != answer])
+        prompt, images = [], []
+        for m in messages[:-1]:
+            content = m["content"]
+            if isinstance(content, list):  # TRL's vision rows: a placeholder in the prompt, the file in `images`
+                images += [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+                content = [p if p["type"] == "text" else {"type": "image"} for p in content]
+            prompt.append({"role": m["role"], "content": content})
+        pair = {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+        pairs.append({**pair, "images": images} if images else pair)
+    return pairs
 
 
 if __name__ == "__main__":
