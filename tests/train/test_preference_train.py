@@ -180,7 +180,7 @@ def test_a_dpo_adapter_serves_like_any_other(dpo_run, tiny_ct):
     base = load_base(tiny_ct, device="cpu")
     model = attach(base, [resolve_adapter(f"dpo={dpo_run.adapter_dir}")])
     assert list(model.peft_config) == ["dpo"]  # one adapter: no reference copy came with it
-    ids = torch.tensor([[2, 105, 2364, 107]])
+    ids = base.tokenizer("Which city is the capital of France?", return_tensors="pt").input_ids
     with torch.no_grad():
         tuned = model(input_ids=ids).logits
         with model.disable_adapter():
