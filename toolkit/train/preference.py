@@ -205,8 +205,13 @@ def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    if method in ("orpo", "simpo") and "ref" in model.peft_config:
-        model.delete_adapter("ref")  # DPOTrainer's reference copy: these methods have no reference
+    fresh = t.init_adapter is None
+    if (method in ("orpo", "simpo") or fresh) and "ref" in model.peft_config:
+        # TRL copies the starting adapter as the frozen reference ("ref") whenever it is handed a peft model. ORPO
+        # and SimPO have no reference; a new adapter starts as the base (B = 0), where TRL's own reference is the
+        # adapter disabled (what it does when it wraps the model itself): the same log-probabilities, without the
+        # copy's LoRA matmuls in every reference pass.
+        model.delete_adapter("ref")
         model.set_adapter("default")
     trainer.toolkit_summary = {"beta": t.preference_beta, "chunked_loss": True}
     return trainer
