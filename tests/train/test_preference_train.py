@@ -186,3 +186,26 @@ def test_a_dpo_adapter_serves_like_any_other(dpo_run, tiny_ct):
         with model.disable_adapter():
             plain = model(input_ids=ids).logits
     assert not torch.allclose(tuned, plain)  # the adapter's weights are loaded and change the answer
+
+
+def test_a_pass_without_gradients_reuses_the_weights_a_training_forward_dequantised(tiny_ct):
+    """DPO's reference pass runs right after the policy's forward, whose dequantised weights autograd keeps for the
+    backward: the same bits are taken again instead of dequantised a second time, and nothing more is kept."""
+    import gc
+
+    import torch
+
+    from toolkit.base.loader import load_base
+
+    base = load_base(tiny_ct, device="cpu", training=True)
+    layer = next(m for m in base.model.modules() if getattr(m, "_toolkit_dequantized", 0) is None)
+    kept = layer.dequantize_weight()  # a training forward's dequantisation (gradients enabled)
+    reference = kept.clone()
+    with torch.no_grad():
+        assert layer.dequantize_weight() is kept
+    del kept
+    gc.collect()  # the backward has run: autograd let the weight go, and this module holds no copy
+    assert layer._toolkit_dequantized() is None
+    with torch.no_grad():
+        again = layer.dequantize_weight()
+    assert torch.equal(again, reference)

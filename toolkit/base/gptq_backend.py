@@ -105,6 +105,7 @@ def _fast_training_dequant(module) -> None:
     """
     import sys
     import types
+    import weakref
 
     import torch
 
@@ -129,6 +130,13 @@ def _fast_training_dequant(module) -> None:
     def dequantize_weight(self, num_itr: int = 1):
         if num_itr != 1:
             return original(self, num_itr=num_itr)
+        if not torch.is_grad_enabled():
+            # A pass without gradients right after a training forward (DPO's and KTO's reference pass) needs the
+            # very weight that forward dequantised and autograd still keeps for the backward: reuse it while it is
+            # alive (no copy is kept here; the weights are frozen, so it is the same bits)
+            kept = self._toolkit_dequantized() if self._toolkit_dequantized is not None else None
+            if kept is not None:
+                return kept
         rows, cols = self.qweight.shape
         # byte b holds values 2b (low nibble) and 2b+1, read as int8 (a masked nibble is 0..15 either way) and
         # written straight into their rows: no stack, permuted copy or int8 conversion of the full-size codes
@@ -143,8 +151,12 @@ def _fast_training_dequant(module) -> None:
         scales = self.scales if out_dtype is None else self.scales.to(out_dtype)
         out = diff.to(scales.dtype)
         out.mul_(scales[:, None, :])
-        return out.view(rows * 8, cols)
+        weight = out.view(rows * 8, cols)
+        if torch.is_grad_enabled():
+            self._toolkit_dequantized = weakref.ref(weight)
+        return weight
 
+    module._toolkit_dequantized = None
     module.dequantize_weight = types.MethodType(dequantize_weight, module)
 
 
