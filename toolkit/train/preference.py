@@ -54,10 +54,6 @@ class PairCollator:
         return _padded([_features(e) for e in sides], self.pad_id)
 
 
-def _prompt_length(encoded: Any) -> int:
-    return next(i for i, label in enumerate(encoded.labels) if label != IGNORE)
-
-
 class UnpairedCollator:
     """A batch of labelled answers as KTOTrainer reads it, with its KL rows: each prompt with the batch's previous
     answer (TRL's rotation by one, so the mismatched answers are the batch's own)."""
@@ -68,6 +64,8 @@ class UnpairedCollator:
     def __call__(self, batch: list[dict]) -> dict:
         import torch
 
+        from toolkit.data.preference import prompt_length
+
         items = [self.items[b["row"]] for b in batch]
         sides = [(i.chosen or i.rejected).encoded for i in items]
         out = _padded([_features(e) for e in sides], self.pad_id)
@@ -75,7 +73,7 @@ class UnpairedCollator:
         kl = []
         for k, enc in enumerate(sides):
             other = sides[k - 1]
-            p, q = _prompt_length(enc), _prompt_length(other)
+            p, q = prompt_length(enc), prompt_length(other)
             kl.append(
                 {
                     "input_ids": enc.input_ids[:p] + other.input_ids[q:],
