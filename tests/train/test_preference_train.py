@@ -209,3 +209,35 @@ def test_a_pass_without_gradients_reuses_the_weights_a_training_forward_dequanti
     with torch.no_grad():
         again = layer.dequantize_weight()
     assert torch.equal(again, reference)
+
+
+def test_dpo_under_accelerate_with_two_processes_on_cpu(tiny_ct, tmp_path):
+    """The documented multi-GPU command with a preference method: DDP on CPU (gloo), one adapter written."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        ROOT / "recipes" / "accelerate" / "ddp.yaml",
+        "--num_processes",
+        "2",
+        "-m",
+        "cli",
+        "train",
+        QUICKSTART_DPO,
+        "--set",
+        f"base.path={tiny_ct}",
+        "--set",
+        f"output.dir={tmp_path}",
+        "--set",
+        "training.epochs=1",
+    ]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("adapter written to") == 1  # only the main process writes
+    manifest = json.loads((tmp_path / "quickstart-dpo" / "toolkit.json").read_text())
+    assert manifest["metrics"]["train"]["steps"] == 10  # 80 pairs over 2 ranks, batch 4, one epoch
+    assert manifest["metrics"]["adapter"]["reward_margin"] > 0
