@@ -1,5 +1,6 @@
-"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI, calls made all at
-once from threads, and a live server (a module-level name, so any test module can import it; every conftest.py is
+"""What several test modules need: the repository root, the one way tests run the `toolkit` CLI (in the foreground,
+in the background with output to files, under `accelerate launch`), how close two adapters' weights are, calls made
+all at once from threads, and a live server (a module-level name, so any test module can import it; every conftest.py is
 imported as `conftest`)."""
 
 from __future__ import annotations
@@ -23,6 +24,42 @@ def run_cli(*args, cwd: str | Path | None = ROOT, **kwargs) -> subprocess.Comple
 def start_cli(*args, stdout: IO, stderr: IO, cwd: str | Path = ROOT) -> subprocess.Popen:
     """Start `toolkit ARGS` in the background (for tests that interrupt or kill it)."""
     return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, stdout=stdout, stderr=stderr)
+
+
+def start_cli_logged(log: Path, *args) -> subprocess.Popen:
+    """Start `toolkit ARGS` with output to LOG.out / LOG.err (an unread pipe could fill up and block the process)."""
+    out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
+    return start_cli(*args, stdout=out, stderr=err)
+
+
+def accelerate_train(recipe: Path, *sets: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `toolkit train RECIPE --set ...` with the shipped DDP config and 2 processes (gloo on a
+    machine without GPUs), as the README documents the multi-GPU command."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        ROOT / "recipes" / "accelerate" / "ddp.yaml",
+        "--num_processes",
+        "2",
+        "-m",
+        "cli",
+        "train",
+        recipe,
+        *[arg for s in sets for arg in ("--set", s)],
+    ]
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def same_weights(a: Path, b: Path) -> float:
+    """Largest difference between two adapters' tensors, relative to the largest weight."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    scale = max(float(t.abs().max()) for t in wa.values())
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa) / scale
 
 
 def all_at_once(fn, items: list) -> list:

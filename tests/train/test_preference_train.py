@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, start_cli
+from helpers import ROOT, accelerate_train, same_weights, start_cli_logged
 
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe
@@ -123,20 +123,6 @@ def test_method_settings_of_another_method_are_refused(tiny_ct, tmp_path):
         _recipe(tiny_ct, tmp_path, "training.method=kto", "training.batch_size=1")
 
 
-def _cli(log: Path, *args):
-    out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
-    return start_cli(*args, stdout=out, stderr=err)
-
-
-def _same_weights(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys()
-    scale = max(float(t.abs().max()) for t in wa.values())
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa) / scale
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_sigkill_mid_run_resumes_and_matches_an_uninterrupted_run(tiny_ct, tmp_path, method):
     common = [
@@ -152,8 +138,8 @@ def test_sigkill_mid_run_resumes_and_matches_an_uninterrupted_run(tiny_ct, tmp_p
         "--set",
         "training.logging_every=1",
     ]
-    straight = _cli(tmp_path / "straight", "train", *common, "--set", f"output.dir={tmp_path / 'a'}")
-    killed = _cli(tmp_path / "killed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}")
+    straight = start_cli_logged(tmp_path / "straight", "train", *common, "--set", f"output.dir={tmp_path / 'a'}")
+    killed = start_cli_logged(tmp_path / "killed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}")
     checkpoint = tmp_path / "b" / ".quickstart-dpo.run" / "checkpoint-10" / "trainer_state.json"
     deadline = time.time() + 300
     while time.time() < deadline and killed.poll() is None and not checkpoint.exists():
@@ -162,13 +148,15 @@ def test_sigkill_mid_run_resumes_and_matches_an_uninterrupted_run(tiny_ct, tmp_p
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-2000:]
     assert not (tmp_path / "b" / "quickstart-dpo").exists()
-    resumed = _cli(tmp_path / "resumed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}", "--resume")
+    resumed = start_cli_logged(
+        tmp_path / "resumed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}", "--resume"
+    )
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.err").read_text()[-2000:]
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-2000:]
     a = json.loads((tmp_path / "a" / "quickstart-dpo" / "toolkit.json").read_text())["metrics"]
     b = json.loads((tmp_path / "b" / "quickstart-dpo" / "toolkit.json").read_text())["metrics"]
     assert a["train"]["steps"] == b["train"]["steps"] == 60
-    assert _same_weights(tmp_path / "a" / "quickstart-dpo", tmp_path / "b" / "quickstart-dpo") < 0.02
+    assert same_weights(tmp_path / "a" / "quickstart-dpo", tmp_path / "b" / "quickstart-dpo") < 0.02
 
 
 def test_a_dpo_adapter_serves_like_any_other(dpo_run, tiny_ct):
@@ -213,29 +201,7 @@ def test_a_pass_without_gradients_reuses_the_weights_a_training_forward_dequanti
 
 def test_dpo_under_accelerate_with_two_processes_on_cpu(tiny_ct, tmp_path):
     """The documented multi-GPU command with a preference method: DDP on CPU (gloo), one adapter written."""
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        ROOT / "recipes" / "accelerate" / "ddp.yaml",
-        "--num_processes",
-        "2",
-        "-m",
-        "cli",
-        "train",
-        QUICKSTART_DPO,
-        "--set",
-        f"base.path={tiny_ct}",
-        "--set",
-        f"output.dir={tmp_path}",
-        "--set",
-        "training.epochs=1",
-    ]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = accelerate_train(QUICKSTART_DPO, f"base.path={tiny_ct}", f"output.dir={tmp_path}", "training.epochs=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("adapter written to") == 1  # only the main process writes
     manifest = json.loads((tmp_path / "quickstart-dpo" / "toolkit.json").read_text())

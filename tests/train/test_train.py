@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, start_cli
+from helpers import ROOT, accelerate_train, same_weights, start_cli_logged
 
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe
@@ -132,12 +132,6 @@ def test_dora_and_packing_give_clear_errors(tiny_ct, tmp_path):
         train(recipe(tiny_ct, tmp_path, "training.packing=true"))
 
 
-def _cli(log: Path, *args):
-    """Start `toolkit ARGS` with output to files (an unread pipe could fill up and block the process)."""
-    out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
-    return start_cli(*args, stdout=out, stderr=err)
-
-
 def _finish(proc, log: Path, timeout: int = 300) -> tuple[int, str]:
     proc.wait(timeout=timeout)
     return proc.returncode, log.with_suffix(".err").read_text()
@@ -160,7 +154,7 @@ def _resume_args(tiny_ct) -> list[str]:
 def straight_run(tiny_ct, tmp_path_factory) -> Path:
     """The 80-step run, uninterrupted: what an interrupted-and-resumed run must reproduce."""
     d = tmp_path_factory.mktemp("straight")
-    proc = _cli(d / "log", "train", QUICKSTART, *_resume_args(tiny_ct), "--set", f"output.dir={d}")
+    proc = start_cli_logged(d / "log", "train", QUICKSTART, *_resume_args(tiny_ct), "--set", f"output.dir={d}")
     code, err = _finish(proc, d / "log")
     assert code == 0, err[-2000:]
     return d / "quickstart"
@@ -173,19 +167,11 @@ def _wait_for(path: Path, proc, seconds: int = 180) -> None:
     assert path.exists(), f"{path} never appeared"
 
 
-def _same_weights(a: Path, b: Path) -> float:
-    """Largest difference between two adapters' tensors, relative to the largest weight."""
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys()
-    scale = max(float(t.abs().max()) for t in wa.values())
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa) / scale
-
-
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_ct, tmp_path, straight_run):
     common = _resume_args(tiny_ct)
-    interrupted = _cli(tmp_path / "interrupted", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}")
+    interrupted = start_cli_logged(
+        tmp_path / "interrupted", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}"
+    )
     _wait_for(tmp_path / "b" / ".quickstart.run" / "checkpoint-20", interrupted)
     os.kill(interrupted.pid, signal.SIGINT)  # past step 20: press Ctrl-C
     code, err = _finish(interrupted, tmp_path / "interrupted")
@@ -194,7 +180,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_
     step = int(err.split("interrupted at step ")[1].split(";")[0])
     assert 20 <= step < 80 and (tmp_path / "b" / ".quickstart.run" / f"checkpoint-{step}").is_dir()
     assert not (tmp_path / "b" / "quickstart").exists()
-    resumed = _cli(
+    resumed = start_cli_logged(
         tmp_path / "resumed", "train", QUICKSTART, *common, "--set", f"output.dir={tmp_path / 'b'}", "--resume"
     )
     code, err = _finish(resumed, tmp_path / "resumed")
@@ -203,7 +189,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_
     b = json.loads((tmp_path / "b" / "quickstart" / "toolkit.json").read_text())["metrics"]
     assert a["train"]["steps"] == b["train"]["steps"] == 80
     assert b["adapter"]["loss"] == pytest.approx(a["adapter"]["loss"], rel=0.1)
-    assert _same_weights(straight_run, tmp_path / "b" / "quickstart") < 0.02
+    assert same_weights(straight_run, tmp_path / "b" / "quickstart") < 0.02
 
 
 # Every line `toolkit train` prints is one of its own: its progress bars (split at their \r), the kernel timing note,
@@ -221,7 +207,7 @@ _OWN_LINE = re.compile(
 def test_cli_train_prints_only_the_toolkits_own_lines(straight_run):
     """No third-party line between the toolkit's own (transformers' deprecation of `gradient_checkpointing`, its
     "already on multiple devices" note, torchao's pytree warnings were three), on stdout or stderr."""
-    log = straight_run.parent / "log"  # the straight run's output (_cli)
+    log = straight_run.parent / "log"  # the straight run's output (start_cli_logged)
     text = log.with_suffix(".out").read_text() + log.with_suffix(".err").read_text()
     assert "adapter written to" in text
     foreign = [line for line in re.split(r"[\r\n]", text) if not _OWN_LINE.fullmatch(line)]
@@ -231,18 +217,18 @@ def test_cli_train_prints_only_the_toolkits_own_lines(straight_run):
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint_and_matches(tiny_ct, tmp_path, straight_run):
     """No handler runs on SIGKILL: the last periodic checkpoint is what survives, and --resume finishes."""
     common = [*_resume_args(tiny_ct), "--set", f"output.dir={tmp_path}"]
-    killed = _cli(tmp_path / "killed", "train", QUICKSTART, *common)
+    killed = start_cli_logged(tmp_path / "killed", "train", QUICKSTART, *common)
     _wait_for(tmp_path / ".quickstart.run" / "checkpoint-40", killed)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "quickstart").exists()  # no adapter under the name, not even a partial one
-    resumed = _cli(tmp_path / "resumed", "train", QUICKSTART, *common, "--resume")
+    resumed = start_cli_logged(tmp_path / "resumed", "train", QUICKSTART, *common, "--resume")
     code, err = _finish(resumed, tmp_path / "resumed")
     assert code == 0, err[-2000:]
     manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())
     assert manifest["metrics"]["train"]["steps"] == 80
-    assert _same_weights(straight_run, tmp_path / "quickstart") < 0.02
+    assert same_weights(straight_run, tmp_path / "quickstart") < 0.02
 
 
 _KILL_DURING_WRITE = """
@@ -315,27 +301,8 @@ def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_pa
 
     base = tmp_path / "base"
     shutil.copytree(tiny_ct, base, ignore=shutil.ignore_patterns(".toolkit-gptq*"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        ROOT / "recipes" / "accelerate" / "ddp.yaml",
-        "--num_processes",
-        "2",
-        "-m",
-        "cli",
-        "train",
-        QUICKSTART,
-        "--set",
-        f"base.path={base}",
-        "--set",
-        f"output.dir={tmp_path}",
-        "--set",
-        "training.epochs=2",
-    ]
     env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = accelerate_train(QUICKSTART, f"base.path={base}", f"output.dir={tmp_path}", "training.epochs=2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("training kernels on this base") == 1, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())

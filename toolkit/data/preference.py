@@ -413,6 +413,23 @@ def unpair(items: list[Preference]) -> list[Preference]:
     return out
 
 
+def rejoin(items: list[Preference]) -> list[Preference]:
+    """The pairs among `items`, unpair's answers joined again (one desirable and one undesirable answer under one
+    file:row); pairs stay as they are, lone answers are left out."""
+    if all(item.paired for item in items):
+        return items
+    groups: dict[str, list[Preference]] = {}
+    for item in items:
+        groups.setdefault(item.where, []).append(item)
+    out = []
+    for where, group in groups.items():
+        chosen = next((g.chosen for g in group if g.chosen is not None), None)
+        rejected = next((g.rejected for g in group if g.rejected is not None), None)
+        if chosen is not None and rejected is not None:
+            out.append(Preference(where, chosen, rejected))
+    return out
+
+
 def prompt_length(encoded: Encoded) -> int:
     """Tokens before the answer: the first labelled token starts it (the prompt's own answers are unlabelled)."""
     return next((i for i, label in enumerate(encoded.labels) if label != IGNORE), len(encoded.labels))

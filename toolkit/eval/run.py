@@ -21,12 +21,6 @@ class EvalResult:
     failures: list[str]
 
 
-def _file_fingerprint(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def run_eval(
     recipe: Any,
     *,
@@ -180,7 +174,7 @@ def _served_labels(
 def _load_models(recipe: Any, base_path: Path, resolved: list[tuple[str, Path]]) -> tuple[Any, Any, dict]:
     """The base loaded as the recipe says, the model with the adapters attached, and their report entries."""
     from toolkit.base.loader import load_base
-    from toolkit.lora.folder import read_manifest
+    from toolkit.lora.folder import read_manifest, weights_fingerprint
     from toolkit.lora.registry import attach
 
     device = None if recipe.base.device == "auto" else recipe.base.device
@@ -190,7 +184,7 @@ def _load_models(recipe: Any, base_path: Path, resolved: list[tuple[str, Path]])
     for name, folder in resolved:
         models[name] = {
             "path": str(folder),
-            "fingerprint": _file_fingerprint(folder / "adapter_model.safetensors"),
+            "fingerprint": weights_fingerprint(folder),
             "base_fingerprint": read_manifest(folder)["base"]["fingerprint"],
         }
     return base, model, models

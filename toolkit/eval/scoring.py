@@ -33,12 +33,13 @@ def answer_logprobs(
     was_training = model.training
     model.eval()
     try:
+        head = output_head(model)
         with torch.no_grad():
             for picked in _batches(rows, batch_size):
                 batch = _batch([rows[i] for i in picked], pad_id, device, dtype)
                 labels = batch.pop("labels")
                 hidden = final_hidden_states(model, batch)
-                for i, scored in zip(picked, labelled_logprobs(output_head(model), hidden, labels, chunk), strict=True):
+                for i, scored in zip(picked, labelled_logprobs(head, hidden, labels, chunk), strict=True):
                     out[i] = scored
     finally:
         model.train(was_training)

@@ -36,6 +36,13 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def weights_fingerprint(adapter_dir: str | Path) -> str:
+    """sha256 (16 hex digits) of an adapter's weights file: which weights a report or a continued adapter used."""
+    import hashlib
+
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
 def read_manifest(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / MANIFEST
     if not path.is_file():

@@ -22,19 +22,10 @@ from toolkit.data.template import IGNORE
 from toolkit.recipe import Recipe
 
 
-def _features(encoded: Any, *, pixels: bool = True) -> dict:
-    return {
-        "input_ids": encoded.input_ids,
-        "labels": encoded.labels,
-        "token_type_ids": encoded.token_type_ids,
-        "pixel_values": encoded.pixel_values if pixels else None,
-    }
-
-
 def _padded(features: list[dict], pad_id: int) -> dict:
     """pad_batch, with TRL's `completion_mask` (the labelled answer tokens) in place of labels."""
     from toolkit.data.collate import pad_batch
-    from toolkit.train.sft import text_only
+    from toolkit.train.hf_trainer import text_only
 
     batch = text_only(pad_batch(features, pad_id))
     batch["completion_mask"] = (batch.pop("labels") != IGNORE).long()
@@ -49,9 +40,11 @@ class PairCollator:
         self.items, self.pad_id = items, pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
+        from toolkit.eval.scoring import features
+
         pairs = [self.items[b["row"]] for b in batch]
         sides = [p.chosen.encoded for p in pairs] + [p.rejected.encoded for p in pairs]
-        return _padded([_features(e) for e in sides], self.pad_id)
+        return _padded([features(e) for e in sides], self.pad_id)
 
 
 class UnpairedCollator:
@@ -65,10 +58,11 @@ class UnpairedCollator:
         import torch
 
         from toolkit.data.preference import prompt_length
+        from toolkit.eval.scoring import features
 
         items = [self.items[b["row"]] for b in batch]
         sides = [(i.chosen or i.rejected).encoded for i in items]
-        out = _padded([_features(e) for e in sides], self.pad_id)
+        out = _padded([features(e) for e in sides], self.pad_id)
         out["label"] = torch.tensor([i.chosen is not None for i in items])
         kl = []
         for k, enc in enumerate(sides):
@@ -107,10 +101,8 @@ def _trainer_classes() -> dict[str, type]:
 
     class ReferenceFreeTrainer(ToolkitDPOTrainer):
         """ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024) as TRL's ORPOTrainer / CPOTrainer compute them,
-        over the fused head's per-token log-probabilities; metrics under TRL's names."""
-
-        method = "simpo"
-        gamma = 1.0
+        over the fused head's per-token log-probabilities; metrics under TRL's names. build_trainer sets `method`
+        ("orpo" or "simpo") and `gamma` (SimPO's margin) on the instance."""
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
@@ -191,10 +183,7 @@ def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: 
         config = DPOConfig(**common, loss_type=losses if method == "dpo" else ["sigmoid"], loss_weights=weights)
         collator = PairCollator(items, tokenizer.pad_token_id)
         train_rows = index_dataset(0, len(data.train))
-    cls = _trainer_classes()[method]
-    if method in ("orpo", "simpo"):
-        cls = type(f"{method.upper()}Trainer", (cls,), {"method": method, "gamma": t.gamma})
-    trainer = cls(
+    trainer = _trainer_classes()[method](
         model=model,
         args=config,
         train_dataset=train_rows,
@@ -203,6 +192,8 @@ def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if method in ("orpo", "simpo"):
+        trainer.method, trainer.gamma = method, t.gamma
     fresh = t.init_adapter is None
     if (method in ("orpo", "simpo") or fresh) and "ref" in model.peft_config:
         # TRL copies the starting adapter as the frozen reference ("ref") whenever it is handed a peft model. ORPO
@@ -215,33 +206,15 @@ def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: 
     return trainer
 
 
-def _pairs(items: list) -> list:
-    """The held-out pairs; KTO's items that came from pairs (one desirable and one undesirable answer under one
-    file:row) are joined again, so its table scores preference accuracy like the other methods'."""
-    from toolkit.data.preference import Preference
-
-    if all(i.paired for i in items):
-        return items
-    groups: dict[str, list] = {}
-    for item in items:
-        groups.setdefault(item.where, []).append(item)
-    out = []
-    for where, group in groups.items():
-        chosen = next((g.chosen for g in group if g.chosen is not None), None)
-        rejected = next((g.rejected for g in group if g.rejected is not None), None)
-        if chosen is not None and rejected is not None:
-            out.append(Preference(where, chosen, rejected))
-    return out
-
-
 def score_held_out(base: Any, model: Any, data: Any, recipe: Recipe, reference: str | None) -> dict:
     """Held-out pairs: preference accuracy and margin of the base and the adapter (and of the starting adapter,
     the reference, when there is one); the DPO reward accuracy against the reference (or the base)."""
     import dataclasses
 
+    from toolkit.data.preference import rejoin
     from toolkit.eval.preference import score_preferences_in_process
 
-    pairs = _pairs(data.eval)
+    pairs = rejoin(data.eval)  # KTO's held-out answers that came from pairs are scored as the pairs they were
     if not pairs:
         return {}
     models = {"base": None, **({"reference": reference} if reference else {}), "adapter": "default"}

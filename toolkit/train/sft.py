@@ -17,18 +17,9 @@ class RowCollator:
     def __call__(self, batch: list[dict]) -> dict:
         from toolkit.data.collate import pad_batch
         from toolkit.eval.scoring import features
+        from toolkit.train.hf_trainer import text_only
 
         return text_only(pad_batch([features(self.rows[item["row"]].encoded) for item in batch], self.pad_id))
-
-
-def text_only(padded: dict) -> dict:
-    """Drop all-zero token_type_ids: they mark image tokens only, and all-zero ones give the same attention as none
-    (tests/train/test_chunked_loss.py). Without them transformers can hand SDPA `is_causal` instead of building
-    [tokens x tokens] masks for the full-attention layers (CPU SDPA turns a boolean mask into a float one: 3.6 GB
-    at 30k tokens)."""
-    if not padded["token_type_ids"].any():
-        del padded["token_type_ids"]
-    return padded
 
 
 def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: Any, callbacks: list) -> Any:

@@ -191,7 +191,7 @@ def _start_adapter(recipe: Recipe, base: Any) -> tuple[Any, dict | None]:
         return apply_lora(base.model, recipe.lora), None
     from peft import PeftModel
 
-    from toolkit.lora.folder import read_manifest
+    from toolkit.lora.folder import read_manifest, weights_fingerprint
     from toolkit.lora.registry import check_base_matches, resolve_adapter
 
     try:
@@ -212,19 +212,17 @@ def _start_adapter(recipe: Recipe, base: Any) -> tuple[Any, dict | None]:
         )
     recipe.lora = recipe.lora.model_validate(trained)  # the manifest records the shape that was trained
     model = PeftModel.from_pretrained(base.model, str(folder), adapter_name="default", is_trainable=True)
-    weights = folder / "adapter_model.safetensors"
-    started = {"name": name, "path": str(folder), "fingerprint": _file_sha(weights), "method": _method_of(manifest)}
+    started = {
+        "name": name,
+        "path": str(folder),
+        "fingerprint": weights_fingerprint(folder),
+        "method": _method_of(manifest),
+    }
     return model, started
 
 
 def _method_of(manifest: dict) -> str:
     return manifest.get("recipe", {}).get("training", {}).get("method", "sft")
-
-
-def _file_sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def train(
