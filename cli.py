@@ -293,6 +293,10 @@ def serve(
         "auto"
     ),
     lm_head: LmHeadOption = "auto",
+    playground: Annotated[bool, typer.Option(help="Serve the browser playground at /playground.")] = True,
+    eval_dir: Annotated[
+        Path, typer.Option(help="Eval reports the playground shows (`toolkit eval`'s folders).")
+    ] = Path("build/eval"),
     engine: Annotated[str, typer.Option(help="toolkit (built in) or vllm (hand off to `vllm serve`).")] = "toolkit",
     dry_run: Annotated[bool, typer.Option(help="With --engine vllm: print the vLLM command, do not run it.")] = False,
 ) -> None:
@@ -338,9 +342,13 @@ def serve(
         engine_process=not in_process,
         allow_runtime_adapters=allow_runtime_adapters,
         responses_store=responses_store,
+        playground=playground,
+        eval_dir=str(eval_dir),
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
+    if playground:
+        typer.echo(f"playground: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/playground")
     # loop and http stay "auto": uvicorn then runs on uvloop and httptools (installed with the toolkit, except
     # uvloop on Windows); tests/serve/test_server.py checks that they resolve
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")

@@ -196,7 +196,8 @@ def problems_from_errors(errors: list[dict]) -> list[Problem]:
     return [p for p in problems.values() if not any(q.path.startswith(p.path + "[") for q in problems.values())]
 
 
-def _text_of(content: str | list) -> str:
+def text_of(content: str | list) -> str:
+    """A message's text: the string, or its text parts joined."""
     if isinstance(content, str):
         return content
     return "".join(p.text for p in content if isinstance(p, TextPart))
@@ -247,7 +248,7 @@ def _conversation_problems(messages: list, purpose: str, max_images: int | None)
             break
     for i, m in enumerate(messages):
         has_image = isinstance(m.content, list) and any(isinstance(p, ImagePart) for p in m.content)
-        if not _text_of(m.content).strip() and not has_image:
+        if not text_of(m.content).strip() and not has_image:
             problems.append(Problem(f"messages[{i}].content", "is empty"))
     if turns and not problems:
         last = turns[-1].role

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from toolkit.data import template as chat
+from toolkit.data.schema import text_of
 from toolkit.errors import ToolkitError
 from toolkit.eval import metrics, scoring
 
@@ -29,8 +30,15 @@ class Outcome:
 
 
 def reference(row: Any) -> str:
-    content = row.messages[-1].content
-    return (content if isinstance(content, str) else "".join(p.text for p in content)).strip()
+    return text_of(row.messages[-1].content).strip()
+
+
+def last_question(item: Any) -> tuple[str, int]:
+    """The text of the user turn an eval row (or preference item) answers, and the images in its prompt: what a
+    reader of answers.jsonl needs beside the answers."""
+    messages = item.row.messages if hasattr(item, "row") else (item.chosen or item.rejected).row.messages
+    users = [m for m in messages if m.role == "user"]
+    return (text_of(users[-1].content).strip() if users else ""), num_images(item)
 
 
 def num_images(item: Any) -> int:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from toolkit.eval.evaluate import reference
+from toolkit.eval.evaluate import last_question, reference
 from toolkit.eval.metrics import higher_is_better, is_margin
 
 
@@ -133,10 +133,12 @@ def chart(report: dict, png: Path) -> None:
 
 
 def _row_fields(item: Any) -> dict:
-    """Where an evaluated item comes from, and a conversation row's reference answer (a preference pair has two)."""
+    """Where an evaluated item comes from, its question (text, images), and a conversation row's reference answer
+    (a preference pair has two)."""
+    prompt, images = last_question(item)
     if hasattr(item, "chosen"):
-        return {"row": item.where}
-    return {"row": item.row.where, "reference": reference(item.row)}
+        return {"row": item.where, "prompt": prompt, "images": images}
+    return {"row": item.row.where, "prompt": prompt, "images": images, "reference": reference(item.row)}
 
 
 def write(out: Path, report: dict, rows: list, per_row: dict[str, list[dict]]) -> None:

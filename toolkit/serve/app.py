@@ -68,6 +68,11 @@ def create_app(state: ServerState) -> FastAPI:
                 401, "Missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
+    if state.playground:
+        from toolkit.serve import playground
+
+        playground.install(app, state, require_key)
+
     @app.get("/health")
     async def health() -> Any:
         body = {"status": "ok", "engine": dict(state.engine.stats), "waiting": state.engine.waiting}
@@ -180,10 +185,13 @@ def build_state(
     prefill_chunk: int | None = None,
     prefill_pacing: float | None = PREFILL_STEP_RATIO,
     engine_process: bool = True,
+    playground: bool = True,
+    eval_dir: str | None = "build/eval",
 ) -> ServerState:
     """Load the base (from --base, or the first adapter's manifest), attach adapters, start the engine: in a process
     of its own (`engine_process`, the default: serve/engine_process.py) or in this one (its model is then
-    `state.base.model`). `prefill_pacing`: a prompt chunk costs about this many decoding steps while streams run
+    `state.base.model`). `playground`: serve /playground, with eval reports read from `eval_dir`.
+    `prefill_pacing`: a prompt chunk costs about this many decoding steps while streams run
     (None: fixed chunks of `prefill_chunk`, the same pass boundaries in every run)."""
     from toolkit.base.loader import load_base, load_without_weights
     from toolkit.base.loader import served_name as default_served_name
@@ -244,6 +252,8 @@ def build_state(
         max_body_bytes=int(max_body_mb * 2**20),
         max_images=max_images,
         adapters_dir=Path(adapters_dir),
+        playground=playground,
+        eval_dir=Path(eval_dir) if eval_dir else None,
     )
     from toolkit.serve import structured
     from toolkit.serve.adapters import AdapterSet

@@ -72,6 +72,8 @@ class ServerState:
     metrics: Any = None  # metrics.Metrics
     responses: Any = None  # responses.ResponseStore: stored Responses (GET /v1/responses/{id}, previous_response_id)
     token_text: Any = None  # logprobs.TokenText, made on first use
+    playground: bool = True  # /playground and its read-only routes (serve/playground.py)
+    eval_dir: Path | None = None  # where the playground finds eval reports (`toolkit eval`'s folders)
 
     def models(self) -> ModelList:
         cards = [ModelCard(id=self.served_name, created=self.started, root=str(self.base.path))]
