@@ -9,7 +9,8 @@ BASE ?= build/tiny-base
 REAL_BASE ?= build/real-base
 PORT ?= 8000
 
-.PHONY: quickstart quickstart-270m real-base test lint clean client-matrix llama-cpp peer-serve peer-serve-270m
+.PHONY: quickstart quickstart-270m real-base test lint clean client-matrix llama-cpp peer-serve peer-serve-270m playground \
+	playground-screenshot
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -32,6 +33,16 @@ quickstart: $(VENV)/.installed
 	  $(BIN)/python examples/openai_client.py --url http://127.0.0.1:$(PORT)/v1 --wait 120; status=$$?; \
 	  kill $$(cat build/serve.pid); exit $$status
 	$(BIN)/toolkit eval recipes/quickstart.yaml --min exact_match.text=0.25 --min exact_match.image=0.5
+
+# The browser playground (docs/PLAYGROUND.md) after `make quickstart`: the tiny base and the quickstart adapter side by
+# side, the quickstart's run and its eval report (build/eval). Ctrl-C stops it.
+playground: $(VENV)/.installed
+	@test -f adapters/quickstart/adapter_model.safetensors || { echo "no adapters/quickstart: run 'make quickstart' first" >&2; exit 2; }
+	$(BIN)/toolkit serve --adapter quickstart --port $(PORT) --eval-dir build/eval
+
+# docs/playground.png from a running `make playground` (Debian's chromium + chromium-driver).
+playground-screenshot: $(VENV)/.installed
+	$(BIN)/python examples/playground_screenshot.py --url http://127.0.0.1:$(PORT) --out docs/playground.png
 
 # The same quickstart on the real Gemma 3 270M (the `real` extra; GPTQ build cached per machine, minutes the first time).
 real-base: $(VENV)/.installed
