@@ -5,6 +5,12 @@ image question (a red square drawn here), then the page is saved at 1280 px wide
 
     make playground &            # in another terminal
     make playground-screenshot   # -> docs/playground.png
+
+Other models and questions (docs/playground-270m.png, a server on the real 270M base with three adapters):
+
+    python examples/playground_screenshot.py --url http://127.0.0.1:8012 --models real-base,sft-270m,dpo-270m \
+        --ask "What city serves as the capital of Italy?" --ask "And of Spain? Answer in the same way." \
+        --no-image --max-tokens 48 --out docs/playground-270m.png
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--out", type=Path, default=Path("docs/playground.png"))
-    parser.add_argument("--adapter", default="quickstart")
+    parser.add_argument("--models", default="", help="comma-separated model per pane (default: base, quickstart)")
+    parser.add_argument("--ask", action="append", help="a text question (repeatable)")
+    parser.add_argument("--no-image", action="store_true", help="skip the red-square question")
+    parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     args = parser.parse_args()
@@ -57,13 +66,24 @@ def main() -> None:
     try:
         driver.get(args.url + "/playground")
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="pane"] option'))
-        Select(testid(driver, "model-select", testid(driver, "pane")[1])[0]).select_by_value(args.adapter)
-        max_tokens = testid(driver, "max-tokens")[0]
+        models = args.models.split(",") if args.models else []
+        while len(testid(driver, "pane")) < len(models):
+            testid(driver, "add-pane")[0].click()
+        for pane, model in zip(testid(driver, "pane"), models or [None, "quickstart"], strict=False):
+            if model:
+                Select(testid(driver, "model-select", pane)[0]).select_by_value(model)
         # inside the closed settings panel: set it as the page would see typing (the random base rambles otherwise)
-        driver.execute_script("arguments[0].value = '24'; arguments[0].dispatchEvent(new Event('input'))", max_tokens)
-        ask(driver, "Which city is the capital of Japan?")
-        with tempfile.TemporaryDirectory() as tmp:
-            ask(driver, "What color is the square?", make_square_image(Path(tmp) / "red.png", color="red"))
+        driver.execute_script(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+            testid(driver, "max-tokens")[0],
+            str(args.max_tokens),
+        )
+        for question in args.ask or ["Which city is the capital of Japan?"]:
+            ask(driver, question)
+        if not args.no_image:
+            with tempfile.TemporaryDirectory() as tmp:
+                ask(driver, "What color is the square?", make_square_image(Path(tmp) / "red.png", color="red"))
+        driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(args.out))
         print(f"wrote {args.out}")
     finally:

@@ -195,6 +195,7 @@ class Pane {
   send(content) {
     this.messages.push({ role: "user", content });
     this.transcript.append(renderUser(content));
+    this.follow(true);
     return this.run();
   }
 
@@ -233,6 +234,7 @@ class Pane {
           }
           if (choice.finish_reason) result.finish = choice.finish_reason;
         }
+        this.follow();
       });
       timing.end = performance.now();
       if (result.tokens.length) trimTokens(answer, result.text);
@@ -268,7 +270,7 @@ class Pane {
     const message = el("div", { className: "message assistant", testid: "message", "data-role": "assistant" });
     message.append(el("span", { className: "who", text: "Model" }), content);
     this.transcript.append(message);
-    message.scrollIntoView({ block: "nearest" });
+    this.follow(true);
     return content;
   }
 
@@ -282,6 +284,12 @@ class Pane {
     if (this.messages.length && this.messages[this.messages.length - 1].role === "user") this.messages.pop();
     const users = this.transcript.querySelectorAll('[data-role="user"]');
     if (users.length) users[users.length - 1].classList.add("left-out");
+  }
+
+  // Keep the newest text in sight inside the pane (not the page) while the reader has not scrolled up.
+  follow(always = false) {
+    const t = this.transcript;
+    if (always || t.scrollHeight - t.scrollTop - t.clientHeight < 48) t.scrollTop = t.scrollHeight;
   }
 
   dropAnswer() {
