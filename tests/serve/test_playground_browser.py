@@ -5,6 +5,8 @@ page that loads nothing from another origin. Selectors are the page's data-testi
 
 from __future__ import annotations
 
+import json
+
 import browser
 import pytest
 from browser import Browser, answers, read_jsonl
@@ -289,3 +291,49 @@ def test_the_page_loads_nothing_from_another_origin(page, server, secured):
         assert server.url + path in requested, path
     assert any(u.startswith(server.url + "/playground/api/") for u in requested)
     assert b.errors() == []
+
+
+def test_stop_then_more_turns_regenerate_overrides_and_clear(page, server):
+    """Esc stops a long answer; the pane goes on (the stopped turn left out, no refused request); Regenerate
+    replaces the last answer; a pane's own settings reach its request only; Clear empties the pane."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    b, base = page, server.state.served_name
+    first, second = b.all("pane")
+    fill(b, "max-tokens", "12")
+    fill(b, "pane-max-tokens", "3500", first)  # the random base rambles: seconds of tokens, time to stop it
+    fill(b, "prompt", JAPAN)
+    b.one("send").click()
+    b.wait(lambda _: b.one("answer", second).text == "Tokyo", message="the adapter's answer")
+    assert first.get_attribute("data-state") == "streaming"
+    ActionChains(b.driver).send_keys(Keys.ESCAPE).perform()
+    wait_panes(b, ("done", "stopped"))
+    assert first.get_attribute("data-state") == "stopped"
+    assert "stopped" in b.one("pane-stats", first).text
+
+    fill(b, "prompt", "Which city is the capital of Italy?")
+    b.one("send").click()
+    wait_panes(b)
+    assert [b.one("pane-error", p).text for p in (first, second)] == ["", ""]
+    assert b.one("answer", second).text == "Rome"
+    assert b.one("pane-model", first).text == base
+
+    fill(b, "pane-seed", "7", second)
+    fill(b, "pane-temperature", "0.5", second)
+    b.one("regenerate", second).click()
+    wait_panes(b)
+    roles = [m.get_attribute("data-role") for m in b.all("message", second)]
+    assert roles == ["user", "assistant", "user", "assistant"]  # the last answer replaced, not added
+    b.one("copy-curl", second).click()
+    sent = json.loads(b.one("request-code", second).text.split("<<'JSON'\n")[1].rsplit("\nJSON", 1)[0])
+    assert (sent["model"], sent["seed"], sent["temperature"], sent["max_tokens"]) == ("quickstart", 7, 0.5, 12)
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+    assert sent["messages"][1]["content"] == "Tokyo"
+    b.one("copy-python", first).click()
+    code = b.one("request-code", first).text
+    assert "seed=" not in code and "temperature=0," in code and "max_tokens=3500," in code
+    assert code.count('"role": "user"') == 1  # the stopped turn (no text) is not part of the conversation
+
+    b.one("clear", second).click()
+    assert b.all("message", second) == [] and second.get_attribute("data-state") == "idle"
+    assert b.one("pane-model", second).text == "–"

@@ -17,14 +17,6 @@ from browser import answers
 eval_report = browser.eval_report  # a fixture
 KEY = "pg-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-API = [
-    "/playground/api/runs",
-    "/playground/api/runs/quickstart/metrics",
-    "/playground/api/evals",
-    "/playground/api/evals/quickstart",
-    "/playground/api/evals/quickstart/answers",
-    "/playground/api/evals/quickstart/chart.png",
-]
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +66,15 @@ def test_page_and_assets_load_without_the_key_under_the_csp(secured):
     check_csp(page)
     html = page.text
     # nothing inline the CSP would block, nothing from elsewhere: only the two assets, from this server
-    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/playground/static/playground.js" defer>']
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script type="module" src="/playground/static/playground.js">']
     assert "<style" not in html and not re.search(r"\sstyle=", html)
     assert not re.search(r"\son[a-z]+=", html), "inline event handler attributes"
     assert not re.search(r"(src|href)=\"(https?:)?//", html)
     assert '"/playground/static/playground.css"' in html
-    for asset, kind in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
+    script = httpx.get(secured.url + "/playground/static/playground.js").text
+    modules = set(re.findall(r'from "\./([a-z]+\.js)"', script))  # the modules it imports, one level down
+    assert {"api.js", "pane.js", "runs.js", "evals.js"} <= modules
+    for asset, kind in (("playground.css", "text/css"), *((m, "text/javascript") for m in ["playground.js", *modules])):
         r = httpx.get(f"{secured.url}/playground/static/{asset}")
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind), asset
         assert len(r.content) > 500, asset
@@ -89,7 +84,10 @@ def test_page_and_assets_load_without_the_key_under_the_csp(secured):
 
 
 def test_every_api_route_needs_the_key(secured):
-    for path in API:
+    routes = [r.path for r in secured.server.config.app.routes if r.path.startswith("/playground/api/")]
+    assert len(routes) == 6, routes  # runs, a run's metrics, evals, a report, its answers, its chart
+    for route in routes:
+        path = route.replace("{name}", "quickstart")  # a real run and report
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = httpx.get(secured.url + path, headers=headers)
             assert r.status_code == 401, (path, headers, r.status_code)

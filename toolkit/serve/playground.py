@@ -12,38 +12,56 @@ origins, so model output the page shows can never run or load anything.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
-from starlette.middleware.base import BaseHTTPMiddleware
+from fastapi import Depends, FastAPI
+from fastapi.responses import FileResponse, RedirectResponse
 
 from toolkit.serve.errors import APIError
 
 STATIC = Path(__file__).parent / "static"
-ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}
+# The page's modules and stylesheet, a fixed list: nothing else in the package is reachable
+ASSETS = {
+    **{
+        f"{name}.js": "text/javascript"
+        for name in ("playground", "api", "dom", "settings", "pane", "attachments", "code", "charts", "runs", "evals")
+    },
+    "playground.css": "text/css",
+}
 # 'self' only: no inline script or style, no other origin; blob:/data: for the user's own image thumbnails and
 # the eval chart (fetched with the key, shown as a blob)
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
     "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CSP,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 MAX_METRIC_LINES = 20_000  # a long run's metrics.jsonl, thinned evenly past this (the chart has ~1,000 px)
-MAX_ANSWER_LINES = 50_000
+MAX_ANSWER_LINES = 50_000  # answers.jsonl is cut (and says so) past this: thinning would hide wrong rows
 
 
-class PlaygroundHeaders(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/playground"):
-            response.headers.update(SECURITY_HEADERS)
-        return response
+class PlaygroundHeaders:
+    """The security headers on every response under /playground. Plain ASGI (as limits.BodyLimit): every other
+    request, /v1's token streams included, passes through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/playground"):
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _not_found(what: str, name: str) -> APIError:
@@ -57,9 +75,9 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def read_jsonl(path: Path, limit: int) -> list[dict]:
-    """The objects of a JSON-lines file (bad lines skipped: a run being written ends in a partial line), thinned
-    evenly to at most `limit`, the last line kept."""
+def read_jsonl(path: Path, limit: int, *, thin: bool) -> tuple[list[dict], bool]:
+    """The objects of a JSON-lines file (bad lines skipped: a run being written ends in a partial line), at most
+    `limit`: thinned evenly, the last line kept (`thin`), or cut; and whether lines were left out."""
     rows = []
     try:
         with open(path) as f:
@@ -70,12 +88,14 @@ def read_jsonl(path: Path, limit: int) -> list[dict]:
                     continue
                 if isinstance(row, dict):
                     rows.append(row)
+                if not thin and len(rows) > limit:
+                    return rows[:limit], True
     except OSError:
-        return []
-    if len(rows) > limit:
-        step = len(rows) / limit
-        rows = [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
-    return rows
+        return [], False
+    if len(rows) <= limit:
+        return rows, False
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]], True
 
 
 def runs(state: Any) -> dict[str, Path]:
@@ -84,6 +104,7 @@ def runs(state: Any) -> dict[str, Path]:
 
 
 def run_summary(name: str, folder: Path) -> dict:
+    """What the runs listing says of one adapter: its name, its card (toolkit.json), whether it logged metrics."""
     card = _read_json(folder / "toolkit.json") or {}
     return {
         "name": name,
@@ -96,11 +117,19 @@ def eval_reports(eval_dir: Path | None) -> dict[str, Path]:
     """Report name -> folder: each folder directly under the eval folder that holds a report.json, newest first."""
     if eval_dir is None or not eval_dir.is_dir():
         return {}
+
+    def written(folder: Path) -> float:
+        try:
+            return (folder / "report.json").stat().st_mtime
+        except OSError:  # deleted meanwhile
+            return 0.0
+
     found = [p for p in eval_dir.iterdir() if (p / "report.json").is_file()]
-    return {p.name: p for p in sorted(found, key=lambda p: (p / "report.json").stat().st_mtime, reverse=True)}
+    return {p.name: p for p in sorted(found, key=written, reverse=True)}
 
 
 def report_summary(name: str, folder: Path) -> dict:
+    """What the reports listing says of one eval report (from its report.json)."""
     report = _read_json(folder / "report.json") or {}
     return {
         "name": name,
@@ -113,8 +142,10 @@ def report_summary(name: str, folder: Path) -> dict:
     }
 
 
-def install(app: FastAPI, state: Any, require_key: Any) -> None:
-    """/playground (the page), /playground/static/* (its assets) and /playground/api/* (read-only JSON)."""
+def install(app: FastAPI, state: Any, require_key: Callable[..., None]) -> None:
+    """/playground (the page), /playground/static/* (its assets) and /playground/api/* (read-only JSON). The JSON
+    routes are plain functions: FastAPI runs them in its thread pool, so their file reads never hold up the event
+    loop that streams tokens."""
     app.add_middleware(PlaygroundHeaders)
 
     @app.api_route("/playground", methods=["GET", "HEAD"], include_in_schema=False)
@@ -127,22 +158,26 @@ def install(app: FastAPI, state: Any, require_key: Any) -> None:
 
     @app.get("/playground/static/{asset}", include_in_schema=False)
     async def static(asset: str) -> FileResponse:
-        if asset not in ASSETS:  # a fixed list: nothing else in the package is reachable
+        if asset not in ASSETS:
             raise _not_found("asset", asset)
         return FileResponse(STATIC / asset, media_type=ASSETS[asset], headers={"Cache-Control": "no-cache"})
 
-    api = APIRouter(prefix="/playground/api", dependencies=[Depends(require_key)], include_in_schema=False)
+    def api(path: str) -> Callable:
+        """A read-only JSON route under /playground/api, behind the key like /v1 (added to the app itself: FastAPI's
+        included routers are not plain routes, and the suite enumerates routes)."""
+        return app.get(f"/playground/api{path}", dependencies=[Depends(require_key)], include_in_schema=False)
 
-    @api.get("/runs")
-    async def list_runs() -> dict:
+    @api("/runs")
+    def list_runs() -> dict:
         return {"runs": [run_summary(name, folder) for name, folder in runs(state).items()]}
 
-    @api.get("/runs/{name}/metrics")
-    async def run_metrics(name: str) -> dict:
+    @api("/runs/{name}/metrics")
+    def run_metrics(name: str) -> dict:
         folder = runs(state).get(name)
         if folder is None:
             raise _not_found("adapter", name)
-        return {"name": name, "rows": read_jsonl(folder / "metrics.jsonl", MAX_METRIC_LINES)}
+        rows, thinned = read_jsonl(folder / "metrics.jsonl", MAX_METRIC_LINES, thin=True)
+        return {"name": name, "rows": rows, "thinned": thinned}
 
     def report_folder(name: str) -> Path:
         folder = eval_reports(state.eval_dir).get(name)
@@ -150,27 +185,26 @@ def install(app: FastAPI, state: Any, require_key: Any) -> None:
             raise _not_found("eval report", name)
         return folder
 
-    @api.get("/evals")
-    async def list_evals() -> dict:
+    @api("/evals")
+    def list_evals() -> dict:
         found = eval_reports(state.eval_dir)
         return {
             "eval_dir": str(state.eval_dir) if state.eval_dir else None,
             "reports": [report_summary(name, folder) for name, folder in found.items()],
         }
 
-    @api.get("/evals/{name}")
-    async def report(name: str) -> Any:
+    @api("/evals/{name}")
+    def report(name: str) -> Any:
         return _read_json(report_folder(name) / "report.json") or {}
 
-    @api.get("/evals/{name}/answers")
-    async def answers(name: str) -> dict:
-        return {"name": name, "rows": read_jsonl(report_folder(name) / "answers.jsonl", MAX_ANSWER_LINES)}
+    @api("/evals/{name}/answers")
+    def answers(name: str) -> dict:
+        rows, truncated = read_jsonl(report_folder(name) / "answers.jsonl", MAX_ANSWER_LINES, thin=False)
+        return {"name": name, "rows": rows, "truncated": truncated}
 
-    @api.get("/evals/{name}/chart.png")
-    async def chart(name: str) -> FileResponse:
+    @api("/evals/{name}/chart.png")
+    def chart(name: str) -> FileResponse:
         path = report_folder(name) / "chart.png"
         if not path.is_file():
             raise _not_found("chart for eval report", name)
         return FileResponse(path, media_type="image/png")
-
-    app.include_router(api)
