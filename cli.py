@@ -73,9 +73,16 @@ def info(
     kernel: Annotated[str, typer.Option(help="GPTQ kernel to report on: auto (measured choice) or a name.")] = "auto",
     lm_head: LmHeadOption = "auto",
 ) -> None:
-    """Summarise a 4-bit Gemma 3 base: architecture, size, quantisation, vision, context, tokens, kernel and dtype."""
+    """Summarise a 4-bit Gemma 3 base (architecture, size, quantisation, vision, context, tokens, kernel and dtype),
+    or an adapter (a folder with adapter_config.json): the export targets it can go to, and why not."""
     from toolkit.base.info import describe, head_choice, kernel_choice, summary_lines
 
+    if (Path(dir) / "adapter_config.json").is_file() or (Path("adapters") / dir / "adapter_config.json").is_file():
+        from toolkit.lora.export import target_lines, targets
+
+        found = targets(dir)
+        typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(["export targets:", *target_lines(found)]))
+        return
     data = describe(dir)
     data["kernel"] = kernel_choice(device, kernel, base=dir)
     data["lm_head"] = head_choice(device, lm_head, data)
@@ -352,6 +359,45 @@ def serve(
     # loop and http stay "auto": uvicorn then runs on uvloop and httptools (installed with the toolkit, except
     # uvloop on Windows); tests/serve/test_server.py checks that they resolve
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+
+
+@app.command("export")
+def export_adapter(
+    adapter: Annotated[str, typer.Argument(help="Adapter NAME (in adapters/), NAME=PATH or a folder path.")],
+    to: Annotated[str, typer.Option(help="gguf (llama.cpp / Ollama LoRA), merged (plain transformers) or vllm.")] = "",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: build/export/<name>-<target>).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base folder (default: the one the adapter was trained on).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    gguf_base: Annotated[
+        str | None, typer.Option(help="--to gguf: the base GGUF the Modelfile's FROM line names.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="--to merged: bfloat16 or float32.")] = "bfloat16",
+    max_lora_rank: Annotated[
+        int | None, typer.Option(help="--to vllm: the --max-lora-rank to serve with (default: the smallest that fits).")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="Only say which targets the adapter can go to, and why not.")] = False,
+) -> None:
+    """Export an adapter where people run models: a GGUF LoRA, a merged transformers model, a checked vLLM folder."""
+    from toolkit.lora.export import export, target_lines, targets
+
+    if check:
+        typer.echo("\n".join(target_lines(targets(adapter, base=base))))
+        return
+    if not to:
+        raise ToolkitError("no export target", where="--to", fix="pass --to gguf, --to merged or --to vllm")
+    done = export(
+        adapter,
+        to,
+        out=out,
+        base=base,
+        overwrite=overwrite,
+        gguf_base=gguf_base,
+        dtype=dtype,
+        max_lora_rank=max_lora_rank,
+    )
+    typer.echo(f"exported {adapter} to {to}: {done.out} ({', '.join(done.files)})")
+    for line in done.lines:
+        typer.echo(line)
 
 
 @app.command("recipe-reference")

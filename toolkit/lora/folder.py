@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -201,27 +202,40 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def write_adapter(final: Path, contents: AdapterContents, *, overwrite: bool) -> Path:
-    """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step."""
-    name = contents.name
+def write_dir_atomic(final: Path, fill: Callable[[Path], object], *, overwrite: bool, what: str = "folder") -> Path:
+    """Fill a temporary sibling of `final` with `fill(staging)`, then rename it to `final` in one step: an
+    interrupted writer leaves no half-written `final` (its staging folder is removed by the next writer once its
+    process is gone). An existing `final` is replaced only with `overwrite` (checked first too: an export may take
+    minutes) and stays whole until the new one is in place. Adapters and exports are written this way."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{name}.tmp-*"):  # left by a writer that was killed: never a real adapter
+
+    def refuse_existing() -> None:
+        if final.exists() and not overwrite:
+            raise ToolkitError(f"{what} {str(final)!r} already exists", where="output", fix="pass --overwrite")
+
+    refuse_existing()
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
         if not _alive(stale.name.rsplit("-", 1)[1]):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = final.parent / f".{name}.tmp-{os.getpid()}"
+    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        _fill(staging, contents)
+        fill(staging)  # creates the folder (save_pretrained does)
+        refuse_existing()  # made meanwhile by another writer
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the target name was never touched
         raise
     old = None
     if final.exists():
-        if not overwrite:
-            raise ToolkitError(f"adapter {str(final)!r} already exists", where="output", fix="pass --overwrite")
-        old = final.parent / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)  # the old adapter stays whole until the new one is in place
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_adapter(final: Path, contents: AdapterContents, *, overwrite: bool) -> Path:
+    """Assemble the adapter folder in a temporary sibling, then rename it to `final` in one step."""
+    return write_dir_atomic(final, lambda staging: _fill(staging, contents), overwrite=overwrite, what="adapter")
