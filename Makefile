@@ -10,7 +10,7 @@ REAL_BASE ?= build/real-base
 PORT ?= 8000
 
 .PHONY: quickstart quickstart-270m real-base test lint clean client-matrix llama-cpp peer-serve peer-serve-270m playground \
-	playground-screenshot
+	playground-screenshot export-gguf-270m export-merged-270m
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -82,6 +82,18 @@ $(LLAMA_VENV)/BUILD.json: | $(VENV)/.installed
 	$(PYTHON) bench/llama_build.py --venv $(LLAMA_VENV) --gguf "$(GGUF)"
 
 llama-cpp: $(LLAMA_VENV)/BUILD.json
+
+# Exports checked on the real 270M (docs/EXPORT.md): the answer-style SFT adapter of the preference task, exported to a
+# GGUF LoRA and run by llama.cpp beside the toolkit (build/export-gguf-270m.json), and merged into a plain transformers
+# model (build/export-merged-270m.json).
+build/preference-task/sft_eval.jsonl: | $(VENV)/.installed
+	$(BIN)/python bench/preference_task.py
+
+adapters/sft-270m/adapter_model.safetensors: build/preference-task/sft_eval.jsonl | real-base
+	$(BIN)/toolkit train bench/recipes/sft-270m.yaml
+
+export-gguf-270m: real-base llama-cpp adapters/sft-270m/adapter_model.safetensors
+	$(BIN)/python bench/export_gguf_270m.py --base $(REAL_BASE) --llama-python $(LLAMA_VENV)/bin/python
 
 peer-serve: $(VENV)/.installed
 	$(BIN)/python bench/peer_serve.py --out docs/BENCHMARKS.md

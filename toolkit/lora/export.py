@@ -64,7 +64,7 @@ def problems(adapter_dir: Path, base: Path) -> dict[str, list[str]]:
     adapter = load_lora(adapter_dir)
     return {
         "gguf": gguf_problems(adapter),
-        "merged": merged_problems(adapter),
+        "merged": merged_problems(adapter, base=base),
         "vllm": check_adapter(adapter_dir.name, adapter_dir, _num_layers(base)).problems,
     }
 
@@ -142,22 +142,26 @@ def export(
     lines: list[str] = []
 
     if to == "gguf":
-        from toolkit.lora.export_gguf import gguf_problems, write_gguf
+        from toolkit.lora.export_gguf import FIX, gguf_problems, write_gguf
 
         adapter = load_lora(adapter_dir)
-        _refuse("gguf", name, gguf_problems(adapter), "retrain with lora.include_vision: false and lora.dora: false")
+        _refuse("gguf", name, gguf_problems(adapter), FIX)
         config = json.loads((base_path / "config.json").read_text())
 
         def fill(staging: Path) -> None:
             staging.mkdir()
             files.extend(write_gguf(adapter, staging, name=name, base_config=config, gguf_base=gguf_base))
 
-        lines.append(f"llama-server -m BASE.gguf --lora {out / (name + '.gguf')}   (see {out / 'README.md'})")
+        model = gguf_base if gguf_base and Path(gguf_base).is_file() else "BASE.gguf"
+        gguf = out / f"{name}.gguf"
+        lines.append(f"llama-server -m {model} --lora {gguf}   (Ollama, llama-cpp-python: {out}/README.md)")
     elif to == "merged":
         from toolkit.lora.export_merged import merged_problems, write_merged
 
         adapter = load_lora(adapter_dir)
-        _refuse("merged", name, merged_problems(adapter), "retrain without DoRA, biases or modules_to_save")
+        _refuse(
+            "merged", name, merged_problems(adapter, base=base_path), "retrain without DoRA, biases or modules_to_save"
+        )
 
         def fill(staging: Path) -> None:
             staging.mkdir()
