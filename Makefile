@@ -95,6 +95,11 @@ adapters/sft-270m/adapter_model.safetensors: build/preference-task/sft_eval.json
 export-gguf-270m: real-base llama-cpp adapters/sft-270m/adapter_model.safetensors
 	$(BIN)/python bench/export_gguf_270m.py --base $(REAL_BASE) --llama-python $(LLAMA_VENV)/bin/python
 
+export-merged-270m: real-base adapters/sft-270m/adapter_model.safetensors
+	$(BIN)/python bench/export_merged_270m.py
+	$(BIN)/python bench/export_merged_270m.py --quantize
+	$(BIN)/python bench/export_merged_270m.py --plan-27b
+
 peer-serve: $(VENV)/.installed
 	$(BIN)/python bench/peer_serve.py --out docs/BENCHMARKS.md
 

@@ -372,6 +372,13 @@ def export_adapter(
         str | None, typer.Option(help="--to gguf: the base GGUF the Modelfile's FROM line names.")
     ] = None,
     dtype: Annotated[str, typer.Option(help="--to merged: bfloat16 or float32.")] = "bfloat16",
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="--to merged: gptq quantises the merged model again into the base's 4-bit format."),
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="--quantize gptq: rows to calibrate on (default: the adapter's training data).")
+    ] = None,
     max_lora_rank: Annotated[
         int | None, typer.Option(help="--to vllm: the --max-lora-rank to serve with (default: the smallest that fits).")
     ] = None,
@@ -394,6 +401,9 @@ def export_adapter(
         gguf_base=gguf_base,
         dtype=dtype,
         max_lora_rank=max_lora_rank,
+        quantize=quantize,
+        calibration=calibration,
+        progress=lambda line: typer.echo(line, err=True),
     )
     typer.echo(f"exported {adapter} to {to}: {done.out} ({', '.join(done.files)})")
     for line in done.lines:

@@ -94,6 +94,8 @@ def test_unknown_adapters_and_targets_are_one_line_errors(trained, tmp_path):
     assert target.returncode == 2 and "unknown export target 'onnx'" in target.stderr
     none = run_cli("export", f"quickstart={trained.adapter_dir}")
     assert none.returncode == 2 and "--to gguf, --to merged or --to vllm" in none.stderr
+    gptq = run_cli("export", f"quickstart={trained.adapter_dir}", "--to", "vllm", "--quantize", "gptq")
+    assert gptq.returncode == 2 and "use --to merged --quantize gptq" in gptq.stderr
 
 
 def test_check_and_info_say_which_targets_an_adapter_can_go_to(trained, tmp_path):

@@ -328,3 +328,72 @@ def ensure_gptq(src: Path) -> Path:
                 shutil.rmtree(cache)
             os.replace(Path(tmp) / "out", cache)
     return cache
+
+
+# --------------------------------------------------------------------------------------------------- dequantising
+# For the merged export (lora/export_merged.py): the dense weight each 4-bit layer stands for, as the toolkit's
+# kernels compute it: (code - zero) * scale in float32. That product is exact in float32 (a code minus its zero
+# point needs 5 bits, a bfloat16 scale 8), so there is one right answer and GPTQModel's TorchLinear gives it too
+# (tests/lora/test_export_merged.py compares them bit for bit).
+
+_NIBBLE_SHIFTS = (0, 4, 8, 12, 16, 20, 24, 28)  # element i of an int32 word sits at bits 4i (both layouts)
+
+
+def module_name(tensor_name: str) -> str:
+    """The transformers 5 module path of a tensor named either way (`language_model.model.layers.0...` or
+    `model.language_model.layers.0...`): what peft's adapter keys use."""
+    return _module_name(tensor_name)
+
+
+def checkpoint_name(tensor_name: str) -> str:
+    """The real checkpoint's name (transformers 4.5x, google/gemma-3-*'s own files: `language_model.model.*`,
+    `vision_tower.vision_model.*`, `multi_modal_projector.*`) of a tensor named either way."""
+    name = _module_name(tensor_name)
+    for prefix, legacy in (
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
+        if name.startswith(prefix):
+            return legacy + name[len(prefix) :]
+    return name
+
+
+def dequantize_packed(packed, scale, group_size: int = C.QUANT_GROUP_SIZE):
+    """compressed-tensors pack-quantized symmetric int4 rows -> float32 [out, in]: (code - 8) * scale.
+
+    `packed` int32 [out, in/8] (element i at bits 4i, stored as value + 8), `scale` [out, in/group_size]; any run
+    of whole output rows may be passed (the export works through a big layer in row chunks).
+    """
+    import torch
+
+    rows, words = packed.shape
+    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.int32)
+    codes = (packed[:, :, None] >> shifts) & 15  # arithmetic shift of a negative word: the mask keeps the nibble
+    weight = codes.reshape(rows, words * 8).to(torch.float32).sub_(8)
+    if weight.shape[1] != scale.shape[1] * group_size:
+        raise ToolkitError(
+            f"packed weight [{rows}, {words * 8}] does not match its scales {list(scale.shape)} (group {group_size})",
+            fix="check that the checkpoint is complete and in pack-quantized W4A16 format",
+        )
+    weight.view(rows, -1, group_size).mul_(scale.to(torch.float32)[:, :, None])
+    return weight
+
+
+def dequantize_gptq(qweight, qzeros, scales, g_idx, *, zero_offset: int = 1):
+    """GPTQ layout int4 -> float32 [out, in]: (code - zero[g_idx]) * scales[g_idx], per input row's group.
+
+    `qweight` int32 [in/8, out], `qzeros` int32 [groups, out/8], `scales` [groups, out], `g_idx` [in]; any run of
+    output columns (a multiple of 8 wide, so qzeros' words split cleanly) may be passed. `zero_offset`: 1 for
+    GPTQ v1 checkpoints (checkpoint_format "gptq": the zero point stored minus one), 0 for "gptq_v2".
+    """
+    import torch
+
+    words, cols = qweight.shape
+    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.int32)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(words * 8, cols)  # [in, out]
+    zeros = ((qzeros[:, :, None] >> shifts) & 15).reshape(qzeros.shape[0], -1) + zero_offset  # [groups, out]
+    groups = g_idx.long()
+    weight = (codes - zeros[groups]).to(torch.float32).mul_(scales.to(torch.float32)[groups])
+    return weight.t()

@@ -125,6 +125,8 @@ def export(
     gguf_base: str | None = None,
     dtype: str = "bfloat16",
     max_lora_rank: int | None = None,
+    quantize: str | None = None,
+    calibration: Path | None = None,
     progress: Callable | None = None,
 ) -> Exported:
     """Write adapter `spec` (a name under adapters_dir, NAME=PATH or a path) for target `to` into `out`
@@ -137,7 +139,11 @@ def export(
         raise ToolkitError(f"unknown export target {to!r}", where="--to", fix=f"use one of {', '.join(TARGETS)}")
     name, adapter_dir = resolve_adapter(spec, adapters_dir)
     base_path = _base_folder(adapter_dir, base)
-    out = Path(out) if out is not None else DEFAULT_OUT / f"{name}-{to}"
+    if quantize not in (None, "gptq") or (quantize and to != "merged"):
+        raise ToolkitError(
+            f"--quantize {quantize} with --to {to}", where="--quantize", fix="use --to merged --quantize gptq"
+        )
+    out = Path(out) if out is not None else DEFAULT_OUT / f"{name}-{to}{'-gptq' if quantize else ''}"
     files: list[str] = []
     lines: list[str] = []
 
@@ -165,9 +171,17 @@ def export(
 
         def fill(staging: Path) -> None:
             staging.mkdir()
-            files.extend(write_merged(adapter, staging, base=base_path, dtype=dtype, progress=progress))
+            files.extend(
+                write_merged(
+                    adapter, staging, base=base_path, dtype=dtype, progress=progress,
+                    quantize=quantize == "gptq", calibration=calibration,
+                )
+            )  # fmt: skip
 
-        lines.append(f"AutoModelForImageTextToText.from_pretrained({str(out)!r})  (plain transformers, no peft)")
+        if quantize:
+            lines.append(f"toolkit serve --base {out}   (a 4-bit base like the original: serve, evaluate, train on)")
+        else:
+            lines.append(f"AutoModelForImageTextToText.from_pretrained({str(out)!r})  (plain transformers, no peft)")
     else:
 
         def fill(staging: Path) -> None:
