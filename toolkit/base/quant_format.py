@@ -209,7 +209,9 @@ def _use_real_checkpoint_names(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------- repacking
 
 
-def _module_name(name: str) -> str:
+def module_name(name: str) -> str:
+    """The transformers 5 module path of a tensor named either way (`language_model.model.layers.0...` or
+    `model.language_model.layers.0...`): what peft's adapter keys use."""
     for pattern, repl in _TO_MODULE_NAMES:
         if pattern.match(name):
             return pattern.sub(repl, name, count=1)
@@ -248,7 +250,7 @@ def repack_to_gptq(src: Path, dst: Path) -> None:
                 if name.endswith(".weight_packed"):
                     prefix = name[: -len(".weight_packed")]
                     out_features, in_features = st.get_tensor(prefix + ".weight_shape").tolist()
-                    target = _module_name(prefix)
+                    target = module_name(prefix)
                     out[target + ".qweight"] = st.get_tensor(name).t().contiguous()
                     out[target + ".scales"] = st.get_tensor(prefix + ".weight_scale").t().contiguous()
                     # Symmetric int4: zero point 8 in every group; GPTQ v1 stores zero - 1 = 7 in each nibble.
@@ -259,7 +261,7 @@ def repack_to_gptq(src: Path, dst: Path) -> None:
                 elif name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
                     continue
                 else:
-                    out[_module_name(name)] = st.get_tensor(name)
+                    out[module_name(name)] = st.get_tensor(name)
         save_file(out, dst / f.name, metadata={"format": "pt"})
         weight_map.update({k: f.name for k in out})
     if (src / "model.safetensors.index.json").exists():
@@ -339,16 +341,10 @@ def ensure_gptq(src: Path) -> Path:
 _NIBBLE_SHIFTS = (0, 4, 8, 12, 16, 20, 24, 28)  # element i of an int32 word sits at bits 4i (both layouts)
 
 
-def module_name(tensor_name: str) -> str:
-    """The transformers 5 module path of a tensor named either way (`language_model.model.layers.0...` or
-    `model.language_model.layers.0...`): what peft's adapter keys use."""
-    return _module_name(tensor_name)
-
-
 def checkpoint_name(tensor_name: str) -> str:
     """The real checkpoint's name (transformers 4.5x, google/gemma-3-*'s own files: `language_model.model.*`,
     `vision_tower.vision_model.*`, `multi_modal_projector.*`) of a tensor named either way."""
-    name = _module_name(tensor_name)
+    name = module_name(tensor_name)
     for prefix, legacy in (
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),

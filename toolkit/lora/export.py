@@ -9,7 +9,6 @@ it never writes a file that loads and silently does nothing.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 from collections.abc import Callable
@@ -31,50 +30,27 @@ class Exported:
     lines: list[str]  # what to tell the user: how to load it
 
 
-def _base_folder(adapter_dir: Path, base: str | Path | None) -> Path:
-    """The base the adapter was trained on (its manifest), or `base`; refused when the fingerprints differ."""
-    from types import SimpleNamespace
-
-    from toolkit.base.loader import check_base, fingerprint, resolve_path
-    from toolkit.lora.folder import read_manifest
-    from toolkit.lora.registry import check_base_matches
-
-    if base is None:
-        base = read_manifest(adapter_dir).get("base", {}).get("path")
-        if not base:
-            raise ToolkitError(f"{adapter_dir} names no base (toolkit.json)", where="--base", fix="pass --base DIR")
-    path = resolve_path(str(base))
-    config, _ = check_base(path)
-    check_base_matches(adapter_dir, SimpleNamespace(fingerprint=fingerprint(config), path=path))
-    return path
-
-
-def _num_layers(base: Path) -> int:
-    config = json.loads((base / "config.json").read_text())
-    return int(config.get("text_config", config).get("num_hidden_layers", 0))
-
-
-def problems(adapter_dir: Path, base: Path) -> dict[str, list[str]]:
+def problems(adapter_dir: Path, base: Path, config: dict) -> dict[str, list[str]]:
     """Every target and the reasons it refuses this adapter (an empty list: it can go there)."""
     from toolkit.lora.export_gguf import gguf_problems
     from toolkit.lora.export_merged import merged_problems
-    from toolkit.lora.vllm_check import check_adapter
+    from toolkit.lora.vllm_check import check_adapter, num_layers
     from toolkit.lora.weights import load_lora
 
     adapter = load_lora(adapter_dir)
     return {
         "gguf": gguf_problems(adapter),
         "merged": merged_problems(adapter, base=base),
-        "vllm": check_adapter(adapter_dir.name, adapter_dir, _num_layers(base)).problems,
+        "vllm": check_adapter(adapter_dir.name, adapter_dir, num_layers(config)).problems,
     }
 
 
 def targets(spec: str, *, base: str | None = None, adapters_dir: str | Path = "adapters") -> dict[str, list[str]]:
     """`toolkit export --check` and `toolkit info ADAPTER`: which targets adapter `spec` can go to and why not."""
-    from toolkit.lora.registry import resolve_adapter
+    from toolkit.lora.registry import checked_base, resolve_serving
 
-    _, adapter_dir = resolve_adapter(spec, adapters_dir)
-    return problems(adapter_dir, _base_folder(adapter_dir, base))
+    base, [(_, adapter_dir)] = resolve_serving(base, [spec], adapters_dir)
+    return problems(adapter_dir, *checked_base(base, [adapter_dir]))
 
 
 def target_lines(found: dict[str, list[str]]) -> list[str]:
@@ -86,13 +62,15 @@ def _refuse(target: str, name: str, reasons: list[str], fix: str) -> None:
         raise ToolkitError(f"{name} cannot go to {target}: " + "; ".join(reasons[:4]), where=name, fix=fix)
 
 
-def _vllm(adapter_dir: Path, name: str, base: Path, staging: Path, final: Path, max_lora_rank: int | None) -> list[str]:
+def _vllm(
+    adapter_dir: Path, name: str, base: Path, config: dict, staging: Path, final: Path, max_lora_rank: int | None
+) -> list[str]:
     """The adapter folder as vLLM loads it, and the `vllm serve` line. Our tensor names already map onto vLLM's
     modules (checked), so the files are copied as they are."""
-    from toolkit.lora.vllm_check import VLLM_LORA_RANKS, check_adapter
+    from toolkit.lora.vllm_check import VLLM_LORA_RANKS, check_adapter, num_layers
     from toolkit.lora.vllm_check import max_lora_rank as fitting_rank
 
-    check = check_adapter(name, adapter_dir, _num_layers(base))
+    check = check_adapter(name, adapter_dir, num_layers(config))
     _refuse("vllm", name, check.problems, "retrain with lora.target_modules on language-model projections, no DoRA")
     rank = fitting_rank([check.rank])
     if max_lora_rank is not None:
@@ -132,13 +110,13 @@ def export(
     """Write adapter `spec` (a name under adapters_dir, NAME=PATH or a path) for target `to` into `out`
     (default build/export/<name>-<target>)."""
     from toolkit.lora.folder import write_dir_atomic
-    from toolkit.lora.registry import resolve_adapter
+    from toolkit.lora.registry import checked_base, resolve_serving
     from toolkit.lora.weights import load_lora
 
     if to not in TARGETS:
         raise ToolkitError(f"unknown export target {to!r}", where="--to", fix=f"use one of {', '.join(TARGETS)}")
-    name, adapter_dir = resolve_adapter(spec, adapters_dir)
-    base_path = _base_folder(adapter_dir, base)
+    base, [(name, adapter_dir)] = resolve_serving(base, [spec], adapters_dir)
+    base_path, config = checked_base(base, [adapter_dir])
     if quantize not in (None, "gptq") or (quantize and to != "merged"):
         raise ToolkitError(
             f"--quantize {quantize} with --to {to}", where="--quantize", fix="use --to merged --quantize gptq"
@@ -152,7 +130,6 @@ def export(
 
         adapter = load_lora(adapter_dir)
         _refuse("gguf", name, gguf_problems(adapter), FIX)
-        config = json.loads((base_path / "config.json").read_text())
 
         def fill(staging: Path) -> None:
             staging.mkdir()
@@ -186,7 +163,7 @@ def export(
 
         def fill(staging: Path) -> None:
             staging.mkdir()
-            files.extend(_vllm(adapter_dir, name, base_path, staging, out, max_lora_rank))
+            files.extend(_vllm(adapter_dir, name, base_path, config, staging, out, max_lora_rank))
 
         lines.append(f"sh {out / 'vllm-serve.sh'}")
     write_dir_atomic(out, fill, overwrite=overwrite, what="export")

@@ -57,8 +57,25 @@ def resolve_serving(
     if base is None:
         if not resolved:
             raise ToolkitError("no base to serve", where="--base", fix="pass --base DIR (or --adapter NAME)")
-        base = read_manifest(resolved[0][1])["base"]["path"]
+        folder = resolved[0][1]
+        base = read_manifest(folder).get("base", {}).get("path")
+        if not base:
+            raise ToolkitError(f"{folder} names no base (toolkit.json)", where="--base", fix="pass --base DIR")
     return str(base), resolved
+
+
+def checked_base(base: str, folders: list[Path]) -> tuple[Path, dict]:
+    """The base's folder and config.json, checked as a Gemma 3 base and matched by fingerprint against every
+    adapter folder's manifest, without loading any weight (the vLLM hand-off, the exports)."""
+    from types import SimpleNamespace
+
+    from toolkit.base.loader import check_base, fingerprint, resolve_path
+
+    path = resolve_path(base)
+    config, _ = check_base(path)
+    for folder in folders:
+        check_base_matches(folder, SimpleNamespace(fingerprint=fingerprint(config), path=path))
+    return path, config
 
 
 def check_base_matches(folder: Path, base: Any) -> None:

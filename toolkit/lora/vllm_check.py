@@ -95,6 +95,11 @@ def check_adapter(name: str, folder: Path, num_layers: int) -> AdapterCheck:
     return check
 
 
+def num_layers(config: dict) -> int:
+    """The text decoder's layers in a Gemma 3 config.json (what check_adapter's `num_layers` takes)."""
+    return int(config.get("text_config", config).get("num_hidden_layers", 0))
+
+
 def max_lora_rank(ranks: list[int]) -> int:
     """The smallest value vLLM accepts for --max-lora-rank that fits every adapter."""
     need = max(ranks, default=8)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from toolkit import constants as C
 from toolkit.errors import ToolkitError
-from toolkit.lora.vllm_check import AdapterCheck, check_adapter, max_lora_rank, vllm_module_name
+from toolkit.lora.vllm_check import AdapterCheck, check_adapter, max_lora_rank, num_layers, vllm_module_name
 
 __all__ = ["AdapterCheck", "VllmCommand", "build_command", "check_adapter", "max_lora_rank", "plan", "vllm_module_name"]
 
@@ -50,8 +50,8 @@ def build_command(
     max_batch: int | None = None,
 ) -> VllmCommand:
     """`vllm serve` for the base and adapters, after checking every adapter against vLLM's loader."""
-    num_layers = int(config.get("text_config", {}).get("num_hidden_layers", 0))
-    checks = [check_adapter(name, Path(folder), num_layers) for name, folder in adapters]
+    layers = num_layers(config)
+    checks = [check_adapter(name, Path(folder), layers) for name, folder in adapters]
     bad = [f"{c.name}: {'; '.join(c.problems[:3])}" for c in checks if c.problems]
     if bad:
         raise ToolkitError(
@@ -93,16 +93,11 @@ def plan(
 ) -> VllmCommand:
     """The vLLM command for what `toolkit serve` would serve: same base (the original checkpoint folder, which
     vLLM reads natively), same adapter names, same served model name, the same context and image limits."""
-    from types import SimpleNamespace
-
-    from toolkit.base.loader import check_base, context_length, fingerprint, resolve_path, served_name
-    from toolkit.lora.registry import check_base_matches, resolve_serving
+    from toolkit.base.loader import context_length, served_name
+    from toolkit.lora.registry import checked_base, resolve_serving
 
     base, resolved = resolve_serving(base, adapter_specs, adapters_dir)
-    path = resolve_path(base)
-    config, _ = check_base(path)
-    for _, folder in resolved:
-        check_base_matches(folder, SimpleNamespace(fingerprint=fingerprint(config), path=path))
+    path, config = checked_base(base, [folder for _, folder in resolved])
     model = str(path.resolve()) if Path(base).exists() else base  # a hub id stays one: vLLM fetches it itself
     return build_command(
         model, resolved, config=config, served_name=served_name(base), max_model_len=context_length(config), **options
