@@ -152,6 +152,11 @@ def validate(
     from toolkit.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    rewards = []
+    if loaded.training.method == "grpo":  # every reward loads (a user function's file, name, syntax) before the data
+        from toolkit.eval.rewards import build_rewards
+
+        rewards = build_rewards(loaded.training.rewards, Path(loaded.source).parent)
     report = load_recipe_data(loaded)
     summary = report.summary()
     if dump or show:
@@ -169,6 +174,8 @@ def validate(
     typer.echo(f"recipe {recipe}: ok (adapter {loaded.adapter_name!r}, base {loaded.base.path})")
     for line in summary_lines(summary, detected=loaded.data.format == "auto"):
         typer.echo(line)
+    if rewards:
+        typer.echo("  rewards " + " + ".join(f"{r.weight:g} x {r.name}" for r in rewards))
 
 
 @app.command()

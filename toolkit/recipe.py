@@ -9,6 +9,7 @@ recipe are relative to the directory the command runs from. docs/RECIPES.md is g
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,9 +65,12 @@ class DataSection(_Section):
     """Training rows: a .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or a hub dataset name."""
     eval: str | None = None
     """Held-out rows in the same forms; when absent, eval_fraction of the training rows is held out."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt", "preference", "kto"] = (
+        "auto"
+    )
     """Row shape of train/eval files (docs/DATA.md); auto: from the first row's fields (`toolkit validate` says).
-    preference: pairs (chosen and rejected answers to one prompt); kto: one answer with a true / false label."""
+    preference: pairs (chosen and rejected answers to one prompt); kto: one answer with a true / false label;
+    prompt: TRL's prompt-only rows (`prompt`, a string or messages), for grpo."""
     columns: dict[DataColumn, str] = Field(default_factory=dict)
     """Your field names for the format's fields, e.g. {messages: dialog, role: speaker, content: text, images: pics}."""
     roles: dict[str, Literal["system", "developer", "user", "assistant"]] = Field(default_factory=dict)
@@ -110,10 +114,10 @@ class LoraSection(_Section):
     """Weight-decomposed LoRA (DoRA), where peft supports it on GPTQ layers."""
 
 
-METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
 PAIRED_METHODS = ("dpo", "orpo", "simpo")  # they need a chosen and a rejected answer to the same prompt
 # TRL 1.16's DPOTrainer loss types (DPOConfig.loss_type)
-DPO_LOSSES = Literal[
+DPO_LOSS_NAMES = (
     "sigmoid",
     "hinge",
     "ipo",
@@ -129,22 +133,93 @@ DPO_LOSSES = Literal[
     "discopop",
     "sft",
     "sigmoid_norm",
-]
-# beta when the recipe gives none: TRL's defaults (DPO, KTO, ORPO's lambda); SimPO's paper range (2.0 to 2.5)
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+)
+# TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type); luspo and vespo need sequence-level settings not offered
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
+# beta when the recipe gives none: TRL's defaults (DPO, KTO, ORPO's lambda; GRPO's KL weight, 0: no reference pass);
+# SimPO's paper range (2.0 to 2.5)
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.0}
+DEFAULT_LOSS = {"dpo": ["sigmoid"], "grpo": ["dapo"]}
+# the training keys only grpo reads (a grpo recipe's other methods' keys, and these in theirs, are refused)
+GRPO_KEYS = (
+    "rewards",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "epsilon",
+    "epsilon_high",
+    "steps_per_generation",
+    "num_iterations",
+    "scale_rewards",
+    "mask_truncated_completions",
+)
+
+
+class RewardSpec(_Section):
+    """One reward of a grpo recipe (docs/TRAINING.md, "GRPO"): a built-in or your own Python function."""
+
+    type: Literal["exact", "contains", "regex", "json_schema", "length", "function"]
+    """exact / contains: the answer equals / contains a column's value; regex: `pattern` (or a column's pattern)
+    matches (re.search); json_schema: the answer is JSON valid against a column's schema; length: near `target`
+    tokens; function: `path: file.py:name` with TRL's signature (prompts, completions, **columns) -> list[float]."""
+    weight: float = 1.0
+    """Weight in the summed reward."""
+    column: str | None = None
+    """The row's column to compare with: exact / contains `answer`, json_schema `schema`; regex: instead of pattern."""
+    pattern: str | None = None
+    """regex: the pattern every answer should match."""
+    target: int | None = Field(None, ge=1)
+    """length: the answer's target length in tokens (reward 1 - |n - target| / target, at least 0)."""
+    path: str | None = None
+    """function: `file.py:function`, the file relative to the recipe."""
+    name: str | None = None
+    """Its name in metrics (default: the type, or the function's name)."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_type(self) -> RewardSpec:
+        allowed = {
+            "exact": {"column"},
+            "contains": {"column"},
+            "regex": {"pattern", "column"},
+            "json_schema": {"column"},
+            "length": {"target"},
+            "function": {"path"},
+        }[self.type]
+        for key in ("column", "pattern", "target", "path"):
+            if key in self.model_fields_set and key not in allowed:
+                takes = ", ".join(sorted(allowed))
+                raise ValueError(f"{key} is not a setting of a {self.type} reward (it takes {takes})")
+        if self.type == "regex":
+            if (self.pattern is None) == (self.column is None):
+                raise ValueError("a regex reward takes a pattern or a column (of per-row patterns), one of them")
+            if self.pattern is not None:
+                try:
+                    re.compile(self.pattern)
+                except re.error as exc:
+                    raise ValueError(f"pattern is not a valid regular expression ({exc})") from None
+        if self.type == "length" and self.target is None:
+            raise ValueError("a length reward needs target: N (tokens)")
+        if self.type == "function" and (self.path is None or ":" not in self.path):
+            raise ValueError("a function reward needs path: file.py:function_name (the file relative to the recipe)")
+        return self
 
 
 class TrainingSection(_Section):
-    method: Literal["sft", "dpo", "kto", "orpo", "simpo"] = "sft"
-    """sft (supervised, on conversations) or a preference method: dpo, orpo, simpo (pairs: a chosen and a rejected
-    answer) or kto (answers labelled desirable or not; pairs are split into one of each). docs/TRAINING.md."""
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo", "grpo"] = "sft"
+    """sft (supervised, on conversations); a preference method: dpo, orpo, simpo (pairs: a chosen and a rejected
+    answer) or kto (answers labelled desirable or not; pairs are split into one of each); or grpo (online RL on
+    prompts, scored by `rewards`). docs/TRAINING.md."""
     init_adapter: str | None = None
     """Continue from an adapter (a name under output.dir, or a folder): its weights start the new adapter, and for
-    dpo and kto it is also the frozen reference (not the bare base). Trained on the same base (fingerprint)."""
-    beta: float | None = Field(None, gt=0)
-    """Preference strength: DPO / KTO's KL weight (default 0.1), ORPO's lambda (0.1), SimPO's reward scale (2.0)."""
-    loss_type: list[DPO_LOSSES] = Field(default_factory=lambda: ["sigmoid"])
-    """dpo: TRL's DPO loss types (one or several, summed), e.g. [sigmoid], [ipo], [hinge], [sigmoid, sft]."""
+    dpo, kto and grpo (beta > 0) it is also the frozen reference (not the bare base). Same base (fingerprint)."""
+    beta: float | None = Field(None, ge=0)
+    """Preference strength: DPO / KTO's KL weight (default 0.1), ORPO's lambda (0.1), SimPO's reward scale (2.0);
+    GRPO's KL weight (default 0: no reference pass)."""
+    loss_type: list[str] | None = None
+    """dpo: TRL's DPO loss types (one or several, summed), e.g. [sigmoid] (default), [ipo], [hinge], [sigmoid, sft].
+    grpo: one of dapo (default), grpo, dr_grpo, bnpo, cispo, sapo (TRL's GRPO losses)."""
     rpo_alpha: float | None = Field(None, ge=0)
     """dpo: add the chosen answers' NLL with this weight (RPO: DPO + NLL; TRL's `sft` loss type)."""
     desirable_weight: float = Field(1.0, gt=0)
@@ -153,6 +228,31 @@ class TrainingSection(_Section):
     """kto: weight of the undesirable answers' loss."""
     gamma: float = Field(1.0, ge=0)
     """simpo: target reward margin (TRL's simpo_gamma); the paper's gamma / beta of 0.5 with beta 2.0."""
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    """grpo: the rewards, summed with their weights, e.g. [{type: regex, pattern: '^[A-Z ]+$'}] (RewardSpec keys:
+    type, weight, column, pattern, target, path, name; docs/TRAINING.md)."""
+    num_generations: int = Field(8, ge=2)
+    """grpo: completions sampled per prompt (the group whose rewards are compared)."""
+    max_completion_length: int = Field(256, ge=1)
+    """grpo: longest completion in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """grpo: sampling temperature of the rollouts (and of the log-probabilities trained on)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """grpo: nucleus sampling of the rollouts (1: off)."""
+    top_k: int = Field(0, ge=0)
+    """grpo: top-k sampling of the rollouts (0: off)."""
+    epsilon: float = Field(0.2, gt=0)
+    """grpo: clipping range of the policy ratio (TRL's epsilon)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """grpo: upper clipping bound (DAPO's clip-higher; default: epsilon)."""
+    steps_per_generation: int | None = Field(None, ge=1)
+    """grpo: forward passes served by one rollout batch (default grad_accum: one rollout per optimizer step)."""
+    num_iterations: int = Field(1, ge=1)
+    """grpo: optimisation passes over each rollout batch (TRL's mu)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo: advantages divided by the group's reward std (group), the batch's (batch) or not (none: Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """grpo: leave completions cut at max_completion_length out of the loss (DAPO)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training rows (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -197,13 +297,15 @@ class TrainingSection(_Section):
     @model_validator(mode="after")
     def _settings_of_the_method(self) -> TrainingSection:
         # a setting of another method would be silently ignored: refuse it, naming the method it belongs to
+        grpo = ("grpo",)
         owners = {
-            "beta": ("dpo", "kto", "orpo", "simpo"),
-            "loss_type": ("dpo",),
+            "beta": ("dpo", "kto", "orpo", "simpo", "grpo"),
+            "loss_type": ("dpo", "grpo"),
             "rpo_alpha": ("dpo",),
             "desirable_weight": ("kto",),
             "undesirable_weight": ("kto",),
             "gamma": ("simpo",),
+            **dict.fromkeys(GRPO_KEYS, grpo),
         }
         for key, methods in owners.items():
             if key in self.model_fields_set and self.method not in methods:
@@ -211,12 +313,47 @@ class TrainingSection(_Section):
                     f"{key} is a setting of {' / '.join(methods)}, and training.method is {self.method} "
                     f"(remove {key}, or set training.method)"
                 )
+        if self.beta == 0 and self.method != "grpo":
+            raise ValueError(f"beta must be greater than 0 for {self.method}")
+        losses = self.losses
+        if self.method == "dpo":
+            wrong = [x for x in losses if x not in DPO_LOSS_NAMES]
+            if wrong:
+                raise ValueError(f"loss_type {wrong[0]!r} is not a DPO loss of TRL 1.16 ({', '.join(DPO_LOSS_NAMES)})")
+        if self.method == "grpo":
+            self._check_grpo()
         if self.method == "kto" and self.batch_size < 2:
             raise ValueError(
                 "kto estimates its KL term from the other answers of a batch, so it needs training.batch_size >= 2 "
                 "(TRL's rule); set training.batch_size: 2 or more"
             )
         return self
+
+    def _check_grpo(self) -> None:
+        if len(self.losses) != 1 or self.losses[0] not in GRPO_LOSSES:
+            raise ValueError(f"grpo takes one loss_type, one of {', '.join(GRPO_LOSSES)} (got {self.loss_type!r})")
+        if not self.rewards:
+            raise ValueError(
+                "grpo needs at least one reward: training.rewards: [{type: regex, pattern: '...'}] or "
+                "[{type: function, path: rewards.py:my_reward}] (docs/TRAINING.md)"
+            )
+        if self.eval_every:
+            raise ValueError(
+                "grpo scores its held-out prompts once, at the end (the greedy answer's rewards, base vs adapter); "
+                "remove eval_every"
+            )
+        per_generation = self.batch_size * (self.steps_per_generation or self.grad_accum)
+        if per_generation % self.num_generations:
+            raise ValueError(
+                f"a rollout batch holds batch_size x steps_per_generation = {per_generation} completions, which must "
+                f"be a multiple of num_generations ({self.num_generations}): whole groups of one prompt (TRL's rule; "
+                "batch_size counts completions, not prompts). Set steps_per_generation or grad_accum accordingly"
+            )
+
+    @property
+    def losses(self) -> list[str]:
+        """loss_type as given, else the method's default."""
+        return list(self.loss_type) if self.loss_type is not None else DEFAULT_LOSS.get(self.method, ["sigmoid"])
 
     @property
     def preference_beta(self) -> float:

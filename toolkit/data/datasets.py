@@ -3,10 +3,11 @@
 A row is converted by its format's door (formats.py: messages, sharegpt, alpaca, prompt_completion; `auto`
 decides from the first row) into `{"messages": [...]}` (the schema of schema.py) whose last message is the
 assistant answer, then checked; errors name the field as the user wrote it. An eval row may add `"regex"` (a
-pattern its answer should match). Other top-level keys are ignored. Sources: local .jsonl, .json (a list of
-rows), .parquet, a `datasets.save_to_disk` folder, or a hub dataset name. Image paths in rows are relative to
-the dataset file. Bad rows raise (on_bad_row: error) or are skipped, counted and listed (skip); over-long rows
-follow `overlong` (error / truncate / drop, counted).
+pattern its answer should match). Other top-level keys are ignored, except in prompt rows (GRPO: `load_data(...,
+"grpo")`), where they are the row's columns for the reward functions and the conversation ends with the user.
+Sources: local .jsonl, .json (a list of rows), .parquet, a `datasets.save_to_disk` folder, or a hub dataset
+name. Image paths in rows are relative to the dataset file. Bad rows raise (on_bad_row: error) or are skipped,
+counted and listed (skip); over-long rows follow `overlong` (error / truncate / drop, counted).
 
 Preference rows (`preference`: pairs; `kto`: answers labelled true / false) come through preference.py's door:
 each side is a conversation (the prompt, then that answer) checked and encoded like any row, and an item is a
@@ -30,7 +31,7 @@ from toolkit.data.formats import CONVERSATION_FORMATS, Converted, EncodedRow, Ro
 from toolkit.data.images import ImagePolicy, load_image
 from toolkit.data.preference import Preference, RowPair
 from toolkit.data.schema import FIX_HINT, check_messages, image_urls
-from toolkit.data.template import Encoded, encode_conversation
+from toolkit.data.template import Encoded, encode_conversation, encode_prompt
 from toolkit.errors import ToolkitError
 from toolkit.recipe import DataSection
 
@@ -78,7 +79,7 @@ class DataReport:
             }
 
         def split(items: list) -> dict:
-            return stats(items) if self.kind == "conversations" else preference.stats(items, self.kind)
+            return stats(items) if self.kind in ("conversations", "prompts") else preference.stats(items, self.kind)
 
         return {
             "format": self.formats,
@@ -119,6 +120,8 @@ def split_line(stats: dict, kind: str = "conversations") -> str:
         labels = f"{s['desirable']} desirable, {s['undesirable']} undesirable"
         counted = f"{s['rows']} answers ({labels}), {s['tokens']} tokens ({s['prompt_tokens']} prompt, "
         counted += f"{s['answer_tokens']} answer tokens)"
+    elif kind == "prompts":
+        counted = f"{s['rows']} prompts, {s['tokens']} prompt tokens"
     else:
         counted = f"{s['rows']} rows, {s['tokens']} tokens ({s['answer_tokens']} answer tokens)"
     return f"{counted}, {s['images']} images{longest}"
@@ -238,8 +241,11 @@ def _kept_fields(converted: Converted, messages: list) -> dict[str, str]:
     return {k: v for k, v in converted.fields.items() if k in keep and k != v}
 
 
-def parse_row(where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fmt: str = "messages") -> Row:
-    """Convert one raw row through its format's door, then check it against the message schema."""
+def parse_row(
+    where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fmt: str = "messages", prompts: bool = False
+) -> Row:
+    """Convert one raw row through its format's door, then check it against the message schema. `prompts` (grpo):
+    the conversation is a prompt, ending with the user's turn, and the row's other fields are kept as columns."""
     if isinstance(raw, ToolkitError):
         raise ToolkitError(raw.what, where=where)
     columns, fix = cfg.columns, FIX_HINT if fmt == "messages" else _FIX_FORMAT.format(fmt=fmt)
@@ -251,13 +257,14 @@ def parse_row(where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fmt
     if not isinstance(raw, dict):
         raise ToolkitError(f"row must be an object (a {fmt} row)", where=where, fix=fix)
     try:
-        converted = formats.convert_row(raw, fmt, columns, cfg.roles)
+        converted = formats.convert_row(raw, fmt, columns, cfg.roles, prompt_only=prompts)
     except ToolkitError as err:
         raise ToolkitError(err.what, where=where, fix=err.fix or fix) from None
-    messages, problems = check_messages(converted.messages, purpose="train", max_images=cfg.max_images_per_conversation)
+    purpose = "request" if prompts else "train"
+    messages, problems = check_messages(converted.messages, purpose=purpose, max_images=cfg.max_images_per_conversation)
     if problems:
         text = "; ".join(f"{converted.field_of(p.path)}: {p.message}" for p in problems)
-        raise ToolkitError(text, where=where, fix=fix)
+        raise ToolkitError(text, where=where, fix=_FIX_PROMPT if prompts else fix)
     regex_field = columns.get("regex", "regex")
     regex = raw.get(regex_field)
     if regex is not None:
@@ -265,7 +272,10 @@ def parse_row(where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fmt
             re.compile(regex)
         except (re.error, TypeError) as exc:
             raise ToolkitError(f"regex is not a valid pattern ({exc})", where=f"{where}: {regex_field}") from None
-    return Row(where, messages, regex, base_dir, converted.train_from, _kept_fields(converted, messages))
+    row = Row(where, messages, regex, base_dir, converted.train_from, _kept_fields(converted, messages))
+    if prompts:
+        row.columns, row.text_prompt = formats.extra_columns(raw, fmt, columns), converted.text_prompt
+    return row
 
 
 def parse_pair(where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fmt: str) -> RowPair:
@@ -298,6 +308,10 @@ def parse_pair(where: str, raw: Any, base_dir: Path | None, cfg: DataSection, fm
     return pair
 
 
+_FIX_PROMPT = (
+    'a grpo row is a prompt: {"prompt": "..."} or messages ending with the user\'s turn (the model writes the '
+    "answer); put reference answers in a column such as `answer` for the rewards (docs/DATA.md)"
+)
 _FIX_FORMAT = (
     "see docs/DATA.md for the {fmt} row shape; data.columns and data.roles map other field and role names, "
     "data.format sets the format"
@@ -305,19 +319,26 @@ _FIX_FORMAT = (
 
 
 def read_rows(
-    source: str, cfg: DataSection, skipped: list[Skipped], accept: Callable[[str], object] | None = None
+    source: str,
+    cfg: DataSection,
+    skipped: list[Skipped],
+    accept: Callable[[str], object] | None = None,
+    prompts: bool = False,
 ) -> tuple[str, list]:
     """(format, rows) of a source: Rows, or RowPairs for preference / kto rows; bad rows raise or are skipped into
-    `skipped` (data.on_bad_row). `accept(format)` may refuse the format before a row is parsed."""
+    `skipped` (data.on_bad_row). `accept(format)` may refuse the format before a row is parsed. `prompts`: the
+    rows are GRPO's prompts (parse_row)."""
     raw_rows, base_dir = read_raw_rows(source, cfg.hub_split)
     fmt = detect_format(raw_rows, cfg)
     if accept is not None:
         accept(fmt)
-    parse = parse_row if fmt in CONVERSATION_FORMATS else parse_pair
     rows = []
     for where, raw in raw_rows:
         try:
-            rows.append(parse(where, raw, base_dir, cfg, fmt))
+            if fmt in CONVERSATION_FORMATS:
+                rows.append(parse_row(where, raw, base_dir, cfg, fmt, prompts))
+            else:
+                rows.append(parse_pair(where, raw, base_dir, cfg, fmt))
         except ToolkitError as err:
             if cfg.on_bad_row == "error":
                 raise
@@ -353,6 +374,8 @@ def _hash_rows(items: list) -> str:
             if side:  # plain rows hash as they always did
                 h.update(f"side={side}".encode())
             h.update(json.dumps([m.model_dump(exclude_none=True) for m in r.messages], sort_keys=True).encode())
+            if r.columns:  # what a prompt's rewards read is part of the data
+                h.update(json.dumps(r.columns, sort_keys=True, default=str).encode())
             if r.train_from:  # the same messages with fewer trained answers are different training data
                 h.update(f"train_from={r.train_from}".encode())
     return h.hexdigest()
@@ -367,13 +390,18 @@ def _image_policy(cfg: DataSection) -> ImagePolicy:
     )
 
 
-def _encode_row(row: Row, processor: Any, cfg: DataSection, policy: ImagePolicy) -> Encoded | None:
-    """One conversation's tokens and labels (None: dropped as over-long); errors name file:row and the field."""
+def _encode_row(
+    row: Row, processor: Any, cfg: DataSection, policy: ImagePolicy, prompt: bool = False
+) -> Encoded | None:
+    """One conversation's tokens and labels (None: dropped as over-long); errors name file:row and the field.
+    `prompt`: a GRPO prompt, encoded as the engine is fed it (template + generation prompt, no labels)."""
     try:
         images = [
             load_image(url, base_dir=row.base_dir, policy=policy, where=f"{row.where}: {row.field_of(path)}")
             for path, url in image_urls(row.messages)
         ]
+        if prompt:
+            return _encode_prompt(processor, row.messages, images, cfg)
         return encode_conversation(
             processor, row.messages, images, max_len=cfg.max_seq_len, overlong=cfg.overlong, train_from=row.train_from
         )
@@ -383,14 +411,32 @@ def _encode_row(row: Row, processor: Any, cfg: DataSection, policy: ImagePolicy)
         raise ToolkitError(err.what, where=where, fix=err.fix) from None
 
 
-def encode_rows(rows: list[Row], processor: Any, cfg: DataSection, report: DataReport, desc: str) -> list[EncodedRow]:
+def _encode_prompt(processor: Any, messages: list, images: list, cfg: DataSection) -> Encoded | None:
+    """A GRPO prompt's tokens; over max_seq_len: error or drop (a prompt cut short would lose its question, so
+    truncate is refused)."""
+    encoded = encode_prompt(processor, messages, images)
+    if len(encoded.input_ids) <= cfg.max_seq_len:
+        return encoded
+    if cfg.overlong == "drop":
+        return None
+    raise ToolkitError(
+        f"prompt is {len(encoded.input_ids)} tokens, over max_seq_len {cfg.max_seq_len}"
+        + (" (a prompt is never truncated: its end is the question)" if cfg.overlong == "truncate" else ""),
+        where="messages",
+        fix="raise data.max_seq_len, or set data.overlong: drop",
+    )
+
+
+def encode_rows(
+    rows: list[Row], processor: Any, cfg: DataSection, report: DataReport, desc: str, prompts: bool = False
+) -> list[EncodedRow]:
     from tqdm.auto import tqdm
 
     policy = _image_policy(cfg)
     out = []
     for row in tqdm(rows, desc=desc, unit="row", disable=len(rows) < 50, leave=False):
         try:
-            encoded = _encode_row(row, processor, cfg, policy)
+            encoded = _encode_row(row, processor, cfg, policy, prompts)
         except ToolkitError as err:
             if cfg.on_bad_row == "error":
                 raise
@@ -436,8 +482,8 @@ def encode_pairs(
 
 
 def _encode(rows: list, processor: Any, cfg: DataSection, report: DataReport, kind: str, desc: str) -> list:
-    if kind == "conversations":
-        return encode_rows(rows, processor, cfg, report, desc)
+    if kind in ("conversations", "prompts"):
+        return encode_rows(rows, processor, cfg, report, desc, prompts=kind == "prompts")
     items = encode_pairs(rows, processor, cfg, report, desc)
     return preference.unpair(items) if kind == "unpaired" else items
 
@@ -448,10 +494,11 @@ def load_data(cfg: DataSection, processor: Any, method: str = "sft") -> DataRepo
     pairs are unpaired for kto after the split, so both answers of a pair stay on one side of it). Rows the method
     cannot train on stop with a ToolkitError before they are read."""
     report = DataReport(train=[], eval=[])
-    report.formats["train"], train_rows = read_rows(cfg.train, cfg, report.skipped, _accept(method, cfg.train))
+    prompts = method == "grpo"
+    report.formats["train"], train_rows = read_rows(cfg.train, cfg, report.skipped, _accept(method, cfg.train), prompts)
     report.kind = preference.data_kind(method, report.formats["train"], cfg.train)  # the eval file's is the same
     if cfg.eval:
-        report.formats["eval"], eval_rows = read_rows(cfg.eval, cfg, report.skipped, _accept(method, cfg.eval))
+        report.formats["eval"], eval_rows = read_rows(cfg.eval, cfg, report.skipped, _accept(method, cfg.eval), prompts)
     else:
         train_rows, eval_rows = split_rows(train_rows, cfg.eval_fraction, cfg.split_seed)
     report.train = _encode(train_rows, processor, cfg, report, report.kind, "encoding train rows")
@@ -478,22 +525,26 @@ def load_recipe_data(recipe: Any) -> DataReport:
     return load_data(recipe.data, load_processor(prepare_recipe_base(recipe.base)), recipe.training.method)
 
 
-def load_eval_rows(cfg: DataSection, processor: Any, source: str | None = None) -> tuple[list, dict]:
+def load_eval_rows(
+    cfg: DataSection, processor: Any, source: str | None = None, prompts: bool = False
+) -> tuple[list, dict]:
     """The rows to evaluate on: `source` (a file of rows), else the recipe's eval file, else its seeded held-out
     split of the training rows. A bad row always stops with file:row: an evaluation that silently skips rows
     could pass a gate it should fail. Returns the items and a description (source, format, kind, count, hash):
     EncodedRows for conversations, Preference pairs (both sides) for preference rows; KTO rows are refused, since
-    preference evaluation compares the two answers of a pair."""
+    preference evaluation compares the two answers of a pair. `prompts` (a grpo recipe): prompt rows, answered and
+    scored by the recipe's rewards."""
     strict = cfg.model_copy(update={"on_bad_row": "error"})
     report = DataReport(train=[], eval=[])
+    accept = (lambda src: _accept("grpo", src)) if prompts else _eval_accept
     if source or cfg.eval:
         label = source or cfg.eval
-        fmt, rows = read_rows(label, strict, report.skipped, _eval_accept(label))
+        fmt, rows = read_rows(label, strict, report.skipped, accept(label), prompts)
     else:
         label = f"{cfg.train} (held-out split: {cfg.eval_fraction} with seed {cfg.split_seed})"
-        fmt, rows = read_rows(cfg.train, strict, report.skipped, _eval_accept(cfg.train))
+        fmt, rows = read_rows(cfg.train, strict, report.skipped, accept(cfg.train), prompts)
         _, rows = split_rows(rows, cfg.eval_fraction, cfg.split_seed)
-    kind = "conversations" if fmt in CONVERSATION_FORMATS else "pairs"
+    kind = "prompts" if prompts else "conversations" if fmt in CONVERSATION_FORMATS else "pairs"
     encoded = _encode(rows, processor, strict, report, kind, "encoding eval rows")
     if not encoded:
         raise ToolkitError("no rows to evaluate", where=label, fix="give a file of rows with --data")

@@ -6,7 +6,10 @@ Formats (docs/DATA.md has an example row of each and its LLaMA-Factory / Axolotl
 - sharegpt (LLaVA included): `{"conversations": [{"from": "human", "value": ...}, ...]}`, `<image>` markers in
   the text filled from `image` / `images`, an optional top-level `system`;
 - alpaca: `instruction` (+ "\\n" + `input` when not empty), `output`, optional `system` and `history`;
-- prompt_completion: TRL's `prompt` then `completion` (lists of messages or strings); only the completion trains.
+- prompt_completion: TRL's `prompt` then `completion` (lists of messages or strings); only the completion trains;
+- prompt: TRL's prompt-only rows (`prompt`, messages or a string), for grpo. GRPO takes prompts from every
+  conversation format (a conversation ending with a user turn; alpaca without `output`), and a row's other fields
+  (`answer`, `schema`, ...) are kept as its columns for the reward functions (`extra_columns`).
 An image is a path (relative to the data file), an http(s) or data: URL, a `datasets` Image value
 (`{"bytes", "path"}`) or a PIL image; bytes and PIL images become data: URIs, so past this door an image is a URL.
 
@@ -32,7 +35,7 @@ from toolkit.data.schema import TOOLS_UNSUPPORTED
 from toolkit.data.template import Encoded
 from toolkit.errors import ToolkitError
 
-CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "prompt")
 PREFERENCE_FORMATS = ("preference", "kto")  # preference.py's door: pairs, and answers labelled true / false
 FORMATS = CONVERSATION_FORMATS + PREFERENCE_FORMATS
 ROLES = ("system", "developer", "user", "assistant")
@@ -52,6 +55,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
         "content": "content",
         **_COMMON,
     },
+    "prompt": {"prompt": "prompt", "role": "role", "content": "content", **_COMMON},
     # TRL's preference rows, and LLaMA-Factory's ranking rows (conversations / instruction + chosen + rejected)
     "preference": {
         "prompt": "prompt",
@@ -93,6 +97,8 @@ class Row:
     base_dir: Path | None = None
     train_from: int = 0  # assistant messages before this index are context only (prompt_completion, preference)
     fields: dict[str, str] = field(default_factory=dict)  # schema path -> the field as the user wrote it
+    columns: dict[str, Any] = field(default_factory=dict)  # a prompt row's other fields, for reward functions
+    text_prompt: bool = False  # the prompt came as a plain string (TRL's standard format: rewards see strings)
 
     def field_of(self, path: str) -> str:
         """The user's name of a schema field path (`messages[2].role` -> `conversations[2].from`)."""
@@ -112,6 +118,7 @@ class Converted:
     messages: list[dict]
     fields: dict[str, str] = field(default_factory=dict)  # schema path -> the user's field path
     train_from: int = 0  # assistant messages before this index are context, not trained (prompt_completion)
+    text_prompt: bool = False  # the prompt field was a plain string
 
     def field_of(self, path: str) -> str:
         return field_of(self.fields, path)
@@ -154,6 +161,8 @@ def detect_format(raw: Any, columns: dict[str, str]) -> str | None:
         return "alpaca"
     if columns.get("prompt", "prompt") in raw and columns.get("completion", "completion") in raw:
         return "prompt_completion"
+    if columns.get("prompt", "prompt") in raw:
+        return "prompt"
     return None
 
 
@@ -398,8 +407,21 @@ def str_field(raw: dict, key: str, *, required: bool) -> str | None:
     return value
 
 
-def convert_row(raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, str]) -> Converted:
-    """One row of format `fmt` -> the schema's raw messages and field map; raises ToolkitError("field: what")."""
+def extra_columns(raw: dict, fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+    """A prompt row's fields that the door did not turn into the conversation (`answer`, `schema`, an alpaca
+    `output`...): what GRPO's reward functions read, as TRL passes a dataset's other columns."""
+    cols = {**DEFAULT_COLUMNS[fmt], **columns}
+    used = {cols[k] for k in ("messages", "prompt", "images", "system", "instruction", "input", "history") if k in cols}
+    if fmt == "sharegpt":
+        used.add("image")  # LLaVA's single image
+    return {k: v for k, v in raw.items() if k not in used}
+
+
+def convert_row(
+    raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, str], *, prompt_only: bool = False
+) -> Converted:
+    """One row of format `fmt` -> the schema's raw messages and field map; raises ToolkitError("field: what").
+    `prompt_only` (grpo): the conversation is the prompt; an alpaca row's `output`, if any, is not part of it."""
     cols = {**DEFAULT_COLUMNS[fmt], **columns}
     images, images_field = images_of(raw, cols, llava=fmt == "sharegpt" and "images" not in columns)
     if fmt in ("messages", "sharegpt"):
@@ -424,8 +446,9 @@ def convert_row(raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, s
         query = str_field(raw, cols["input"], required=False)
         user = "\n".join(t for t in (instruction, query) if t)  # LLaMA-Factory's rule: input only when not empty
         b.add("user", user, cols["instruction"], cols["instruction"], cols["instruction"])
-        output = str_field(raw, cols["output"], required=True)
-        b.add("assistant", output, cols["output"], cols["output"], cols["output"])
+        if not prompt_only:
+            output = str_field(raw, cols["output"], required=True)
+            b.add("assistant", output, cols["output"], cols["output"], cols["output"])
         b.fill_images(images_field, trl_rule=False)
         return b.result(cols["instruction"])
     if fmt == "prompt_completion":
@@ -442,4 +465,21 @@ def convert_row(raw: dict, fmt: str, columns: dict[str, str], roles: dict[str, s
                 train_from = len(b.msgs)
         b.fill_images(images_field, trl_rule=True)
         return b.result(cols["prompt"], train_from)
+    if fmt == "prompt":
+        name = cols["prompt"]
+        if name not in raw:
+            fail(name, "is missing")
+        b = Builder(images, markers=bool(images))
+        system = str_field(raw, cols["system"], required=False) if "system" in columns else None
+        if system:
+            b.add("system", system, cols["system"], cols["system"], cols["system"])
+        text = isinstance(raw[name], str)
+        if text:
+            b.add("user", raw[name], name, name, name)
+        else:
+            add_turns(b, raw[name], name, cols, roles)
+        b.fill_images(images_field, trl_rule=True)
+        converted = b.result(name)
+        converted.text_prompt = text
+        return converted
     raise ValueError(f"unknown format {fmt!r}")

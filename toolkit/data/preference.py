@@ -47,7 +47,7 @@ from toolkit.errors import ToolkitError
 from toolkit.recipe import PAIRED_METHODS
 
 SIDES = ("chosen", "rejected")
-KINDS = ("conversations", "pairs", "unpaired")  # what a method trains on: SFT rows, pairs, or labelled answers
+KINDS = ("conversations", "pairs", "unpaired", "prompts")  # SFT rows, pairs, labelled answers, or GRPO prompts
 
 SHAPES = (  # the preference row shapes, for errors that ask for them (docs/DATA.md shows each)
     "{prompt, chosen, rejected} or {chosen, rejected} whole conversations (TRL, UltraFeedback), "
@@ -368,6 +368,21 @@ def same_answers(chosen: Row, rejected: Row) -> bool:
 def data_kind(method: str, fmt: str, where: str) -> str:
     """What `method` trains on from rows of `fmt`: conversations, pairs or unpaired (labelled) answers. Rows it
     cannot train on stop here, before the file is read, with what to change."""
+    if method == "grpo":
+        if fmt in CONVERSATION_FORMATS:
+            return "prompts"  # each conversation is a prompt (it must end with the user's turn)
+        raise ToolkitError(
+            f"training.method grpo samples its own answers to prompts, and these are {fmt} rows (answers to learn)",
+            where=where,
+            fix='give prompt rows ({"prompt": ...} or conversations ending with a user turn, reference answers '
+            "in a column such as `answer` for the rewards); or set training.method to a preference method",
+        )
+    if fmt == "prompt":
+        raise ToolkitError(
+            f"these are prompt-only rows (no answer to learn from), and training.method {method} needs answers",
+            where=where,
+            fix="set training.method: grpo (answers sampled and scored by training.rewards), or add the answers",
+        )
     if fmt in CONVERSATION_FORMATS:
         if method == "sft":
             return "conversations"

@@ -64,6 +64,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens (finish "stop")
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to logits (-100..100)
     logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob + top-k alternatives
+    # logprobs of the logits divided by the temperature (vLLM's processed logprobs, without penalties or top-k/p):
+    # what GRPO trains on, so its rollouts' log-probabilities compare with the training forward's
+    logprobs_at_temperature: bool = False
     prompt_logprobs: int | None = None  # None: off; k >= 0: every prompt token's logprob (+ top-k)
     constraint: TokenConstraint | None = None  # structured output, stateful, one per request row
 
@@ -363,7 +366,13 @@ def _sampled_logprobs(raw: torch.Tensor, rows: list[RowState], tokens: torch.Ten
         return out
     index = torch.tensor(chosen, device=raw.device)
     ks = [rows[i].params.logprobs or 0 for i in chosen]
-    entries = _logprob_entries(raw[index], tokens[index], ks)
+    picked = raw[index]
+    scaled = [j for j, i in enumerate(chosen) if rows[i].params.logprobs_at_temperature and not rows[i].params.greedy]
+    if scaled:
+        temps = torch.tensor([rows[chosen[j]].params.temperature for j in scaled], device=raw.device)
+        picked = picked.float()
+        picked[scaled] = picked[scaled] / temps.unsqueeze(1)
+    entries = _logprob_entries(picked, tokens[index], ks)
     for i, entry in zip(chosen, entries, strict=True):
         out[i] = entry
     return out

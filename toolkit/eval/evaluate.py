@@ -33,6 +33,11 @@ def reference(row: Any) -> str:
     return text_of(row.messages[-1].content).strip()
 
 
+def prompt_messages(row: Any) -> list:
+    """What the model answers: a conversation's messages before its answer, or a GRPO prompt row whole."""
+    return row.messages if row.messages[-1].role == "user" else row.messages[:-1]
+
+
 def last_question(item: Any) -> tuple[str, int]:
     """The text of the user turn an eval row (or preference item) answers, and the images in its prompt: what a
     reader of answers.jsonl needs beside the answers."""
@@ -95,6 +100,9 @@ def generate(
 
     prompts = []
     for r in rows:
+        if r.row.messages[-1].role == "user":  # a GRPO prompt row: its encoding is the prompt
+            prompts.append(r.encoded)
+            continue
         messages = r.row.messages[:-1]
         images = chat.load_images(messages, base_dir=r.row.base_dir, policy=None, where=r.row.where)
         prompts.append(chat.encode_prompt(base.processor, messages, images))
@@ -175,6 +183,47 @@ def score_in_process(base: Any, model: Any, rows: list, models: dict[str, str | 
     return out
 
 
+def reward_metrics(rows: list, answers: list[str], rewards: list, tokenizer: Any) -> tuple[dict, list[dict]]:
+    """GRPO's rewards of greedy answers to prompt rows: `reward` (their weighted sum) and `reward_NAME` per reward,
+    averaged over rows (and text / image groups); per row the answer and each value (None: not applicable)."""
+    import math
+
+    from toolkit.eval.rewards import reward_completion, reward_prompt, score_rewards, weighted_total
+
+    per_reward = score_rewards(
+        rewards,
+        [reward_prompt(r.row) for r in rows],
+        [reward_completion(r.row, a) for r, a in zip(rows, answers, strict=True)],
+        [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers],
+        [r.row.columns for r in rows],
+        [r.row.where for r in rows],
+    )
+    totals = weighted_total(rewards, per_reward)
+    columns = {"reward": totals, **{f"reward_{r.name}": v for r, v in zip(rewards, per_reward, strict=True)}}
+    per_row = [
+        {"answer": a, **{k: (None if math.isnan(v[i]) else v[i]) for k, v in columns.items()}}
+        for i, a in enumerate(answers)
+    ]
+    summary = {
+        f"{k}{suffix}": _mean([per_row[i][k] for i in idx]) for k in columns for suffix, idx in _groups(rows).items()
+    }
+    return summary, per_row
+
+
+def score_rewards_in_process(
+    base: Any, model: Any, rows: list, models: dict[str, str | None], rewards: list, cfg: Any
+) -> Outcome:
+    """The recipe's rewards of each model label's greedy answers to GRPO prompt rows."""
+    was_training = model.training
+    model.eval()
+    answers = generate(base, model, rows, list(models.values()), cfg.max_new_tokens, cfg.batch_size)
+    model.train(was_training)
+    out = Outcome()
+    for label, adapter in models.items():
+        out.metrics[label], out.rows[label] = reward_metrics(rows, answers[adapter], rewards, base.tokenizer)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- HTTP
 
 
@@ -186,7 +235,7 @@ def _request_messages(row: Any) -> list[dict]:
     from toolkit.data.images import load_image
 
     out = []
-    for i, m in enumerate(row.messages[:-1]):
+    for i, m in enumerate(prompt_messages(row)):
         d = m.model_dump(exclude_none=True)
         if isinstance(d["content"], list):
             for j, part in enumerate(d["content"]):
@@ -248,6 +297,17 @@ def generate_http(
     return {m: results[k * len(rows) : (k + 1) * len(rows)] for k, m in enumerate(model_names)}
 
 
+def score_rewards_http(
+    url: str, api_key: str | None, rows: list, models: dict[str, str], rewards: list, cfg: Any, tokenizer: Any
+) -> Outcome:
+    """The recipe's rewards of each served model's greedy answers to GRPO prompt rows."""
+    answers = generate_http(url, api_key, rows, list(models.values()), cfg.max_new_tokens, cfg.batch_size)
+    out = Outcome()
+    for label, name in models.items():
+        out.metrics[label], out.rows[label] = reward_metrics(rows, answers[name], rewards, tokenizer)
+    return out
+
+
 def score_http(url: str, api_key: str | None, rows: list, models: dict[str, str], cfg: Any) -> Outcome:
     """Generation metrics of each label -> served model name."""
     gen_names = [m for m in cfg.metrics if m in metrics.GENERATION_METRICS]
@@ -296,6 +356,8 @@ class Threshold:
         if preference:
             known = list(metrics.PREFERENCE_METRICS) + (list(metrics.REWARD_METRICS) if reference else [])
             why = "preference pairs give these; reward_* need a reference model (--reference, or adapters)"
+        elif selected and selected[0] == "reward":  # a grpo recipe: its rewards
+            known, why = selected, "a grpo recipe is scored by its rewards"
         else:
             known = [m for m in selected if m in metrics.GENERATION_METRICS]
             known += list(metrics.LOSS_METRICS) if "loss" in selected else []

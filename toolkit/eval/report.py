@@ -89,6 +89,8 @@ def markdown(report: dict) -> str:
 
 
 def _scoring_line(report: dict) -> str:
+    if report.get("scoring") == "rewards":
+        return f"- Scoring: the recipe's rewards of the greedy answer (at most {report['max_new_tokens']} tokens)"
     if report.get("scoring") != "preference pairs":
         return f"- Generation: greedy, at most {report['max_new_tokens']} tokens"
     ref = report.get("reference")
@@ -110,7 +112,11 @@ def chart(report: dict, png: Path) -> None:
     names = list(dict.fromkeys(n for lab in labels for n in metrics[lab]))
     panels = [
         (
-            "accuracies" if any(n.startswith(("preference", "reward")) for n in names) else "generation metrics",
+            "rewards"
+            if report.get("scoring") == "rewards"
+            else "accuracies"
+            if any(n.startswith(("preference", "reward")) for n in names)
+            else "generation metrics",
             [n for n in names if higher_is_better(n) and not is_margin(n)],
         ),
         ("margins (nats)", [n for n in names if is_margin(n)]),
@@ -138,6 +144,10 @@ def _row_fields(item: Any) -> dict:
     prompt, images = last_question(item)
     if hasattr(item, "chosen"):
         return {"row": item.where, "prompt": prompt, "images": images}
+    if item.row.messages[-1].role == "user":  # a grpo prompt row: the columns its rewards read
+        answer = item.row.columns.get("answer")
+        fields = {"reference": None if answer is None else str(answer), "columns": item.row.columns}
+        return {"row": item.row.where, "prompt": prompt, "images": images, **fields}
     return {"row": item.row.where, "prompt": prompt, "images": images, "reference": reference(item.row)}
 
 

@@ -37,7 +37,8 @@ def run_eval(
 
     The rows decide what is measured: conversation rows get loss and generation metrics (eval.metrics);
     preference items (load_eval_rows gives them for preference data) get the pair metrics, and DPO's implicit
-    rewards against `reference` (an adapter name, or "base"; default: the base when adapters are evaluated).
+    rewards against `reference` (an adapter name, or "base"; default: the base when adapters are evaluated); a grpo
+    recipe's prompt rows get its rewards of the greedy answers (`reward` and `reward_NAME`).
     """
     from toolkit.base.loader import load_processor, prepare_recipe_base
     from toolkit.data.datasets import load_eval_rows
@@ -46,8 +47,10 @@ def run_eval(
     thresholds = [evaluation.Threshold.parse(t, "min") for t in mins or []]
     thresholds += [evaluation.Threshold.parse(t, "max") for t in maxs or []]
     cfg = recipe.eval
+    grpo = recipe.training.method == "grpo"
+    rewards = _rewards(recipe) if grpo else None  # a reward that does not load stops before any model loads
     base_path = prepare_recipe_base(recipe.base)
-    rows, data_desc = load_eval_rows(recipe.data, load_processor(base_path), data)
+    rows, data_desc = load_eval_rows(recipe.data, load_processor(base_path), data, prompts=grpo)
     pairs = pair_scoring.is_preference(rows)
     _check_rows_and_reference(reference, pairs, rows)
     if url:
@@ -56,8 +59,9 @@ def run_eval(
         resolved, reference = _local_adapters(recipe, adapters, reference)
         labels = {"base": None, **{name: name for name, _ in resolved}}
     ref = _reference_label(reference, labels) if pairs else None
+    selected = _reward_metric_names(rewards) if grpo else list(cfg.metrics)
     for t in thresholds:  # before any model is loaded or asked
-        t.validate(list(cfg.metrics), preference=pairs, reference=ref is not None)
+        t.validate(selected, preference=pairs, reference=ref is not None)
     if pairs and url:
         pair_scoring.check_http(rows)
 
@@ -65,12 +69,17 @@ def run_eval(
         models: dict[str, dict] = {label: {"served_as": name} for label, name in labels.items()}
         if pairs:
             outcome = pair_scoring.score_preferences_http(url, api_key, rows, labels, ref, cfg.batch_size)
+        elif grpo:
+            tokenizer = load_processor(base_path).tokenizer
+            outcome = evaluation.score_rewards_http(url, api_key, rows, labels, rewards, cfg, tokenizer)
         else:
             outcome = evaluation.score_http(url, api_key, rows, labels, cfg)
     else:
         base, model, models = _load_models(recipe, base_path, resolved)
         if pairs:
             outcome = pair_scoring.score_preferences_in_process(base, model, rows, labels, ref, cfg.batch_size)
+        elif grpo:
+            outcome = evaluation.score_rewards_in_process(base, model, rows, labels, rewards, cfg)
         else:
             outcome = evaluation.score_in_process(base, model, rows, labels, cfg)
 
@@ -86,9 +95,9 @@ def run_eval(
         "mode": "http" if url else "in-process",
         "url": url,
         "data": data_desc,
-        "scoring": "preference pairs" if pairs else "conversations",
+        "scoring": "preference pairs" if pairs else "rewards" if grpo else "conversations",
         "reference": ref,
-        "metrics_selected": _pair_metric_names(ref) if pairs else list(cfg.metrics),
+        "metrics_selected": _pair_metric_names(ref) if pairs else selected,
         "max_new_tokens": cfg.max_new_tokens,
         "models": models,
         "metrics": outcome.metrics,
@@ -100,6 +109,17 @@ def run_eval(
     out_dir = Path(out) if out else Path("build") / "eval" / Path(recipe.source).stem
     eval_report.write(out_dir, report, rows, outcome.rows)
     return EvalResult(report, out_dir, failures)
+
+
+def _rewards(recipe: Any) -> list:
+    from toolkit.eval.rewards import build_rewards
+
+    return build_rewards(recipe.training.rewards, Path(recipe.source).parent)
+
+
+def _reward_metric_names(rewards: list) -> list[str]:
+    """A grpo recipe's metrics: `reward` (the weighted sum, as trained) and `reward_NAME` per reward."""
+    return ["reward", *[f"reward_{r.name}" for r in rewards]]
 
 
 def _pair_metric_names(reference: str | None) -> list[str]:

@@ -85,13 +85,18 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _reward_term(spec: dict) -> str:
+    name = spec.get("name") or (spec["path"].split(":")[-1] if spec.get("type") == "function" else spec.get("type"))
+    return f"{spec.get('weight', 1.0):g} x {name}"
+
+
 def _method_line(training: dict) -> str:
     method = training.get("method", "sft")
     if method == "sft":
         return "sft (supervised fine-tuning)"
     beta = training.get("beta")
     settings = {
-        "dpo": [f"loss {'+'.join(training.get('loss_type', ['sigmoid']))}"]
+        "dpo": [f"loss {'+'.join(training.get('loss_type') or ['sigmoid'])}"]
         + ([f"rpo_alpha {training['rpo_alpha']}"] if training.get("rpo_alpha") is not None else []),
         "kto": [
             f"desirable_weight {training.get('desirable_weight')}",
@@ -99,6 +104,11 @@ def _method_line(training: dict) -> str:
         ],
         "simpo": [f"gamma {training.get('gamma')}"],
         "orpo": [],
+        "grpo": [
+            f"loss {(training.get('loss_type') or ['dapo'])[0]}",
+            f"num_generations {training.get('num_generations')}",
+            "rewards " + " + ".join(_reward_term(r) for r in training.get("rewards", [])),
+        ],
     }[method]
     return ", ".join([method, f"beta {beta if beta is not None else 'default'}", *settings])
 
@@ -180,8 +190,9 @@ def _fill(staging: Path, contents: AdapterContents) -> None:
         "versions": library_versions(),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if (c.run_dir / "metrics.jsonl").exists():
-        shutil.copy2(c.run_dir / "metrics.jsonl", staging / "metrics.jsonl")
+    for log in ("metrics.jsonl", "completions.jsonl"):  # completions.jsonl: GRPO's sampled answers and rewards
+        if (c.run_dir / log).exists():
+            shutil.copy2(c.run_dir / log, staging / log)
     if (c.run_dir / "tensorboard").exists():
         shutil.copytree(c.run_dir / "tensorboard", staging / "tensorboard")
     _plot(staging / "metrics.jsonl", staging / "loss.png")

@@ -20,6 +20,8 @@ class ToolkitTrainerMixin:
     def floating_point_ops(self, inputs: dict) -> int:
         # Trainer's FLOPs log counts the model's parameters (a walk over every module) on every step: 5 ms of a
         # ~100 ms step on the tiny base; the count does not change while training, so it is taken once
+        if not isinstance(inputs, dict):
+            return 0  # GRPO's batches are prompt rows; its tokens exist only after the rollouts
         model = self.model
         if getattr(self, "_counted", (None,))[0] is not model:
             count = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else None

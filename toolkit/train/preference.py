@@ -177,7 +177,7 @@ def build_trainer(recipe: Recipe, model: Any, data: Any, args: dict, tokenizer: 
         collator = UnpairedCollator(items, tokenizer.pad_token_id)
         train_rows = Dataset.from_dict({"row": _order(len(data.train), t.seed)})
     else:
-        losses, weights = list(t.loss_type), None
+        losses, weights = t.losses, None
         if method == "dpo" and t.rpo_alpha is not None:  # RPO: DPO + the chosen answers' NLL (TRL's `sft` loss)
             losses, weights = [*losses, "sft"], [1.0] * len(losses) + [t.rpo_alpha]
         config = DPOConfig(**common, loss_type=losses if method == "dpo" else ["sigmoid"], loss_weights=weights)

@@ -1,7 +1,8 @@
 """`toolkit train`: the one run every method shares (a QLoRA adapter on the frozen 4-bit base).
 
 The method (`training.method`) brings its TRL trainer and its held-out scoring: sft.py (SFTTrainer over encoded
-conversations), preference.py (DPO, KTO, ORPO, SimPO over encoded pairs); everything else is here, once.
+conversations), preference.py (DPO, KTO, ORPO, SimPO over encoded pairs), grpo.py (GRPOTrainer over prompts, rollouts
+from the engine on the live adapter); everything else is here, once.
 
 Order: arguments, setup, data, model, loop, save. The run folder `<output.dir>/.<name>.run/` holds checkpoints,
 metrics.jsonl and TensorBoard logs while training (so `--resume` continues from the latest checkpoint with its
@@ -55,6 +56,9 @@ PROGRESS_KEYS = {
     "eval_loss": "eval_loss",
     "rewards/accuracies": "reward_acc",
     "rewards/margins": "margin",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "completions/mean_length": "len",
     "learning_rate": "lr",
 }
 
@@ -176,6 +180,10 @@ def _method(name: str) -> Any:
         from toolkit.train import sft
 
         return sft
+    if name == "grpo":
+        from toolkit.train import grpo
+
+        return grpo
     from toolkit.train import preference
 
     return preference
@@ -289,6 +297,8 @@ def train(
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         signal.signal(signal.SIGINT, previous)
+        if getattr(trainer, "rollouts", None) is not None:  # grpo's engine thread
+            trainer.rollouts.close()
     step = trainer.state.global_step
     if stop["stop"]:
         return TrainResult(None, {"checkpoint": str(_latest_checkpoint(run_dir))}, interrupted=True, step=step)

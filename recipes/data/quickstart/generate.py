@@ -7,7 +7,8 @@ Two tasks a tiny model can learn in minutes on CPU, each with a held-out eval sp
 - image: the colour of a square on a plain background. Eval images have positions and sizes never trained on.
 The same tasks as preference pairs for recipes/quickstart-dpo.yaml (preference_train.jsonl, preference_eval.jsonl,
 TRL's explicit conversational form; image rows as TRL's vision rows: an `images` column and `{"type": "image"}`
-placeholders): the right answer is chosen, a wrong one (another capital, another colour) rejected.
+placeholders): the right answer is chosen, a wrong one (another capital, another colour) rejected. And as GRPO's
+prompt rows for recipes/quickstart-grpo.yaml (grpo_train.jsonl, grpo_eval.jsonl): the prompt, the answer in a column.
 Deterministic (seeded); tests/test_quickstart_data.py checks that the committed files match this script.
 """
 
@@ -105,8 +106,35 @@ def generate(out: Path) -> None:
         ("eval.jsonl", evals),
         ("preference_train.jsonl", pref_train),
         ("preference_eval.jsonl", pref_eval),
+        ("grpo_train.jsonl", _prompts(train)),
+        ("grpo_eval.jsonl", _prompts(evals)),
     ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _prompt(messages: list[dict]) -> tuple[list[dict], list[str]]:
+    """A prompt in TRL's form, and its images: image parts become placeholders, the files go to `images`."""
+    prompt, images = [], []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            images += [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+            content = [p if p["type"] == "text" else {"type": "image"} for p in content]
+        prompt.append({"role": m["role"], "content": content})
+    return prompt, images
+
+
+def _prompts(rows: list[dict]) -> list[dict]:
+    """Single-answer rows as GRPO's prompt rows: the prompt, and the answer in a column for the rewards."""
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        if len(messages) > 3:
+            continue
+        prompt, images = _prompt(messages[:-1])
+        item = {"prompt": prompt, "answer": messages[-1]["content"]}
+        out.append({**item, "images": images} if images else item)
+    return out
 
 
 def _pairs(rows: list[dict], rng: random.Random) -> list[dict]:
@@ -119,13 +147,7 @@ def _pairs(rows: list[dict], rng: random.Random) -> list[dict]:
         answer = messages[-1]["content"]
         pool = COLOURS if answer in COLOURS else list(CAPITALS.values())
         wrong = rng.choice([a for a in pool if a != answer])
-        prompt, images = [], []
-        for m in messages[:-1]:
-            content = m["content"]
-            if isinstance(content, list):  # TRL's vision rows: a placeholder in the prompt, the file in `images`
-                images += [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
-                content = [p if p["type"] == "text" else {"type": "image"} for p in content]
-            prompt.append({"role": m["role"], "content": content})
+        prompt, images = _prompt(messages[:-1])  # TRL's vision rows: placeholders in the prompt, files in `images`
         pair = {
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": answer}],
