@@ -223,7 +223,7 @@ def pair_rows(monkeypatch, base, images) -> None:
     text pairs, and with `--data with-images` an image pair too."""
     from toolkit.data import datasets
 
-    def fake_load_eval_rows(cfg, processor, source=None):
+    def fake_load_eval_rows(cfg, processor, source=None, prompts=False):
         rows = text_pairs(base.processor)
         if source == "with-images":
             rows.append(image_pair(base.processor, images["red"]))
