@@ -66,6 +66,8 @@ async function showRun(name) {
     rows.filter((r) => typeof r[key] === "number" && typeof r.step === "number").map((r) => [r.step, r[key]]);
   const loss = [{ name: "train loss", points: points("loss") }];
   if (points("eval_loss").length) loss.push({ name: "held-out loss", points: points("eval_loss") });
+  // GRPO's loss hovers near 0 by construction (advantages are centred): its learning shows in the mean reward
+  if (points("reward").length) loss.push({ name: "mean reward", points: points("reward") });
   lineChart($("loss-chart"), loss, "step");
   lineChart($("lr-chart"), [{ name: "learning rate", points: points("learning_rate") }], "step");
 }
