@@ -31,7 +31,7 @@ from toolkit.data.formats import CONVERSATION_FORMATS, Converted, EncodedRow, Ro
 from toolkit.data.images import ImagePolicy, load_image
 from toolkit.data.preference import Preference, RowPair
 from toolkit.data.schema import FIX_HINT, check_messages, image_urls
-from toolkit.data.template import Encoded, encode_conversation, encode_prompt
+from toolkit.data.template import IGNORE, Encoded, encode_conversation, encode_prompt
 from toolkit.errors import ToolkitError
 from toolkit.recipe import DataSection
 
@@ -415,6 +415,7 @@ def _encode_prompt(processor: Any, messages: list, images: list, cfg: DataSectio
     """A GRPO prompt's tokens; over max_seq_len: error or drop (a prompt cut short would lose its question, so
     truncate is refused)."""
     encoded = encode_prompt(processor, messages, images)
+    encoded.labels = [IGNORE] * len(encoded.labels)  # earlier answers in a prompt are context: GRPO trains its own
     if len(encoded.input_ids) <= cfg.max_seq_len:
         return encoded
     if cfg.overlong == "drop":

@@ -157,7 +157,7 @@ def detect_format(raw: Any, columns: dict[str, str]) -> str | None:
             first = next((t for t in turns if isinstance(t, dict)), {})
             sharegpt = ("from" in first or "value" in first) and "role" not in first
             return "sharegpt" if sharegpt or (key == "conversations" and "role" not in first) else "messages"
-    if columns.get("instruction", "instruction") in raw and columns.get("output", "output") in raw:
+    if columns.get("instruction", "instruction") in raw:  # (without `output`: a prompt row, for grpo)
         return "alpaca"
     if columns.get("prompt", "prompt") in raw and columns.get("completion", "completion") in raw:
         return "prompt_completion"

@@ -280,6 +280,11 @@ class Engine:
         return self._queue.qsize() + len(self._pending)
 
     @property
+    def running(self) -> int:
+        """Rows that hold KV storage (a finished row's "done" event comes just before its storage is released)."""
+        return len(self._rows)
+
+    @property
     def alive(self) -> bool:
         """Whether the engine's thread runs (False before `start` and after `close`)."""
         return self._thread.is_alive()

@@ -197,6 +197,7 @@ def reward_metrics(rows: list, answers: list[str], rewards: list, tokenizer: Any
         [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers],
         [r.row.columns for r in rows],
         [r.row.where for r in rows],
+        trainer_state=None,  # TRL's signature has it; functions written for TRL may name it
     )
     totals = weighted_total(rewards, per_reward)
     columns = {"reward": totals, **{f"reward_{r.name}": v for r, v in zip(rewards, per_reward, strict=True)}}

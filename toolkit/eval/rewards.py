@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.constants import STOP_TOKEN_IDS
+from toolkit.data.schema import text_of
 from toolkit.errors import ToolkitError
 from toolkit.eval import metrics
 
@@ -385,8 +386,8 @@ def _unique(name: str, used: set[str]) -> str:
 
 def reward_prompt(row: Any) -> Any:
     """A prompt as TRL hands it to reward functions: the string of a plain-text prompt row, else the messages."""
-    if row.text_prompt:
-        return row.messages[-1].content
+    if row.text_prompt:  # (its images, if any, are not part of TRL's string form)
+        return text_of(row.messages[-1].content)
     return [m.model_dump(exclude_none=True) for m in row.messages]
 
 

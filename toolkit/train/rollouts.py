@@ -114,6 +114,8 @@ class RolloutEngine:
                 self.engine.submit(request)
             for _ in prompts:
                 left.acquire()
+            while self.engine.running and not errors:  # the last rows' storage is released right after "done"
+                time.sleep(0.0002)
         finally:
             self.model.train(was_training)
             # the engine's thread works on one intra-op thread; it gives the rest back once idle, and the
