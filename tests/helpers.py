@@ -99,3 +99,25 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.state.engine.close()
+
+
+def kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path, log: Path, timeout: float = 300) -> None:
+    """SIGKILL a training run once `checkpoint` exists (no handler runs: what survives is what it wrote)."""
+    import os
+    import signal
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not checkpoint.exists():
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, log.with_suffix(".err").read_text()[-2000:]
+
+
+def write_rows(folder: Path, name: str, rows: list) -> Path:
+    """A .jsonl file of rows (dicts, or raw lines given as strings) in `folder`."""
+    import json
+
+    path = folder / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

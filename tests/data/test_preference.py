@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, write_rows
 from transformers import AutoProcessor
 
 from toolkit.data.datasets import load_data, load_eval_rows, split_line, summary_lines
@@ -112,10 +112,7 @@ def folder(tmp_path_factory):
     return path
 
 
-def write(folder, name, rows):
-    path = folder / name
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+write = write_rows
 
 
 def cfg(path, **kw):

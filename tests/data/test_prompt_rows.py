@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from helpers import write_rows
 from transformers import AutoProcessor
 
 from toolkit.data.datasets import load_data, load_eval_rows, summary_lines
@@ -32,10 +33,7 @@ def folder(tmp_path_factory, images):
     return d
 
 
-def write(folder, name, rows):
-    path = folder / name
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+write = write_rows
 
 
 def cfg(path, **kw):

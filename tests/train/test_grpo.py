@@ -9,16 +9,13 @@ splits most groups."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_cli, same_weights, start_cli_logged
+from helpers import ROOT, kill_at_checkpoint, run_cli, same_weights, start_cli_logged
 
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe
@@ -414,12 +411,7 @@ def test_sigkill_mid_run_resumes_and_reproduces_the_uninterrupted_run(grpo_run, 
     ]
     killed = start_cli_logged(tmp_path / "killed", *common)
     checkpoint = tmp_path / "out" / f".{NAME}.run" / "checkpoint-2" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None and not checkpoint.exists():
-        time.sleep(0.01)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-2000:]
+    kill_at_checkpoint(killed, checkpoint, tmp_path / "killed")
     assert not (tmp_path / "out" / NAME).exists()
     resumed = start_cli_logged(tmp_path / "resumed", *common, "--resume")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.err").read_text()[-2000:]

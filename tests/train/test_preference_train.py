@@ -5,13 +5,10 @@ adapter as its reference."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, accelerate_train, same_weights, start_cli_logged
+from helpers import ROOT, accelerate_train, kill_at_checkpoint, same_weights, start_cli_logged
 
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe
@@ -141,12 +138,7 @@ def test_sigkill_mid_run_resumes_and_matches_an_uninterrupted_run(tiny_ct, tmp_p
     straight = start_cli_logged(tmp_path / "straight", "train", *common, "--set", f"output.dir={tmp_path / 'a'}")
     killed = start_cli_logged(tmp_path / "killed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}")
     checkpoint = tmp_path / "b" / ".quickstart-dpo.run" / "checkpoint-10" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None and not checkpoint.exists():
-        time.sleep(0.01)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-2000:]
+    kill_at_checkpoint(killed, checkpoint, tmp_path / "killed")
     assert not (tmp_path / "b" / "quickstart-dpo").exists()
     resumed = start_cli_logged(
         tmp_path / "resumed", "train", *common, "--set", f"output.dir={tmp_path / 'b'}", "--resume"
