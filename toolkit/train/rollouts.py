@@ -161,14 +161,14 @@ def _dense_weights(model: Any) -> Iterator[bool]:
     if not layers or getattr(layers[0], "lean_op", None) is not None:
         yield False  # not 4-bit, or an inference kernel that has its own op
         return
-    dtype = layers[0].scales.dtype
+    dtype = model.get_input_embeddings().weight.dtype  # the activations' (the kernel casts its weight to it too)
     need = sum(m.in_features * m.out_features for m in layers) * torch.finfo(dtype).bits // 8
     if need > DENSE_SHARE * _free_bytes(layers[0].qweight.device):
         yield False
         return
     with torch.no_grad():
         for m in layers:
-            m.lean_op = _matmul_op(m.dequantize_weight(), m.bias)
+            m.lean_op = _matmul_op(m.dequantize_weight().to(dtype), m.bias)
     try:
         yield True
     finally:
