@@ -239,6 +239,24 @@ def test_a_reward_function_that_takes_trainer_state_is_scored_on_held_out_prompt
     assert summary["reward"] == 1.0 and summary["reward_staged"] == 1.0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_continues_from_an_init_adapter_with_and_without_a_kl_reference(grpo_run, tiny_ct, tmp_path, beta):
+    """init_adapter starts GRPO from a trained adapter; with beta 0 no frozen copy exists (nothing to score as the
+    reference), with beta > 0 the copy is the KL reference and scored in the held-out table; neither is written."""
+    from toolkit.train.trainer import train
+
+    result, recipe_file = grpo_run
+    sets = [f"training.init_adapter={result.adapter_dir}", f"training.beta={beta}", "training.max_steps=2"]
+    out = train(_load(recipe_file, tiny_ct, tmp_path, *sets), output_name="continued")
+    manifest = json.loads((out.adapter_dir / "toolkit.json").read_text())
+    assert manifest["init_adapter"]["path"] == str(result.adapter_dir)
+    assert ("reference" in manifest["metrics"]) == (beta > 0)
+    assert "reward" in manifest["metrics"]["adapter"] and "reward" in manifest["metrics"]["base"]
+    assert set(json.loads((out.adapter_dir / "adapter_config.json").read_text())) and not list(
+        out.adapter_dir.glob("ref")
+    )
+
+
 # ------------------------------------------------------------------------------------------------- rollouts
 
 

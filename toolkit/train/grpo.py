@@ -303,6 +303,8 @@ def score_held_out(base: Any, model: Any, data: Any, recipe: Recipe, reference: 
     from toolkit.eval.rewards import build_rewards
 
     rewards = build_rewards(recipe.training.rewards, Path(recipe.source).parent)
+    if reference not in model.peft_config:
+        reference = None  # beta 0: no frozen copy of the init adapter was made (nothing to score it as)
     models = {"base": None, **({"reference": reference} if reference else {}), "adapter": "default"}
     outcome = score_rewards_in_process(
         dataclasses.replace(base, model=model), model, data.eval, models, rewards, recipe.eval
