@@ -752,8 +752,9 @@ def markdown(results: list[dict], args: argparse.Namespace, cpu: str) -> str:
     lines = [
         "## GRPO rollouts: the toolkit's engine vs TRL's generation (`bench/grpo_rollouts.py`)",
         "",
-        f"Measured {', '.join(dates)} on {cpu}, one benchmark at a time (the machine is shared: each side's 1-minute "
-        "load is in the JSON). Both sides train a new GRPO adapter (LoRA r 16, alpha 32, dropout 0, the 7 "
+        f"Measured {', '.join(dates)} on {cpu}, one benchmark at a time (the machine is shared: a side's run during "
+        "which other processes took over 15% of the CPU was run again, and only the quiet runs are used). "
+        "Both sides train a new GRPO adapter (LoRA r 16, alpha 32, dropout 0, the 7 "
         "projections) on the same base folder and prompts: num_generations 8, max_completion_length "
         f"{'/'.join(map(str, tokens))}, temperature 1, top_p 1, top_k 0, beta 0, loss dapo, lr 1e-5 constant, no "
         "gradient checkpointing, a length reward; batch_size 8 x P completions, grad_accum 1 (one rollout batch of P "
@@ -773,12 +774,14 @@ def markdown(results: list[dict], args: argparse.Namespace, cpu: str) -> str:
         "",
         "| base | prompts x completions / step | steps (window) | runs used toolkit / peer | rollout tok/s toolkit "
         "| peer | **toolkit / peer** | s/step toolkit | peer | **peer / toolkit** | step_time toolkit / peer "
-        "| mean length toolkit / peer | rollout share of the step toolkit / peer | others' CPU toolkit / peer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mean length toolkit / peer | rollout share of the step toolkit / peer | peak RSS toolkit / peer "
+        "| others' CPU toolkit / peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         cfg, summ = res["config"], res["summary"]
         tk, pe, ra = summ.get("toolkit", {}), summ.get("peer", {}), summ["ratios"]
+        rss = lambda m: _fmt(m.get("peak_rss_bytes") and m["peak_rss_bytes"] / 2**30, ".2f")  # noqa: E731
         share = lambda m: _fmt(m.get("rollout_share") and 100 * m["rollout_share"], ".0f") + "%"  # noqa: E731
         others = lambda m: ", ".join(_fmt(x and 100 * x, ".0f") + "%" for x in m.get("others_cpu_share", []))  # noqa: E731
         window = f"{cfg['skip'] + 1}..{cfg['steps']}"
@@ -792,7 +795,7 @@ def markdown(results: list[dict], args: argparse.Namespace, cpu: str) -> str:
             f"**{_fmt(ra['s_per_step_peer_over_toolkit'], '.1f')}x** | "
             f"{_fmt(tk.get('step_time'), '.2f')} / {_fmt(pe.get('step_time'), '.2f')} | "
             f"{_fmt(tk.get('mean_length'), '.1f')} / {_fmt(pe.get('mean_length'), '.1f')} | "
-            f"{share(tk)} / {share(pe)} | {others(tk)} / {others(pe)} |"
+            f"{share(tk)} / {share(pe)} | {rss(tk)} / {rss(pe)} GiB | {others(tk)} / {others(pe)} |"
         )
     kernels: dict[str, str] = {}
     for r in results:
