@@ -769,7 +769,8 @@ def markdown(results: list[dict], args: argparse.Namespace, cpu: str) -> str:
         "steps (totals in the JSON). Others' CPU: what other processes on the shared machine took while the side ran "
         "(share of all cores). Window: the steps after the first one or two (warm-up: the toolkit's first "
         "rollout starts its engine), as the steps column says. Prompts: the 32 text rows of the quickstart GRPO data "
-        "on the tiny base, 40 short questions on the real 270M. The sides sample different text: mean lengths "
+        "on the tiny and small bases (builder shapes, 1,773-token vocabulary), 40 short questions on the real 270M. "
+        "The sides sample different text: mean lengths "
         "differ; tok/s normalises the rollout, s/step does not.",
         "",
         "| base | prompts x completions / step | steps (window) | runs used toolkit / peer | rollout tok/s toolkit "
