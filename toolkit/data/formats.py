@@ -104,6 +104,11 @@ class Row:
         """The user's name of a schema field path (`messages[2].role` -> `conversations[2].from`)."""
         return field_of(self.fields, path)
 
+    @property
+    def is_prompt(self) -> bool:
+        """A GRPO prompt row: it ends with the user's turn (the model writes the answer)."""
+        return self.messages[-1].role == "user"
+
 
 @dataclass
 class EncodedRow:

@@ -35,7 +35,7 @@ def reference(row: Any) -> str:
 
 def prompt_messages(row: Any) -> list:
     """What the model answers: a conversation's messages before its answer, or a GRPO prompt row whole."""
-    return row.messages if row.messages[-1].role == "user" else row.messages[:-1]
+    return row.messages if row.is_prompt else row.messages[:-1]
 
 
 def last_question(item: Any) -> tuple[str, int]:
@@ -100,7 +100,7 @@ def generate(
 
     prompts = []
     for r in rows:
-        if r.row.messages[-1].role == "user":  # a GRPO prompt row: its encoding is the prompt
+        if r.row.is_prompt:  # its encoding is the prompt
             prompts.append(r.encoded)
             continue
         messages = r.row.messages[:-1]

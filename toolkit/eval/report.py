@@ -144,7 +144,7 @@ def _row_fields(item: Any) -> dict:
     prompt, images = last_question(item)
     if hasattr(item, "chosen"):
         return {"row": item.where, "prompt": prompt, "images": images}
-    if item.row.messages[-1].role == "user":  # a grpo prompt row: the columns its rewards read
+    if item.row.is_prompt:  # the columns its rewards read
         answer = item.row.columns.get("answer")
         fields = {"reference": None if answer is None else str(answer), "columns": item.row.columns}
         return {"row": item.row.where, "prompt": prompt, "images": images, **fields}
