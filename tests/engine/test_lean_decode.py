@@ -302,6 +302,52 @@ def test_a_pass_of_three_adapters_and_the_base_with_a_fresh_prompt_gets_each_row
             model.delete_adapter(extra)
 
 
+@pytest.mark.parametrize("adapter", [False, True])
+def test_decoding_rows_take_the_direct_layers_with_the_general_paths_logits_bit_for_bit(
+    tiny_ct, trained, adapter, monkeypatch
+):
+    """Passes of decoding rows only (here 1 and 3 rows, on the base or all on one adapter, with the inference
+    kernel `toolkit serve` loads: joined q/k/v and gate/up ops) go through `_decoding_layers`, with the same logits
+    and stored keys and values, bit for bit, as the general path gives the same passes. The adapter is attached
+    after the decoders ran on the bare base, as serve's runtime loading does (peft then wraps the projections)."""
+    from toolkit.base.loader import load_base
+    from toolkit.lora.registry import attach
+
+    loaded = load_base(tiny_ct, device="cpu")
+    calls = []
+    real = LeanDecoder._decoding_layers
+    monkeypatch.setattr(LeanDecoder, "_decoding_layers", lambda self, *a: calls.append(1) or real(self, *a))
+    direct, general = LeanDecoder(loaded.model), LeanDecoder(loaded.model)
+    general._direct = False  # (what a kernel without direct ops answers: every pass on the general path)
+    layout = KVLayout.of(loaded.model, loaded.dtype)
+
+    def steps(prompts, names):
+        rows = {}
+        for lean in (direct, general):
+            rows[lean] = [RowKV(layout) for _ in prompts]
+            lean.forward(prompts, rows[lean], names)  # a prefill pass: the general path (its rows are no steps)
+        tokens = [ids[-1] for ids in prompts]
+        before = len(calls)
+        for _ in range(4):
+            a, b = direct(tokens, rows[direct], names), general(tokens, rows[general], names)
+            assert torch.equal(a, b)
+            tokens = a.argmax(-1).tolist()
+        assert len(calls) - before == 4  # every step took the direct layers
+        for x, y in zip(rows[direct], rows[general], strict=True):
+            for layer in range(len(x.length)):
+                assert all(torch.equal(p, q) for p, q in zip(x.view(layer), y.view(layer), strict=True))
+        return rows[direct], tokens
+
+    steps(_prompts()[:1], None)
+    if adapter:
+        attach(loaded, [("quickstart", trained.adapter_dir)])
+    for prompts in (_prompts()[:1], _prompts()):
+        rows, tokens = steps(prompts, ["quickstart"] * len(prompts) if adapter else None)
+    if adapter:  # the adapter's LoRA is in those logits: the same direct step on the base alone differs
+        twin = copy.deepcopy(rows)
+        assert not torch.equal(direct(tokens, rows, ["quickstart"] * 3), direct(tokens, twin, None))
+
+
 def test_rms_norm_with_one_plus_weight_is_gemmas_norm_bit_for_bit():
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 

@@ -242,6 +242,7 @@ class Engine:
             "completion_tokens": 0,
         }
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._here = False  # run_here's loop runs
         if start:
             self._thread.start()
 
@@ -286,30 +287,45 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine's thread runs (False before `start` and after `close`)."""
-        return self._thread.is_alive()
+        """Whether the engine's loop runs (False before `start` and after `close`)."""
+        return self._thread.is_alive() or self._here
+
+    def run_here(self) -> None:
+        """Run the engine's loop on the calling thread, instead of `start`, until `close` (from another thread).
+        For a process of its own whose main thread is the engine's (serve/engine_process.py): there every op may use
+        every intra-op thread (threads.py), where the engine's own thread hands only big ops to them."""
+        self._here = True
+        try:
+            self._run()
+        finally:
+            self._here = False
+            if self._lean is not None:
+                self._lean.close()
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
-        if self._lean is not None and not self._thread.is_alive():  # (a pass still running keeps its helper)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._lean is not None and not self._thread.is_alive() and not self._here:  # (a running pass keeps it)
             self._lean.close()
 
     # ------------------------------------------------------------------------------------------------ thread
     def _run(self) -> None:
         import torch
 
+        # torch's thread count is process-wide: one thread only while the engine's own thread works, every one on a
+        # process's main thread (run_here), where OpenMP wakes its team cheaply (threads.py)
+        working = self._threads if self._here else 1
         try:
             while not self._stop.is_set():
                 if not self._rows and not self._pending:  # idle: block for work, then gather what arrives together
-                    # torch's thread count is process-wide: one thread only while the engine works (threads.py)
                     torch.set_num_threads(self._threads)
                     try:
                         first = self._queue.get(timeout=0.1)
                     except queue.Empty:
                         continue
                     self._pending.extend(self._gather(first))
-                    torch.set_num_threads(1)
+                    torch.set_num_threads(working)
                 try:
                     self._work()
                 except Exception as exc:  # a bug in a round must not leave every client waiting forever

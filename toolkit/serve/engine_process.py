@@ -239,7 +239,24 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
         sent_stats.update(stats)
 
     engine.on_events = flush
+
+    def read() -> None:  # the server's messages, until it closes or is gone; then the engine's loop ends
+        try:
+            _serve_messages(conn, engine, requests, outbox, send)
+        finally:
+            engine.close()
+
+    # The engine's loop on this process's main thread, the messages on a thread beside it: OpenMP wakes its team
+    # cheaply only for the main thread, so there the decoding step's int4 matmuls use every core (threads.py)
+    reader = threading.Thread(target=read, name="engine-messages", daemon=True)
     _put(conn, ("ready", _info(engine, base)))
+    reader.start()
+    engine.run_here()
+    conn.close()
+
+
+def _serve_messages(conn: Any, engine: Any, requests: dict, outbox: list, send: Any) -> None:
+    """The child's side of the protocol: submissions, cancellations and `run` calls, until "close" or EOF."""
     while True:
         try:
             message = _take(conn)
@@ -271,8 +288,6 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 send(("result", call, False, _portable(exc)))
         elif kind == "close":
             break
-    engine.close()
-    conn.close()
 
 
 def _build(spec: EngineSpec) -> tuple[Any, Any]:
@@ -289,7 +304,7 @@ def _build(spec: EngineSpec) -> tuple[Any, Any]:
 
         model = LockedModel(model)
     # The queue bound is the server's to enforce (a 429 before anything is sent); the child takes what it is sent
-    engine = Engine.for_base(loaded, model, **{**spec.options, "max_queue": sys.maxsize})
+    engine = Engine.for_base(loaded, model, **{**spec.options, "max_queue": sys.maxsize, "start": False})
     structured.use_tokenizer(loaded.tokenizer, sorted(engine.stop_ids))
     return engine, loaded
 
