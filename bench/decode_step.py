@@ -30,7 +30,9 @@ from report import cpu_label, cpus, replace_section  # noqa: E402
 PROMPT = "<start_of_turn>user\nTell me about the sea.<end_of_turn>\n<start_of_turn>model\n"
 
 
-def step_ms(base, lean: bool, rows: int, tokens: int) -> float:
+def step_ms(base, lean: bool, rows: int, tokens: int, here: bool = True) -> float:
+    """`here`: the engine's loop on this (the main) thread, as `toolkit serve`'s engine process runs it
+    (Engine.run_here); else on the engine's own thread, as in-process users (chat, eval, rollouts) run it."""
     from toolkit.engine.engine import Engine, Request, SamplingParams
 
     ids = base.tokenizer(PROMPT)["input_ids"]
@@ -46,15 +48,20 @@ def step_ms(base, lean: bool, rows: int, tokens: int) -> float:
                 left[0] -= 1  # the engine's thread only
                 if not left[0]:
                     done.set()
+                    if here:
+                        engine.close()  # (from its own loop: the loop ends after this round)
 
         return on
 
     for i in range(rows):  # queued before the start: one shared prefill, then every step decodes all rows
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         engine.submit(Request(ids, [0] * len(ids), None, None, params, on_event(i)))
-    engine.start()
-    done.wait()
-    engine.close()
+    if here:
+        engine.run_here()
+    else:
+        engine.start()
+        done.wait()
+        engine.close()
     t = times[0]
     return (t[-1] - t[1]) / (len(t) - 2) * 1000
 
@@ -82,17 +89,19 @@ def main() -> None:
             print(json.dumps({"base": name, "limit": limit}), flush=True)
             for rows in (int(r) for r in args.rows.split(",")):
                 step_ms(base, True, rows, 8)  # warm-up: repacking, first calls
-                runs = {True: [], False: []}
+                runs = {"lean": [], "own": [], "generic": []}
                 for _ in range(args.repeats):
-                    for lean in (True, False):
-                        runs[lean].append(step_ms(base, lean, rows, args.tokens))
-                lean_ms, generic_ms = statistics.median(runs[True]), statistics.median(runs[False])
+                    runs["lean"].append(step_ms(base, True, rows, args.tokens))
+                    runs["own"].append(step_ms(base, True, rows, args.tokens, here=False))
+                    runs["generic"].append(step_ms(base, False, rows, args.tokens))
+                lean_ms, generic_ms = statistics.median(runs["lean"]), statistics.median(runs["generic"])
                 results.append(
                     {
                         "base": name,
                         "kernel": f"{base.kernel}, {str(base.dtype).removeprefix('torch.')}",
                         "rows": rows,
                         "lean_ms": lean_ms,
+                        "lean_own_thread_ms": statistics.median(runs["own"]),
                         "generic_ms": generic_ms,
                         "ratio": generic_ms / lean_ms,
                         "limit_ms": limit["limit_ms"] if rows == 1 else None,
@@ -106,15 +115,19 @@ def main() -> None:
             "",
             f"{time.strftime('%Y-%m-%d')}, {cpu_label()}, {cpus()} cores, in-process "
             f"engine, greedy, {args.tokens} tokens per row (`ignore_eos`), median of {args.repeats} alternating runs. "
-            "Milliseconds per decoding step of all rows.",
+            "Milliseconds per decoding step of all rows. The engine's loop on the process's main thread, as "
+            "`toolkit serve`'s engine process runs it (Engine.run_here), and for the lean step also on a thread of "
+            "its own, as in-process users (chat, eval, GRPO rollouts) run it.",
             "",
-            "| base | kernel | rows | lean step | generic forward | generic / lean | one-row limit | lean at |",
-            "|---|---|---|---|---|---|---|---|",
+            "| base | kernel | rows | lean step | lean, own thread | generic forward | generic / lean | one-row limit "
+            "| lean at |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             at = f"{r['limit_ms']:.2f} ms | {r['limit_ms'] / r['lean_ms']:.0%}" if r["limit_ms"] else "| "
             lines.append(
-                f"| {r['base']} | {r['kernel']} | {r['rows']} | {r['lean_ms']:.2f} ms | {r['generic_ms']:.2f} ms "
+                f"| {r['base']} | {r['kernel']} | {r['rows']} | {r['lean_ms']:.2f} ms "
+                f"| {r['lean_own_thread_ms']:.2f} ms | {r['generic_ms']:.2f} ms "
                 f"| {r['ratio']:.2f}x | {at} |"
             )
         lines += ["", "Limits: " + "; ".join(sorted({f"{r['base']}: {r['limit_what']}" for r in results}))]
@@ -126,9 +139,10 @@ READING = (
     "What the lean step leaves out (engine/lean_decode.py): transformers' per-step mask building (causal and "
     "sliding), its cache object and output plumbing, peft's per-forward hook installation for `adapter_names`, and "
     "the left-padded gather of every row's keys and values per layer; attention runs per row over that row's own "
-    "storage. Both sides run on the engine's thread with one intra-op thread for small ops (engine/threads.py): a "
-    "parallel region started off the main thread costs ~80 us to wake on 2 cores, more than most ops of a "
-    "decoding step (measured: a 256x256 int4 matmul 10 us on one thread, 100 us on two from the engine's thread)."
+    "storage, and a pass of decoding rows only takes `_decoding_layers` (each layer's kernel calls and LoRA "
+    "modules looked up once per pass). On the process's main thread every op may use every intra-op thread; on a "
+    "thread of its own the engine keeps small ops on one (engine/threads.py): a parallel region started off the "
+    "main thread costs ~80 us to wake on 2 cores, more than most ops of a decoding step."
 )
 
 

@@ -454,6 +454,13 @@ def main() -> None:
         finally:
             for s in servers:
                 s.stop()
+        # Memory bandwidth drifts on a shared VM (25-40 GB/s over a day here): timed again once the servers are
+        # down, and the faster of the two kept, i.e. the stricter limit
+        after = bandwidth_limit(base, context) if limit else None
+        if after and after["bandwidth_gb_s"] > limit["bandwidth_gb_s"]:
+            after["bandwidth_before_gb_s"], limit = limit["bandwidth_gb_s"], after
+        elif after:
+            limit["bandwidth_after_gb_s"] = after["bandwidth_gb_s"]
 
     summary: dict = {"base": str(args.base or "tiny (GPTQ layout)"), "cpus": cpus(), "max_tokens": args.max_tokens}
     for name, by_level in runs.items():
@@ -567,6 +574,9 @@ def result_lines(summary: dict) -> list[str]:
         b = summary["bandwidth"]
         goal = f" (goal toolkit >= {b['goal']:.0%}: {'met' if b['met'] else 'NOT met'})" if b["goal"] else ""
         what = b["limit"].get("what", "?")
+        other = b["limit"].get("bandwidth_before_gb_s") or b["limit"].get("bandwidth_after_gb_s")
+        if other:  # timed before and after the rounds; the faster kept
+            what += f"; the other timing {other:.1f} GB/s"
         lines.append(
             f"bandwidth limit {b['limit']['limit_tokens_per_s']:.1f} tokens/s at 1 client ({what}): "
             + ", ".join(f"{n} {f:.0%}" for n, f in b["fractions"].items())

@@ -292,9 +292,13 @@ class Engine:
 
     def run_here(self) -> None:
         """Run the engine's loop on the calling thread, instead of `start`, until `close` (from another thread).
-        For a process of its own whose main thread is the engine's (serve/engine_process.py): there every op may use
-        every intra-op thread (threads.py), where the engine's own thread hands only big ops to them."""
+        For a process of its own whose main thread is the engine's (serve/engine_process.py): OpenMP wakes its team
+        cheaply there, so smaller ops go to every intra-op thread than from the engine's own thread (threads.py)."""
+        from toolkit.engine.lean_decode import PARALLEL_MATMUL_MAIN
+
         self._here = True
+        if self._lean is not None:
+            self._lean.matmul_gate = PARALLEL_MATMUL_MAIN
         try:
             self._run()
         finally:
@@ -313,9 +317,6 @@ class Engine:
     def _run(self) -> None:
         import torch
 
-        # torch's thread count is process-wide: one thread only while the engine's own thread works, every one on a
-        # process's main thread (run_here), where OpenMP wakes its team cheaply (threads.py)
-        working = self._threads if self._here else 1
         try:
             while not self._stop.is_set():
                 if not self._rows and not self._pending:  # idle: block for work, then gather what arrives together
@@ -325,7 +326,9 @@ class Engine:
                     except queue.Empty:
                         continue
                     self._pending.extend(self._gather(first))
-                    torch.set_num_threads(working)
+                    # torch's thread count is process-wide: one thread while the engine works, all of them for big
+                    # ops only (threads.py; on a process's main thread smaller ops count as big: run_here)
+                    torch.set_num_threads(1)
                 try:
                     self._work()
                 except Exception as exc:  # a bug in a round must not leave every client waiting forever
