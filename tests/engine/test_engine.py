@@ -71,6 +71,44 @@ def test_a_request_joining_mid_generation_decodes_as_if_alone(base, window):
     assert engine.stats["batches"] == 2 and engine.stats["max_batch_seen"] == 2  # two prefills, one shared decode
 
 
+def test_run_here_runs_the_loop_on_the_calling_thread_with_the_same_tokens(base, monkeypatch):
+    """`toolkit serve`'s engine process may run the loop on its main thread (Engine.run_here): the same greedy
+    tokens as transformers' generate, the lean step told that it is on the main thread (its row gate), and the loop
+    ends with `close` called from an event. The tiny base does not prefer it (no projection big enough to split per
+    row); with the gate lowered here, every projection splits over threads, with the same tokens."""
+    import toolkit.engine.lean_decode as lean_decode
+
+    prompts = [_prompt(base, "Tell me about the sea and the ships on it."), _prompt(base, "Hi")]
+    expected = [generate_greedy(base, p.tensors(), max_new_tokens=12) for p in prompts]
+    engine = Engine(
+        base.model, device="cpu", dtype=base.dtype, pad_id=0, stop_ids=[1, 106], batch_wait_s=0, start=False
+    )
+    assert not engine.prefers_main_thread  # the tiny base's widest projection is below PARALLEL_MATMUL_MAIN
+    monkeypatch.setattr(lean_decode, "PARALLEL_MATMUL_MAIN", 1)
+    assert engine.prefers_main_thread and engine._lean.row_gate is None
+    got = [Collector(), Collector()]
+    left = [2]
+    threads = set()
+
+    def on_event(c):
+        def on(kind, value):
+            threads.add(threading.get_ident())
+            c(kind, value)
+            if kind in ("done", "error"):
+                left[0] -= 1
+                if not left[0]:
+                    engine.close()  # from the loop itself: it ends after this round
+
+        return on
+
+    for prompt, c in zip(prompts, got, strict=True):
+        _submit(engine, prompt, 12, on_event(c))
+    engine.run_here()
+    assert threads == {threading.get_ident()} and not engine.alive
+    assert engine._lean.row_gate == 1  # every projection now splits: the same tokens still
+    assert [c.tokens for c in got] == expected
+
+
 # ------------------------------------------------------------------------------------- long prompts, budget
 def _ids(n: int, seed: int) -> list[int]:
     """A prompt of n token ids (bos + random ids of the tiny vocabulary): content does not matter here."""

@@ -290,6 +290,14 @@ class Engine:
         """Whether the engine's loop runs (False before `start` and after `close`)."""
         return self._thread.is_alive() or self._here
 
+    @property
+    def prefers_main_thread(self) -> bool:
+        """Whether `run_here` on a process's main thread pays: only where the lean step's projections are big
+        enough to split over threads one row at a time (measured: the 270M's one-client decoding 1.11x llama.cpp's
+        server from the main thread; the tiny base's `toolkit serve` at 16 clients 7.4-7.6x transformers serve from
+        the main thread against 8.5-9.1x from a thread of its own, docs/BENCHMARKS.md)."""
+        return self._lean is not None and self._lean.splits_rows
+
     def run_here(self) -> None:
         """Run the engine's loop on the calling thread, instead of `start`, until `close` (from another thread).
         For a process of its own whose main thread is the engine's (serve/engine_process.py): OpenMP wakes its team
@@ -298,7 +306,7 @@ class Engine:
 
         self._here = True
         if self._lean is not None:
-            self._lean.matmul_gate = PARALLEL_MATMUL_MAIN
+            self._lean.row_gate = PARALLEL_MATMUL_MAIN
         try:
             self._run()
         finally:

@@ -37,10 +37,11 @@ PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries
 # a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
 # one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
 PARALLEL_MATMUL = 1 << 23
-# ... and from this many on a process's main thread (Engine.run_here), where OpenMP wakes its team cheaply
-# (threads.py): measured on the 270M's one-row step, its 72 int4 calls (0.66-2.6M multiply-adds each) 2.0 ms on two
-# threads against 2.7 on one; the tiny base's (0.13-0.39M) stay on one, where `toolkit serve` against transformers
-# serve fell from 2.3x to 1.5-2.1x with every op on both cores
+# ... or, on a process's main thread (Engine.run_here), where OpenMP wakes its team cheaply (threads.py), from this
+# many per row: measured on the 270M's one-row step, its 72 int4 calls (0.66-2.6M multiply-adds a row) 2.0 ms on
+# two threads against 2.7 on one. Not by the pass's total: the tiny base's calls (0.07-0.39M a row) on both cores
+# at 16 rows took `toolkit serve` from 8.3-8.7x transformers serve to 6.0-6.8x (the OpenMP worker spinning between
+# calls takes the core the server's process answers on)
 PARALLEL_MATMUL_MAIN = 1 << 19
 # In a pass that is otherwise single-threaded, attention goes to every thread only from this many keys x queries:
 # the parallel region leaves GNU OpenMP's worker spinning for ~10 ms, beside which the engine thread's following
@@ -152,7 +153,7 @@ class LeanDecoder:
         self._grouping: dict[tuple, Any] = {}  # per pass: how its adapters' tokens go into batched GEMMs (_groups)
         self._fused: dict[int, Any] = {}  # per group of projections on one input: its joined op (_linears) or None
         self._direct: list | bool | None = None  # _decoding_ops' answer once every layer is repacked
-        self.matmul_gate = PARALLEL_MATMUL  # PARALLEL_MATMUL_MAIN where the engine runs on the main thread
+        self.row_gate = None  # PARALLEL_MATMUL_MAIN where the engine runs on the main thread (_wide)
 
     def _helper(self) -> Any:
         """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
@@ -225,7 +226,7 @@ class LeanDecoder:
         # decoding rows only, all short: _one_query_each serves every layer's attention
         self._short_steps = total == n and max(r.seen for r in rows) < LONG_ROW_KEYS - 1
         everywhere = total * self.text.config.hidden_size >= PARALLEL_ELEMENTS
-        self._threaded = everywhere or self._head_parallel or total * self._widest >= self.matmul_gate
+        self._threaded = everywhere or self._head_parallel or self._wide(total, self._widest)
         direct = self._decoding_ops(names) if self._short_steps else None
         with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
@@ -310,7 +311,7 @@ class LeanDecoder:
 
     def _decoding_ops(self, names: list[str] | None) -> tuple[list, list | None] | None:
         """For `_decoding_layers`: per layer its four kernel calls (q/k/v joined, o, gate/up joined, down), each
-        with its multiply-adds per row (`matmul_gate` decides its threads) and its parts' widths; and per
+        with its multiply-adds per row (`_wide` decides its threads) and its parts' widths; and per
         layer the LoRA modules of the pass's one adapter (None: no adapter). None where the general path serves
         the pass: before the layers are repacked, a kernel without direct or joined ops, GQA-less shapes, rows on
         more than one adapter, a LoRA variant (e.g. DoRA)."""
@@ -363,8 +364,7 @@ class LeanDecoder:
         (`_decoding_ops`) instead of per call: on the 270M's one-row step the general path spent ~150 us a layer in
         Python around ~125 us of int4 kernels."""
         n, d, heads, both = len(rows), self.head_dim, self.heads, self.heads + self.kv_heads
-        x_shape = hidden.shape
-        wide = -(-self.matmul_gate // n)  # a kernel call of this many multiply-adds per row goes to every thread
+        x_shape, wide = hidden.shape, self._wide
         hidden = hidden.view(n, -1)
         for i, (
             (qkv, qkv_size, qkv_widths),
@@ -376,7 +376,7 @@ class LeanDecoder:
             attn, _, act = self._parts[i]
             lora = loras[i] if loras is not None else None
             x = self._norm(hidden, w_in)
-            with parallel(self.threads, qkv_size >= wide):
+            with parallel(self.threads, wide(n, qkv_size)):
                 out = qkv(x)
             if lora and lora[0]:
                 self._lora_parts(lora[0], out, qkv_widths, x)
@@ -386,24 +386,34 @@ class LeanDecoder:
             v = out[:, both * d :].view(n, self.kv_heads, 1, d)
             window = rows[0].layout.windows[i]
             a = self._one_query_each(qk[:, :heads], qk[:, heads:], v, rows, i, window, attn.scaling).view(n, -1)
-            with parallel(self.threads, o_size >= wide):
+            with parallel(self.threads, wide(n, o_size)):
                 x = o(a)
             if lora and lora[1]:
                 self._add_lora(lora[1][0][1], self._slices, x, a)
             hidden = hidden + self._norm(x, w_attn)
             x = self._norm(hidden, w_pre)
-            with parallel(self.threads, gu_size >= wide):
+            with parallel(self.threads, wide(n, gu_size)):
                 out = gu(x)
             if lora and lora[2]:
                 self._lora_parts(lora[2], out, gu_widths, x)
             gate, up = out.split_with_sizes(gu_widths, dim=-1)
             y = act(gate) * up
-            with parallel(self.threads, down_size >= wide):
+            with parallel(self.threads, wide(n, down_size)):
                 x = down(y)
             if lora and lora[3]:
                 self._add_lora(lora[3][0][1], self._slices, x, y)
             hidden = hidden + self._norm(x, w_post)
         return hidden.view(x_shape)
+
+    @property
+    def splits_rows(self) -> bool:
+        """Whether one row's projections are big enough to go to every thread on a main thread (row_gate): where
+        none is (e.g. the tiny base), an engine gains nothing there (Engine.prefers_main_thread)."""
+        return self._widest >= PARALLEL_MATMUL_MAIN
+
+    def _wide(self, rows: int, size: int) -> bool:
+        """Whether a kernel call of `size` multiply-adds per row over `rows` rows goes to every thread."""
+        return rows * size >= PARALLEL_MATMUL or (self.row_gate is not None and size >= self.row_gate)
 
     def _lora_parts(self, with_lora: list, out: Any, widths: list[int], x: Any) -> None:
         """Each projection's LoRA into its own part of a joined op's output (`_linears`' rule)."""
@@ -417,7 +427,7 @@ class LeanDecoder:
 
     def _linear(self, module: Any, x: Any, names: list[str] | None) -> Any:
         base = _base(module)
-        wide = x.shape[0] * x.shape[1] * base.in_features * base.out_features >= self.matmul_gate
+        wide = self._wide(x.shape[0] * x.shape[1], base.in_features * base.out_features)
         slices = [] if names is None or base is module else [s for s in self._slices if s[0] in module.lora_A]
         if any(name in module.lora_variant for name, _, _ in slices):
             with parallel(self.threads, wide):
@@ -459,7 +469,7 @@ class LeanDecoder:
             apart = [self._linear(m, x, names) for m in modules]
             return (apart, None) if joined else apart
         op, widths, size = fused
-        wide = x.shape[0] * x.shape[1] * size >= self.matmul_gate
+        wide = self._wide(x.shape[0] * x.shape[1], size)
         with parallel(self.threads, wide):
             out = op(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         parts = out.split_with_sizes(widths, dim=-1)  # (Tensor.split's Python wrapper costs ~2 us a call)

@@ -246,12 +246,16 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
         finally:
             engine.close()
 
-    # The engine's loop on this process's main thread, the messages on a thread beside it: OpenMP wakes its team
-    # cheaply only for the main thread, so there the decoding step's int4 matmuls use every core (threads.py)
-    reader = threading.Thread(target=read, name="engine-messages", daemon=True)
+    # Where it pays, the engine's loop on this process's main thread and the messages on a thread beside it: OpenMP
+    # wakes its team cheaply only for the main thread, so there the decoding step's int4 matmuls use every core
+    # (threads.py); else the engine on its own thread, the messages here
     _put(conn, ("ready", _info(engine, base)))
-    reader.start()
-    engine.run_here()
+    if engine.prefers_main_thread:
+        threading.Thread(target=read, name="engine-messages", daemon=True).start()
+        engine.run_here()
+    else:
+        engine.start()
+        read()
     conn.close()
 
 
