@@ -9,9 +9,10 @@ long rows (the 270M's LM head: 61 ms on one thread, 31 ms on two).
 
 The cost is the thread's, not OpenMP's: from a process's main thread GNU OpenMP wakes its team cheaply. Measured on
 the AMD EPYC (2 cores), the 270M's 72 int4 matmuls of a one-row decoding step: 2.4-2.5 ms on one thread from a
-side thread and 4.5-5.1 ms on two; from the main thread 2.7-3.0 on one and 2.0 on two. So `toolkit serve` runs
-the engine's loop on its process's main thread (Engine.run_here, serve/engine_process.py) with every thread for
-every op, and the one-thread rule holds only for an engine on a thread of its own (in-process: chat, eval,
+side thread and 4.5-5.1 ms on two; from the main thread 2.7-3.0 on one and 2.0 on two. So where one row's
+projections are big enough to split (lean_decode.PARALLEL_MATMUL_MAIN), `toolkit serve`'s engine process runs the
+engine's loop on its main thread (Engine.prefers_main_thread, Engine.run_here) and sends those calls to every
+thread; the one-thread rule holds elsewhere, and for an engine on a thread of its own (in-process: chat, eval,
 rollouts).
 """
 
