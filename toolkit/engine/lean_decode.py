@@ -32,7 +32,6 @@ from toolkit.engine.kv_cache import SLIDING_SLACK
 from toolkit.engine.threads import PARALLEL_ELEMENTS, parallel
 
 BASE_ADAPTER = "__base__"
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # projections joined into one kernel call
 PARALLEL_KEYS = 4096  # a row's attention over at least this many keys x queries runs on every thread (threads.py)
 # a projection of at least this many multiply-adds (rows x in x out) runs on every thread: measured on the 270M,
 # one int4 call for 16 rows takes ~370 us on one thread; the tiny base's largest (16 x 256 x 768) ~30 us
@@ -319,7 +318,7 @@ class LeanDecoder:
             layers = []
             for attn, mlp, _ in self._parts:
                 ops = []
-                for parent, attrs in ((attn, QKV), (attn, ("o_proj",)), (mlp, GATE_UP), (mlp, ("down_proj",))):
+                for parent, attrs in _projection_groups(attn, mlp):
                     group = tuple(getattr(parent, a) for a in attrs)
                     if not all(hasattr(_base(m), "_lean_checked") for m in group):
                         return None  # not yet repacked (the first passes do that): ask again next pass
@@ -345,7 +344,7 @@ class LeanDecoder:
         name, loras = self._slices[0][0], []
         for attn, mlp, _ in self._parts:
             own = []
-            for parent, attrs in ((attn, QKV), (attn, ("o_proj",)), (mlp, GATE_UP), (mlp, ("down_proj",))):
+            for parent, attrs in _projection_groups(attn, mlp):
                 with_it = []
                 for j, attr in enumerate(attrs):
                     module = parent._modules[attr]
@@ -363,7 +362,7 @@ class LeanDecoder:
         order (the same logits bit for bit, tested), with each layer's kernel calls and LoRA modules looked up once
         (`_decoding_ops`) instead of per call: on the 270M's one-row step the general path spent ~150 us a layer in
         Python around ~125 us of int4 kernels."""
-        n, d, heads, both = len(rows), self.head_dim, self.heads, self.heads + self.kv_heads
+        n, d, both = len(rows), self.head_dim, self.heads + self.kv_heads
         x_shape, wide = hidden.shape, self._wide
         hidden = hidden.view(n, -1)
         for i, (
@@ -380,12 +379,10 @@ class LeanDecoder:
                 out = qkv(x)
             if lora and lora[0]:
                 self._lora_parts(lora[0], out, qkv_widths, x)
-            qk = out[:, : both * d].view(n, both, 1, d)
-            normed = F.rms_norm(qk.float(), (d,), None, self.eps) * self.qk_norms[i]
-            qk = _rotate(normed.to(qk.dtype), *rope[self.types[i]])
+            q, k = self._joined_qk(out, i, rope[self.types[i]])
             v = out[:, both * d :].view(n, self.kv_heads, 1, d)
             window = rows[0].layout.windows[i]
-            a = self._one_query_each(qk[:, :heads], qk[:, heads:], v, rows, i, window, attn.scaling).view(n, -1)
+            a = self._one_query_each(q, k, v, rows, i, window, attn.scaling).view(n, -1)
             with parallel(self.threads, wide(n, o_size)):
                 x = o(a)
             if lora and lora[1]:
@@ -404,6 +401,15 @@ class LeanDecoder:
                 self._add_lora(lora[3][0][1], self._slices, x, y)
             hidden = hidden + self._norm(x, w_post)
         return hidden.view(x_shape)
+
+    def _joined_qk(self, out: Any, layer: int, rope: tuple) -> tuple[Any, Any]:
+        """q and k [T, heads, 1, d] / [T, kv_heads, 1, d] from a joined q/k/v output [T, width]: normed (per-head
+        weights) and rotated side by side, one norm and one rotation for both."""
+        d, both = self.head_dim, self.heads + self.kv_heads
+        qk = out[:, : both * d].view(out.shape[0], both, 1, d)
+        normed = F.rms_norm(qk.float(), (d,), None, self.eps) * self.qk_norms[layer]
+        qk = _rotate(normed.to(qk.dtype), *rope)
+        return qk[:, : self.heads], qk[:, self.heads :]
 
     @property
     def splits_rows(self) -> bool:
@@ -636,11 +642,7 @@ class LeanDecoder:
         (q, k, v), joined = self._linears((attn.q_proj, attn.k_proj, attn.v_proj), x, names, joined=True)
         v = v.view(total, 1, self.kv_heads, d).transpose(1, 2)
         if joined is not None:  # q and k side by side: one norm (per-head weights) and one rotation for both
-            both = self.heads + self.kv_heads
-            qk = joined[..., : both * d].view(total, 1, both, d).transpose(1, 2)  # [T, heads + kv_heads, 1, d]
-            normed = F.rms_norm(qk.float(), (d,), None, self.eps) * self.qk_norms[layer]
-            qk = _rotate(normed.to(qk.dtype), *rope)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            q, k = self._joined_qk(joined.view(total, -1), layer, rope)
         else:
             q = q.view(total, 1, self.heads, d).transpose(1, 2)  # [T, heads, 1, d]
             k = k.view(total, 1, self.kv_heads, d).transpose(1, 2)
@@ -703,6 +705,13 @@ def _stored(row: Any, layer: int, ki: Any, vi: Any, window: int | None) -> tuple
         return keys, values
     row.append(layer, ki, vi)
     return row.view(layer)
+
+
+def _projection_groups(attn: Any, mlp: Any) -> tuple:
+    """A layer's kernel calls in a decoding step, as (module, its projections' names): q/k/v joined, o, gate/up
+    joined, down."""
+    return ((attn, ("q_proj", "k_proj", "v_proj")), (attn, ("o_proj",)), (mlp, ("gate_proj", "up_proj")),
+            (mlp, ("down_proj",)))  # fmt: skip
 
 
 def _activation(module: Any) -> Any:
