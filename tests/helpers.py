@@ -102,12 +102,21 @@ class LiveServer:
 
 
 def kill_at_checkpoint(process: subprocess.Popen, checkpoint: Path, log: Path, timeout: float = 300) -> None:
-    """SIGKILL a training run once `checkpoint` exists (no handler runs: what survives is what it wrote)."""
+    """SIGKILL a training run once `checkpoint` (a trainer_state.json) is written whole (no handler runs: what
+    survives is what it wrote). Not on its mere existence: a kill while the Trainer was still writing it left a
+    checkpoint that --resume rightly refuses as cut short (seen once in CI, test_preference_train's simpo)."""
+    import json
     import os
     import signal
 
+    def written() -> bool:
+        try:
+            return "global_step" in json.loads(checkpoint.read_text())
+        except (OSError, ValueError):
+            return False
+
     deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None and not checkpoint.exists():
+    while time.time() < deadline and process.poll() is None and not written():
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
