@@ -293,6 +293,10 @@ def serve(
     in_process: Annotated[
         bool, typer.Option(help="Run the engine in the server's process (default: a process of its own).")
     ] = False,
+    compiled_step: Annotated[
+        bool,
+        typer.Option(help="Compile one stream's decoding step where it pays (a CPU engine in its own process)."),
+    ] = True,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB; beyond it: 413.")] = 32.0,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = C.MAX_IMAGES_PER_REQUEST,
     allow_runtime_adapters: Annotated[
@@ -354,6 +358,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         prefill_pacing=prefill_pacing or None,
         engine_process=not in_process,
+        compiled_step=compiled_step,
         allow_runtime_adapters=allow_runtime_adapters,
         responses_store=responses_store,
         playground=playground,
@@ -361,6 +366,7 @@ def serve(
     )
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
+    typer.echo(f"one stream's decoding step: {state.engine.step_kind}")
     if playground:
         typer.echo(f"playground: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/playground")
     # loop and http stay "auto": uvicorn then runs on uvloop and httptools (installed with the toolkit, except

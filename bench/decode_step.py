@@ -30,13 +30,16 @@ from report import cpu_label, cpus, replace_section  # noqa: E402
 PROMPT = "<start_of_turn>user\nTell me about the sea.<end_of_turn>\n<start_of_turn>model\n"
 
 
-def step_ms(base, lean: bool, rows: int, tokens: int, here: bool = True) -> float:
+def step_ms(base, lean: bool, rows: int, tokens: int, here: bool = True, served: bool = False) -> tuple[float, str]:
     """`here`: the engine's loop on this (the main) thread, as `toolkit serve`'s engine process runs it
-    (Engine.run_here); else on the engine's own thread, as in-process users (chat, eval, rollouts) run it."""
+    (Engine.run_here); else on the engine's own thread, as in-process users (chat, eval, rollouts) run it.
+    `served`: with the step compiled where serve's engine process compiles it (Engine.compile_step). Milliseconds
+    per step and what the one-row step ran as."""
     from toolkit.engine.engine import Engine, Request, SamplingParams
 
     ids = base.tokenizer(PROMPT)["input_ids"]
     engine = Engine.for_base(base, max_batch=rows, lean_decode=lean, start=False)
+    kind = engine.compile_step() if served else "eager"
     times: list[list[float]] = [[] for _ in range(rows)]
     left, done = [rows], threading.Event()
 
@@ -63,7 +66,7 @@ def step_ms(base, lean: bool, rows: int, tokens: int, here: bool = True) -> floa
         done.wait()
         engine.close()
     t = times[0]
-    return (t[-1] - t[1]) / (len(t) - 2) * 1000
+    return (t[-1] - t[1]) / (len(t) - 2) * 1000, kind
 
 
 def main() -> None:
@@ -88,22 +91,26 @@ def main() -> None:
             limit = decode_limit(path, context, base=base)
             print(json.dumps({"base": name, "limit": limit}), flush=True)
             for rows in (int(r) for r in args.rows.split(",")):
-                step_ms(base, True, rows, 8)  # warm-up: repacking, first calls
-                runs = {"lean": [], "own": [], "generic": []}
+                step_ms(base, True, rows, 8, served=rows == 1)  # warm-up: repacking, first calls, compiling
+                runs = {"served": [], "lean": [], "own": [], "generic": []}
                 for _ in range(args.repeats):
-                    runs["lean"].append(step_ms(base, True, rows, args.tokens))
-                    runs["own"].append(step_ms(base, True, rows, args.tokens, here=False))
-                    runs["generic"].append(step_ms(base, False, rows, args.tokens))
-                lean_ms, generic_ms = statistics.median(runs["lean"]), statistics.median(runs["generic"])
+                    ms, kind = step_ms(base, True, rows, args.tokens, served=rows == 1)
+                    runs["served"].append(ms)
+                    runs["lean"].append(step_ms(base, True, rows, args.tokens)[0])
+                    runs["own"].append(step_ms(base, True, rows, args.tokens, here=False)[0])
+                    runs["generic"].append(step_ms(base, False, rows, args.tokens)[0])
+                served_ms, generic_ms = statistics.median(runs["served"]), statistics.median(runs["generic"])
                 results.append(
                     {
                         "base": name,
                         "kernel": f"{base.kernel}, {str(base.dtype).removeprefix('torch.')}",
                         "rows": rows,
-                        "lean_ms": lean_ms,
+                        "step": kind.split(" (")[0] if kind.startswith("compiled") else "eager",
+                        "served_ms": served_ms,
+                        "lean_ms": statistics.median(runs["lean"]),
                         "lean_own_thread_ms": statistics.median(runs["own"]),
                         "generic_ms": generic_ms,
-                        "ratio": generic_ms / lean_ms,
+                        "ratio": generic_ms / served_ms,
                         "limit_ms": limit["limit_ms"] if rows == 1 else None,
                         "limit_what": limit["what"],
                     }
@@ -115,19 +122,21 @@ def main() -> None:
             "",
             f"{time.strftime('%Y-%m-%d')}, {cpu_label()}, {cpus()} cores, in-process "
             f"engine, greedy, {args.tokens} tokens per row (`ignore_eos`), median of {args.repeats} alternating runs. "
-            "Milliseconds per decoding step of all rows. The engine's loop on the process's main thread, as "
-            "`toolkit serve`'s engine process runs it (Engine.run_here), and for the lean step also on a thread of "
-            "its own, as in-process users (chat, eval, GRPO rollouts) run it.",
+            "Milliseconds per decoding step of all rows. As served: the engine's loop on the process's main thread, "
+            "as `toolkit serve`'s engine process runs it (Engine.run_here), one row's step compiled where it compiles "
+            "it (Engine.compile_step, engine/compiled_step.py; the step column says which). Beside it the eager lean "
+            "step on the main thread and on a thread of its own, as in-process users (chat, eval, GRPO rollouts) run "
+            "it.",
             "",
-            "| base | kernel | rows | lean step | lean, own thread | generic forward | generic / lean | one-row limit "
-            "| lean at |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| base | kernel | rows | step | as served | lean eager | lean eager, own thread | generic forward "
+            "| generic / served | one-row limit | served at |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
-            at = f"{r['limit_ms']:.2f} ms | {r['limit_ms'] / r['lean_ms']:.0%}" if r["limit_ms"] else "| "
+            at = f"{r['limit_ms']:.2f} ms | {r['limit_ms'] / r['served_ms']:.0%}" if r["limit_ms"] else "| "
             lines.append(
-                f"| {r['base']} | {r['kernel']} | {r['rows']} | {r['lean_ms']:.2f} ms "
-                f"| {r['lean_own_thread_ms']:.2f} ms | {r['generic_ms']:.2f} ms "
+                f"| {r['base']} | {r['kernel']} | {r['rows']} | {r['step']} | {r['served_ms']:.2f} ms "
+                f"| {r['lean_ms']:.2f} ms | {r['lean_own_thread_ms']:.2f} ms | {r['generic_ms']:.2f} ms "
                 f"| {r['ratio']:.2f}x | {at} |"
             )
         lines += ["", "Limits: " + "; ".join(sorted({f"{r['base']}: {r['limit_what']}" for r in results}))]
@@ -140,9 +149,10 @@ READING = (
     "sliding), its cache object and output plumbing, peft's per-forward hook installation for `adapter_names`, and "
     "the left-padded gather of every row's keys and values per layer; attention runs per row over that row's own "
     "storage, and a pass of decoding rows only takes `_decoding_layers` (each layer's kernel calls and LoRA "
-    "modules looked up once per pass). On the process's main thread every op may use every intra-op thread; on a "
-    "thread of its own the engine keeps small ops on one (engine/threads.py): a parallel region started off the "
-    "main thread costs ~80 us to wake on 2 cores, more than most ops of a decoding step."
+    "modules looked up once per pass); one row's step as served compiles those layers (inductor's fused kernels "
+    "between the int4 calls, attention left eager). On the process's main thread every op may use every intra-op "
+    "thread; on a thread of its own the engine keeps small ops on one (engine/threads.py): a parallel region "
+    "started off the main thread costs ~80 us to wake on 2 cores, more than most ops of a decoding step."
 )
 
 

@@ -7,6 +7,7 @@ this; kernels.py names the kernels and asks `unavailable` which of them this mac
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -191,8 +192,8 @@ def _lean_inference_forward(module) -> None:
 
 
 def _direct_op(module):
-    """The kernel op alone for a repacked inference layer (2-D input in, 2-D output), or None where the layer's
-    own forward does more than call it (a permutation, a bias, an adapter, training mode)."""
+    """The kernel op alone for a repacked inference layer (2-D input in, 2-D output), as an `Int4Call`, or None where
+    the layer's own forward does more than call it (a permutation, a bias, an adapter, training mode)."""
     import torch
 
     if module.linear_mode != "inference" or module.bias is not None or module.adapter:  # LinearMode: a str enum
@@ -201,28 +202,62 @@ def _direct_op(module):
         op, ret = getattr(module, "torch_fused_op", None), getattr(module, "ret_idx", None)
         if op is None or ret is None or not torch.equal(ret.cpu(), torch.arange(ret.numel(), dtype=ret.dtype)):
             return None
-        return _int4pack_op(op.qweight_uint8, op.group_size, op.scales_and_zeros)
+        return Int4Call(_int4pack_apply(op.group_size), (op.qweight_uint8, op.scales_and_zeros))
     if type(module).__name__ == "TorchCpuAvx512Linear":
         kernel = module.gemm_int4_qzero_group_scaled_cpu_kernel
         if kernel is None or not module._ret_idx_is_identity():
             return None
-        qweight, qzeros, scales, group = module.qweight, module.qzeros, module.scales, module.group_size
-
-        def op(x):
-            if x.dtype != torch.bfloat16:  # the kernel's own forward refuses other dtypes with a clear error
-                return module._fused_op_forward(x)
-            return kernel(x.contiguous(), qweight, qzeros, scales, group, None)
-
-        return op
+        # the kernel's own forward refuses other dtypes than bfloat16 with a clear error
+        tensors = (module.qweight, module.qzeros, module.scales)
+        return Int4Call(_avx512_apply(kernel, module.group_size), tensors, fallback=module._fused_op_forward)
     return None
 
 
-def _int4pack_op(qweight, group_size, scales_and_zeros):
+class Int4Call:
+    """One int4 kernel call on fixed packed tensors: `call(x)`, 2-D in, 2-D out. `call.apply(x, *call.tensors)` is
+    the same call with the tensors as arguments, and `apply` is one function object per kernel and group size:
+    what lets one compiled graph serve every layer, its weights as inputs (engine/compiled_step.py). `fallback`:
+    the layer's own forward, for activations the kernel does not take (not bfloat16)."""
+
+    __slots__ = ("apply", "tensors", "fallback")
+
+    def __init__(self, apply, tensors: tuple, fallback=None) -> None:
+        self.apply, self.tensors, self.fallback = apply, tensors, fallback
+
+    def __call__(self, x):
+        if self.fallback is not None and x.dtype != _bfloat16():
+            return self.fallback(x)
+        return self.apply(x, *self.tensors)
+
+
+@functools.cache
+def _bfloat16():
+    import torch
+
+    return torch.bfloat16
+
+
+@functools.cache
+def _avx512_apply(kernel, group: int):
+    """GPTQModel's AVX512 int4 op for one group size (cached: the same function for every layer)."""
+
+    def apply(x, qweight, qzeros, scales):
+        return kernel(x.contiguous(), qweight, qzeros, scales, group, None)
+
+    return apply
+
+
+@functools.cache
+def _int4pack_apply(group: int):
     """aten's packed int4 matmul over TorchFusedLinear's tensors: bfloat16 activations in, the input's dtype out."""
     import torch
 
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    return lambda x: mm(x.to(torch.bfloat16), qweight, group_size, scales_and_zeros).to(x.dtype)
+
+    def apply(x, qweight, scales_and_zeros):
+        return mm(x.to(torch.bfloat16), qweight, group, scales_and_zeros).to(x.dtype)
+
+    return apply
 
 
 def fused_op(modules):
@@ -242,21 +277,16 @@ def fused_op(modules):
     if len(kind) != 1 or any(m.group_size != first.group_size or m.in_features != first.in_features for m in modules):
         return None
     if kind == {"TorchCpuAvx512Linear"}:
-        kernel = first.gemm_int4_qzero_group_scaled_cpu_kernel
         qweight = torch.cat([m.qweight for m in modules])  # [out, in / 2], 32-row blocks: rows join as they are
         qzeros = torch.cat([m.qzeros for m in modules], dim=1)  # [groups, out]
         scales = torch.cat([m.scales for m in modules], dim=1)
-        group = first.group_size
-
-        def op(x):
-            return kernel(x.contiguous(), qweight, qzeros, scales, group, None)
-
+        apply = _avx512_apply(first.gemm_int4_qzero_group_scaled_cpu_kernel, first.group_size)
+        op = Int4Call(apply, (qweight, qzeros, scales))
     elif kind == {"TorchFusedLinear"}:
         ops = [m.torch_fused_op for m in modules]
         qweight = torch.cat([o.qweight_uint8 for o in ops])  # [out, in / 2]
         scales_and_zeros = torch.cat([o.scales_and_zeros for o in ops], dim=1)  # [groups, out, 2]
-        op = _int4pack_op(qweight, first.group_size, scales_and_zeros)
-
+        op = Int4Call(_int4pack_apply(first.group_size), (qweight, scales_and_zeros))
     else:
         return None
     probe = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

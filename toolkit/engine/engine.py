@@ -175,6 +175,7 @@ class Engine:
         prefill_chunk: int | None = None,
         prefill_step_ratio: float | None = PREFILL_STEP_RATIO,
         lean_decode: bool = True,
+        compiled_step: bool = True,
         on_events: Callable[[], None] | None = None,
         start: bool = True,
     ) -> None:
@@ -217,6 +218,8 @@ class Engine:
         # Decoding steps skip transformers' generic forward where the model's shape allows (lean_decode.py); False
         # keeps every step on the generic forward (the reference the lean step is tested against).
         self._lean = LeanDecoder(model, self._threads) if lean_decode and LeanDecoder.supports(model) else None
+        self.compiled_step = compiled_step  # whether compile_step may compile (False: --no-compiled-step)
+        self.step_kind = "eager"  # what one row's decoding step runs as (compile_step)
         # Called on the engine's thread once a batch of events is out: after sampling (before the forward pass, so
         # tokens and finished requests leave a pass earlier) and at the end of every round (engine_process.py sends
         # the events it collected there, in one message)
@@ -313,6 +316,28 @@ class Engine:
             self._here = False
             if self._lean is not None:
                 self._lean.close()
+
+    def compile_step(self) -> str:
+        """Before `run_here` on a process's main thread: compile one base row's decoding layers where that pays (a
+        CPU engine that prefers the main thread: engine/compiled_step.py). What the step runs as, also kept in
+        `step_kind`: "compiled (N s)" or "eager" with the reason. A failed compile (e.g. no C++ compiler for
+        inductor) is reported, not raised: the eager lean step serves."""
+        if not self.compiled_step:
+            why = "turned off"
+        elif self.device != "cpu" or not self.prefers_main_thread:
+            why = "only a CPU engine on its process's main thread compiles it"
+        else:
+            from toolkit.engine.lean_decode import PARALLEL_MATMUL_MAIN
+
+            self._lean.row_gate = PARALLEL_MATMUL_MAIN  # as run_here sets it: the warm-up's ops on every thread
+            try:
+                seconds = self._lean.compile_step(self.layout)
+                self.step_kind = f"compiled ({seconds:.1f} s)"
+                return self.step_kind
+            except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: any of them leaves eager)
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.step_kind = f"eager ({why})"
+        return self.step_kind
 
     def close(self) -> None:
         self._stop.set()

@@ -153,6 +153,7 @@ class LeanDecoder:
         self._fused: dict[int, Any] = {}  # per group of projections on one input: its joined op (_linears) or None
         self._direct: list | bool | None = None  # _decoding_ops' answer once every layer is repacked
         self.row_gate = None  # PARALLEL_MATMUL_MAIN where the engine runs on the main thread (_wide)
+        self.compiled = None  # compiled_step.CompiledLayers once compile_step made them: one base row's steps
 
     def _helper(self) -> Any:
         """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
@@ -230,7 +231,9 @@ class LeanDecoder:
         with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = self._rope(hidden, positions, max(r.seen + m for r, m in zip(rows, sizes, strict=True)))
-            if direct is not None:
+            if direct is not None and self.compiled is not None and n == 1 and direct[1] is None:
+                hidden = self.compiled(self, hidden, rope, rows)
+            elif direct is not None:
                 hidden = self._decoding_layers(hidden, rope, rows, *direct)
             else:
                 hidden = self._layers(hidden, rope, rows, names, sizes)
@@ -252,6 +255,23 @@ class LeanDecoder:
             back[torch.tensor(order)] = torch.arange(n)
             logits = logits[back]
         return logits
+
+    def compile_step(self, layout: Any) -> float:
+        """Compile one base row's decoding layers (compiled_step.py), after a warm-up pass over a scratch row (the
+        kernels' first calls repack them; the direct ops come after). Seconds it took; NotCompiled where it cannot."""
+        import time
+
+        from toolkit.engine.compiled_step import CompiledLayers, NotCompiled
+        from toolkit.engine.kv_cache import RowKV
+
+        start = time.perf_counter()
+        row = RowKV(layout)
+        self.forward([[2, 2, 2]], [row], None)
+        self([2], [row], None)
+        if self._decoding_ops(None) is None:
+            raise NotCompiled("the lean step has no direct layers for this model (kernels or head shapes)")
+        self.compiled = CompiledLayers(self, layout.windows)
+        return time.perf_counter() - start
 
     def _mv_faster(self, hidden: Any) -> bool:
         """Whether torch.mv beats F.linear for one row of the exact head on this machine, timed once (twice each,

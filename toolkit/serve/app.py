@@ -185,6 +185,7 @@ def build_state(
     prefill_chunk: int | None = None,
     prefill_pacing: float | None = PREFILL_STEP_RATIO,
     engine_process: bool = True,
+    compiled_step: bool = True,
     playground: bool = True,
     eval_dir: str | None = "build/eval",
 ) -> ServerState:
@@ -214,6 +215,7 @@ def build_state(
         "kv_cache_gb": kv_cache_gb,
         "prefill_chunk": prefill_chunk,
         "prefill_step_ratio": prefill_pacing,
+        "compiled_step": compiled_step,  # (engine_process.py compiles where it pays; an in-process engine does not)
     }
     if engine_process:
         from toolkit.serve.engine_process import EngineClient, EngineSpec

@@ -80,7 +80,7 @@ class EngineClient:
         import torch
 
         self.device, self.dtype, self.kernel = info["device"], getattr(torch, info["dtype"]), info["kernel"]
-        self.head = info["head"]
+        self.head, self.step_kind = info["head"], info["step"]
         self.stop_ids: set[int] = set(info["stop_ids"])
         self.layout, self.kv_budget = info["layout"], info["kv_budget"]
         self.max_batch, self.max_queue = info["max_batch"], spec.options.get("max_queue", DEFAULT_MAX_QUEUE)
@@ -249,6 +249,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
     # Where it pays, the engine's loop on this process's main thread and the messages on a thread beside it: OpenMP
     # wakes its team cheaply only for the main thread, so there the decoding step's int4 matmuls use every core
     # (threads.py); else the engine on its own thread, the messages here
+    engine.compile_step()  # where it pays, before the first request (a few seconds; cached by inductor after)
     _put(conn, ("ready", _info(engine, base)))
     if engine.prefers_main_thread:
         threading.Thread(target=read, name="engine-messages", daemon=True).start()
@@ -319,6 +320,7 @@ def _info(engine: Any, base: Any) -> dict:
         "dtype": str(base.dtype).removeprefix("torch."),
         "kernel": base.kernel,
         "head": base.head,
+        "step": engine.step_kind,
         "stop_ids": sorted(engine.stop_ids),
         "layout": engine.layout,
         "kv_budget": engine.kv_budget,

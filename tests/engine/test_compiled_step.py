@@ -1,0 +1,109 @@
+"""One base row's compiled decoding layers (engine/compiled_step.py) against the generic forward and the eager step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_engine import Collector, _prompt, _submit
+from test_lean_decode import _generic_step, _prefill
+
+from toolkit.engine.engine import Engine, generate_greedy
+from toolkit.engine.kv_cache import KVLayout, RowKV
+from toolkit.engine.lean_decode import LeanDecoder
+
+
+@pytest.fixture(scope="module")
+def compiled(base):
+    """A lean decoder with its one-row layers compiled, beside an eager twin on the same model."""
+    lean, eager = LeanDecoder(base.model), LeanDecoder(base.model)
+    seconds = lean.compile_step(KVLayout.of(base.model, base.dtype))
+    assert lean.compiled is not None and seconds > 0
+    return lean, eager
+
+
+def test_the_compiled_step_gives_the_generic_forwards_logits_and_keys(base, compiled):
+    """Twelve steps of one row through the compiled layers: each took them, and each gives the generic forward's
+    greedy token, its logits within the lean step's own tolerance and the same keys and values stored; the eager
+    lean step gives nearly the same logits (inductor's fused norms may round a last bit differently)."""
+    lean, eager = compiled
+    prompt = [2] + list(range(300, 340))
+    rows = _prefill(base.model, base.dtype, [prompt], None)
+    generic, twin = copy.deepcopy(rows), copy.deepcopy(rows)
+    token, before = prompt[-1], lean.compiled.calls
+    for step in range(12):
+        a = lean([token], rows, None)
+        b = _generic_step(base.model, [token], generic, None)
+        c = eager([token], twin, None)
+        assert lean.compiled.calls == before + step + 1
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        scale = b.float().abs().max()
+        assert ((a.float() - b.float()).abs().max() / scale).item() < 0.02
+        assert ((a.float() - c.float()).abs().max() / scale).item() < 0.02
+        token = b.argmax(-1).item()
+    for layer in range(len(rows[0].length)):
+        for x, y in zip(rows[0].view(layer), generic[0].view(layer), strict=True):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.05)
+
+
+def test_passes_of_several_rows_or_an_adapter_take_the_eager_layers(tiny_ct, trained):
+    """The compiled layers serve one base row only: a pass of two rows, or one on an adapter, takes the eager
+    direct layers, with the eager twin's logits bit for bit (and the adapter's LoRA in them)."""
+    from toolkit.base.loader import load_base
+    from toolkit.lora.registry import attach
+
+    loaded = load_base(tiny_ct, device="cpu")
+    attach(loaded, [("quickstart", trained.adapter_dir)])
+    layout = KVLayout.of(loaded.model, loaded.dtype)
+    lean, eager = LeanDecoder(loaded.model), LeanDecoder(loaded.model)
+    lean.compile_step(layout)
+    prompts = [[2] + list(range(300, 320)), [2, 400, 401]]
+    for names in (None, ["quickstart"]):
+        for count in (2, 1):
+            if names is None and count == 1:
+                continue  # (the compiled case, tested above)
+            names_ = names * count if names else None
+            rows = {d: [RowKV(layout) for _ in range(count)] for d in (lean, eager)}
+            for d in (lean, eager):
+                d.forward(prompts[:count], rows[d], names_)
+            tokens, calls = [p[-1] for p in prompts[:count]], lean.compiled.calls
+            for _ in range(3):
+                a, b = lean(tokens, rows[lean], names_), eager(tokens, rows[eager], names_)
+                assert torch.equal(a, b)
+                tokens = a.argmax(-1).tolist()
+            assert lean.compiled.calls == calls
+    base_row = copy.deepcopy(rows[lean])  # (the last pass: one row on the adapter)
+    assert not torch.equal(lean(tokens, rows[lean], ["quickstart"]), lean(tokens, base_row, None))
+
+
+def test_an_engine_on_the_main_thread_compiles_its_step_and_gives_the_same_tokens(base, monkeypatch):
+    """Engine.compile_step compiles only where the engine runs on its process's main thread and the rows split
+    (not the tiny base: its step stays eager, and says why); with the gate lowered it compiles, and `run_here`
+    streams transformers' greedy tokens through it. `compiled_step=False` (--no-compiled-step) keeps it eager."""
+    import toolkit.engine.lean_decode as lean_decode
+
+    def engine(**options):
+        return Engine(base.model, device="cpu", dtype=base.dtype, pad_id=0, stop_ids=[1, 106], batch_wait_s=0,
+                      start=False, **options)  # fmt: skip
+
+    plain = engine()
+    assert plain.compile_step().startswith("eager (only a CPU engine") and plain._lean.compiled is None
+    monkeypatch.setattr(lean_decode, "PARALLEL_MATMUL_MAIN", 1)
+    assert engine(compiled_step=False).compile_step() == "eager (turned off)"
+    e = engine()
+    assert e.compile_step().startswith("compiled (") and e.step_kind.startswith("compiled (")
+    prompt = _prompt(base, "Tell me about the sea and the ships on it.")
+    expected = generate_greedy(base, prompt.tensors(), max_new_tokens=12)
+    got = Collector()
+
+    def on_event(kind, value):
+        got(kind, value)
+        if kind in ("done", "error"):
+            e.close()
+
+    _submit(e, prompt, 12, on_event)
+    e.run_here()
+    assert got.tokens == expected
+    assert e._lean.compiled.calls == 11  # every step after the prompt's own

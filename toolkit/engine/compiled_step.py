@@ -1,0 +1,173 @@
+"""One row's decoding layers with inductor's fused kernels between the int4 matmuls: what `toolkit serve`'s engine
+process runs for a lone stream on a CPU (Engine.compile_step).
+
+Why: past the LM head and the int4 matmuls, the 270M's one-row lean step spent ~3 ms in ~4,600 small aten calls
+(each RMS norm ~8 of them, rotary, residual adds, casts), each a Python call and a dispatch. Compiled, the float math
+between two int4 calls is a fused C++ loop or two. Measured on an AMD EPYC (2 cores), the 270M from the main thread:
+one layer's post-attention plus the next one's pre-attention 93 us compiled against 165 us eager, ~84 of them its
+four int4 calls; the whole step 8.4-8.7 ms against 10.0-10.7 (docs/BENCHMARKS.md).
+
+How: the step splits at its attention calls into segments: the first layer's pre-attention (norm, joined q/k/v, q/k
+norm and rotation), then per next layer the previous one's post-attention (o, norm, residual, MLP) with this one's
+pre-attention, then the last layer's post-attention. Each segment is traced (make_fx) with its weights as inputs, so
+one compiled graph serves every middle layer, and compiled by `torch._inductor.standalone_compile`: no Dynamo at run
+time, hence no guard check per call (torch.compile of the whole step paid ~0.9 ms a step in guards and input
+handling). Attention between the segments is the lean step's own (`LeanDecoder._one_query_each` over the row's
+stored keys and values, any length, sliding or not), so the segments have static shapes and never recompile.
+
+Numbers: the lean step's ops in its order (LeanDecoder._decoding_layers), but inductor's fused reductions sum in
+another order, so a norm's last bit can differ: tested against the generic forward as the lean step is.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch  # imported lazily by the engine, never at toolkit import time
+import torch.nn.functional as F
+
+from toolkit.engine.threads import parallel
+
+# inductor: bfloat16 roundings where eager rounds (its default keeps float32 between fused ops): the eager step's
+# numbers, up to the order of a reduction
+INDUCTOR_OPTIONS = {"config_patches": {"emulate_precision_casts": True}}
+
+
+class NotCompiled(Exception):
+    """The model's decoding layers cannot be compiled here; the text says why (the eager lean step serves)."""
+
+
+class CompiledLayers:
+    """`hidden = layers(decoder, hidden, rope, rows)`: LeanDecoder._decoding_layers for one row on the base (no
+    adapter), built from the decoder's direct ops (its kernels repacked: LeanDecoder.compile_step warms them up)."""
+
+    def __init__(self, decoder: Any, windows: tuple) -> None:
+        from toolkit.base.gptq_backend import Int4Call
+
+        direct = decoder._direct
+        if not direct:
+            raise NotCompiled("the lean step has no direct layers for this model")
+        ops = [[op for op, _, _ in layer] for layer in direct]  # per layer: q/k/v, o, gate/up, down
+        if not all(isinstance(op, Int4Call) for row in ops for op in row):
+            raise NotCompiled("a projection's kernel is not an int4 call on fixed tensors")
+        self.applies = [op.apply for op in ops[0]]
+        if any(op.apply is not self.applies[j] for row in ops for j, op in enumerate(row)):
+            raise NotCompiled("the layers' projections do not share one kernel and group size")
+        dtype = decoder.embed.weight.dtype
+        if dtype != torch.bfloat16 or decoder.embed.weight.device.type != "cpu":
+            raise NotCompiled(f"the activations are {dtype} on {decoder.embed.weight.device.type}, not bfloat16 on cpu")
+        self.heads, self.kv_heads, self.head_dim, self.eps = (
+            decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.eps
+        )  # fmt: skip
+        self.gate_up = direct[0][2][2]  # the joined gate/up's widths
+        self.act = decoder._parts[0][2]
+        self.sizes = [size for _, size, _ in direct[0]]  # each call's multiply-adds per row (LeanDecoder._wide)
+        self.types = decoder.types
+        self.attention = [(decoder._parts[i][0].scaling, w) for i, w in enumerate(windows)]  # per layer
+        weights = [tuple(t for op in row for t in op.tensors) for row in ops]
+        self.counts = [len(op.tensors) for op in ops[0]]  # tensors per call: q/k/v, o, gate/up, down
+        q_end = self.counts[0]
+        norms, qk = decoder.norms, decoder.qk_norms
+        # per segment, its inputs after (hidden, a, cos, sin) / (hidden, cos, sin): norms, then int4 tensors
+        self.first = (norms[0][0], qk[0], *weights[0][:q_end])
+        self.middles = [
+            (*norms[i][1:4], norms[i + 1][0], qk[i + 1], *weights[i][q_end:], *weights[i + 1][:q_end])
+            for i in range(len(ops) - 1)
+        ]
+        last = len(ops) - 1
+        self.last_inputs = (norms[last][1], norms[last][2], norms[last][3], *weights[last][q_end:])
+        self.calls = 0  # compiled steps taken (tests check the path was used)
+        start = time.perf_counter()
+        self._compile(decoder)
+        self.seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------------------------ segments
+    def _norm(self, x: Any, weight: Any) -> Any:
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
+
+    def _pre(self, hidden: Any, cos: Any, sin: Any, w_in: Any, qk_norm: Any, *qkv: Any) -> tuple:
+        """A layer up to its attention: q [1, heads, 1, d], k and v [1, kv_heads, 1, d] (LeanDecoder._joined_qk)."""
+        from toolkit.engine.lean_decode import _rotate
+
+        d, both = self.head_dim, self.heads + self.kv_heads
+        out = self.applies[0](self._norm(hidden, w_in), *qkv)
+        qk = out[:, : both * d].view(1, both, 1, d)
+        normed = F.rms_norm(qk.float(), (d,), None, self.eps) * qk_norm
+        qk = _rotate(normed.to(qk.dtype), cos, sin)
+        return qk[:, : self.heads], qk[:, self.heads :], out[:, both * d :].view(1, self.kv_heads, 1, d)
+
+    def _post(self, hidden: Any, a: Any, w_attn: Any, w_pre: Any, w_post: Any, weights: tuple) -> Any:
+        """A layer after its attention `a` [1, heads * d]: o, norm, residual, the MLP, norm, residual."""
+        n_o, n_gu = self.counts[1], self.counts[2]
+        o, gu, down = weights[:n_o], weights[n_o : n_o + n_gu], weights[n_o + n_gu :]
+        hidden = hidden + self._norm(self.applies[1](a, *o), w_attn)
+        gate, up = self.applies[2](self._norm(hidden, w_pre), *gu).split_with_sizes(self.gate_up, dim=-1)
+        return hidden + self._norm(self.applies[3](self.act(gate) * up, *down), w_post)
+
+    def _middle(self, hidden: Any, a: Any, cos: Any, sin: Any, *inputs: Any) -> tuple:
+        w_attn, w_pre, w_post, w_in, qk_norm, *weights = inputs
+        ours, nexts = tuple(weights[: -self.counts[0]]), weights[-self.counts[0] :]
+        hidden = self._post(hidden, a, w_attn, w_pre, w_post, ours)
+        return (hidden, *self._pre(hidden, cos, sin, w_in, qk_norm, *nexts))
+
+    def _last(self, hidden: Any, a: Any, *inputs: Any) -> Any:
+        w_attn, w_pre, w_post, *weights = inputs
+        return self._post(hidden, a, w_attn, w_pre, w_post, tuple(weights))
+
+    def _compile(self, decoder: Any) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        _fake_kernels()
+        hidden = torch.zeros(1, decoder.text.config.hidden_size, dtype=torch.bfloat16)
+        a = torch.zeros(1, self.heads * self.head_dim, dtype=torch.bfloat16)
+        cos, sin = decoder._rope(hidden.unsqueeze(1), torch.tensor([[0]]), 1)[self.types[0]]
+        graphs = []
+        with torch.no_grad():
+            for fn, example in (
+                (self._pre, (hidden, cos, sin, *self.first)),
+                (self._middle, (hidden, a, cos, sin, *self.middles[0]) if self.middles else None),
+                (self._last, (hidden, a, *self.last_inputs)),
+            ):
+                if example is None:
+                    graphs.append(None)
+                    continue
+                traced = make_fx(fn)(*example)
+                graphs.append(
+                    torch._inductor.standalone_compile(
+                        traced, list(example), dynamic_shapes="from_example_inputs", options=INDUCTOR_OPTIONS
+                    )
+                )
+        self.pre, self.middle, self.last = graphs
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def __call__(self, decoder: Any, hidden: Any, rope: dict, rows: list) -> Any:
+        shape, types = hidden.shape, self.types
+        hidden = hidden.view(1, -1)
+        wide = all(decoder._wide(1, size) for size in self.sizes)
+        with parallel(decoder.threads, wide):
+            q, k, v = self.pre(hidden, *rope[types[0]], *self.first)
+        for i, (scale, window) in enumerate(self.attention):
+            a = decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
+            with parallel(decoder.threads, wide):
+                if i + 1 < len(self.attention):
+                    hidden, q, k, v = self.middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
+                else:
+                    hidden = self.last(hidden, a, *self.last_inputs)
+        self.calls += 1
+        return hidden.view(shape)
+
+
+@functools.cache
+def _fake_kernels() -> None:
+    """GPTQModel's AVX512 int4 op has no fake (shape-only) kernel, which tracing needs: [rows, out] in x's dtype."""
+    name = "gptqmodel_int4_qzero_group_scaled_cpu::gemm_int4_qzero_group_scaled_cpu_forward"
+    try:
+
+        @torch.library.register_fake(name)
+        def _(x: Any, qweight: Any, qzeros: Any, scales: Any, group: int, bias: Any = None) -> Any:
+            return x.new_empty(x.shape[0], qzeros.shape[1])
+
+    except (RuntimeError, ValueError, AttributeError):  # registered already (GPTQModel's own), or no such op
+        pass
