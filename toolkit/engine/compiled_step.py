@@ -22,11 +22,9 @@ another order, so a norm's last bit can differ: tested against the generic forwa
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import torch  # imported lazily by the engine, never at toolkit import time
-import torch.nn.functional as F
 
 from toolkit.engine.threads import parallel
 
@@ -58,9 +56,8 @@ class CompiledLayers:
         dtype = decoder.embed.weight.dtype
         if dtype != torch.bfloat16 or decoder.embed.weight.device.type != "cpu":
             raise NotCompiled(f"the activations are {dtype} on {decoder.embed.weight.device.type}, not bfloat16 on cpu")
-        self.heads, self.kv_heads, self.head_dim, self.eps = (
-            decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.eps
-        )  # fmt: skip
+        self.heads, self.kv_heads, self.head_dim = decoder.heads, decoder.kv_heads, decoder.head_dim
+        self.norm, self.joined_qk = decoder._norm, decoder._joined_qk  # the eager step's own ops, traced
         self.gate_up = direct[0][2][2]  # the joined gate/up's widths
         self.act = decoder._parts[0][2]
         self.sizes = [size for _, size, _ in direct[0]]  # each call's multiply-adds per row (LeanDecoder._wide)
@@ -79,32 +76,23 @@ class CompiledLayers:
         last = len(ops) - 1
         self.last_inputs = (norms[last][1], norms[last][2], norms[last][3], *weights[last][q_end:])
         self.calls = 0  # compiled steps taken (tests check the path was used)
-        start = time.perf_counter()
         self._compile(decoder)
-        self.seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------------ segments
-    def _norm(self, x: Any, weight: Any) -> Any:
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
-
     def _pre(self, hidden: Any, cos: Any, sin: Any, w_in: Any, qk_norm: Any, *qkv: Any) -> tuple:
-        """A layer up to its attention: q [1, heads, 1, d], k and v [1, kv_heads, 1, d] (LeanDecoder._joined_qk)."""
-        from toolkit.engine.lean_decode import _rotate
-
+        """A layer up to its attention: q [1, heads, 1, d], k and v [1, kv_heads, 1, d]."""
         d, both = self.head_dim, self.heads + self.kv_heads
-        out = self.applies[0](self._norm(hidden, w_in), *qkv)
-        qk = out[:, : both * d].view(1, both, 1, d)
-        normed = F.rms_norm(qk.float(), (d,), None, self.eps) * qk_norm
-        qk = _rotate(normed.to(qk.dtype), cos, sin)
-        return qk[:, : self.heads], qk[:, self.heads :], out[:, both * d :].view(1, self.kv_heads, 1, d)
+        out = self.applies[0](self.norm(hidden, w_in), *qkv)
+        q, k = self.joined_qk(out, qk_norm, (cos, sin))
+        return q, k, out[:, both * d :].view(1, self.kv_heads, 1, d)
 
     def _post(self, hidden: Any, a: Any, w_attn: Any, w_pre: Any, w_post: Any, weights: tuple) -> Any:
         """A layer after its attention `a` [1, heads * d]: o, norm, residual, the MLP, norm, residual."""
         n_o, n_gu = self.counts[1], self.counts[2]
         o, gu, down = weights[:n_o], weights[n_o : n_o + n_gu], weights[n_o + n_gu :]
-        hidden = hidden + self._norm(self.applies[1](a, *o), w_attn)
-        gate, up = self.applies[2](self._norm(hidden, w_pre), *gu).split_with_sizes(self.gate_up, dim=-1)
-        return hidden + self._norm(self.applies[3](self.act(gate) * up, *down), w_post)
+        hidden = hidden + self.norm(self.applies[1](a, *o), w_attn)
+        gate, up = self.applies[2](self.norm(hidden, w_pre), *gu).split_with_sizes(self.gate_up, dim=-1)
+        return hidden + self.norm(self.applies[3](self.act(gate) * up, *down), w_post)
 
     def _middle(self, hidden: Any, a: Any, cos: Any, sin: Any, *inputs: Any) -> tuple:
         w_attn, w_pre, w_post, w_in, qk_norm, *weights = inputs

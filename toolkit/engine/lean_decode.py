@@ -399,7 +399,7 @@ class LeanDecoder:
                 out = qkv(x)
             if lora and lora[0]:
                 self._lora_parts(lora[0], out, qkv_widths, x)
-            q, k = self._joined_qk(out, i, rope[self.types[i]])
+            q, k = self._joined_qk(out, self.qk_norms[i], rope[self.types[i]])
             v = out[:, both * d :].view(n, self.kv_heads, 1, d)
             window = rows[0].layout.windows[i]
             a = self._one_query_each(q, k, v, rows, i, window, attn.scaling).view(n, -1)
@@ -422,12 +422,12 @@ class LeanDecoder:
             hidden = hidden + self._norm(x, w_post)
         return hidden.view(x_shape)
 
-    def _joined_qk(self, out: Any, layer: int, rope: tuple) -> tuple[Any, Any]:
+    def _joined_qk(self, out: Any, qk_norm: Any, rope: tuple) -> tuple[Any, Any]:
         """q and k [T, heads, 1, d] / [T, kv_heads, 1, d] from a joined q/k/v output [T, width]: normed (per-head
-        weights) and rotated side by side, one norm and one rotation for both."""
+        weights `qk_norm`, a layer's qk_norms) and rotated side by side, one norm and one rotation for both."""
         d, both = self.head_dim, self.heads + self.kv_heads
         qk = out[:, : both * d].view(out.shape[0], both, 1, d)
-        normed = F.rms_norm(qk.float(), (d,), None, self.eps) * self.qk_norms[layer]
+        normed = F.rms_norm(qk.float(), (d,), None, self.eps) * qk_norm
         qk = _rotate(normed.to(qk.dtype), *rope)
         return qk[:, : self.heads], qk[:, self.heads :]
 
@@ -662,7 +662,7 @@ class LeanDecoder:
         (q, k, v), joined = self._linears((attn.q_proj, attn.k_proj, attn.v_proj), x, names, joined=True)
         v = v.view(total, 1, self.kv_heads, d).transpose(1, 2)
         if joined is not None:  # q and k side by side: one norm (per-head weights) and one rotation for both
-            q, k = self._joined_qk(joined.view(total, -1), layer, rope)
+            q, k = self._joined_qk(joined.view(total, -1), self.qk_norms[layer], rope)
         else:
             q = q.view(total, 1, self.heads, d).transpose(1, 2)  # [T, heads, 1, d]
             k = k.view(total, 1, self.kv_heads, d).transpose(1, 2)
