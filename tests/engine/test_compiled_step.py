@@ -75,7 +75,11 @@ def test_passes_of_several_rows_or_an_adapter_take_the_eager_layers(tiny_ct, tra
                 tokens = a.argmax(-1).tolist()
             assert lean.compiled.calls == calls
     base_row = copy.deepcopy(rows[lean])  # (the last pass: one row on the adapter)
+    calls = lean.compiled.calls
     assert not torch.equal(lean(tokens, rows[lean], ["quickstart"]), lean(tokens, base_row, None))
+    assert lean.compiled.calls == calls + 1  # one base row beside a loaded adapter: compiled
+    lean.forward([[5, 6, 7]], base_row, None)  # a prompt chunk on one row: eager
+    assert lean.compiled.calls == calls + 1
 
 
 def test_an_engine_on_the_main_thread_compiles_its_step_and_gives_the_same_tokens(base, monkeypatch):
@@ -104,6 +108,39 @@ def test_an_engine_on_the_main_thread_compiles_its_step_and_gives_the_same_token
             e.close()
 
     _submit(e, prompt, 12, on_event)
+    before = e._lean.compiled.calls  # (compile_step's own check took one)
     e.run_here()
     assert got.tokens == expected
-    assert e._lean.compiled.calls == 11  # every step after the prompt's own
+    assert e._lean.compiled.calls - before == 11  # every step after the prompt's own
+
+
+def test_a_compiled_step_that_disagrees_or_fails_leaves_the_eager_step(base, monkeypatch):
+    """compile_step checks one compiled step against the eager one before it serves: logits that differ are
+    refused (Engine.compile_step then reports eager and why). A compiled step that raises while serving gives its
+    pass the error and leaves later passes to the eager step."""
+    import toolkit.engine.lean_decode as lean_decode
+    from toolkit.engine.compiled_step import CompiledLayers, NotCompiled
+
+    layout = KVLayout.of(base.model, base.dtype)
+    real = CompiledLayers.__call__
+    monkeypatch.setattr(CompiledLayers, "__call__", lambda self, d, h, *a: real(self, d, h, *a).flip(-1))
+    lean = LeanDecoder(base.model)
+    with pytest.raises(NotCompiled, match="differ from the eager step"):
+        lean.compile_step(layout)
+    assert lean.compiled is None
+    monkeypatch.setattr(lean_decode, "PARALLEL_MATMUL_MAIN", 1)
+    e = Engine(base.model, device="cpu", dtype=base.dtype, pad_id=0, stop_ids=[1], start=False)
+    assert e.compile_step().startswith("eager (NotCompiled: the compiled step's logits differ")
+    assert e._lean.row_gate is None  # (run_here sets it; compile_step leaves it as it was)
+
+    monkeypatch.setattr(CompiledLayers, "__call__", real)
+    lean.compile_step(layout)
+    row = RowKV(layout)
+    lean.forward([[2, 300, 301]], [row], None)
+    monkeypatch.setattr(CompiledLayers, "__call__", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        lean([302], [row], None)
+    assert lean.compiled is None
+    fresh = RowKV(layout)
+    lean.forward([[2, 300, 301]], [fresh], None)
+    assert lean([302], [fresh], None).shape[0] == 1  # eager from now on

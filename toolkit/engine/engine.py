@@ -219,7 +219,7 @@ class Engine:
         # keeps every step on the generic forward (the reference the lean step is tested against).
         self._lean = LeanDecoder(model, self._threads) if lean_decode and LeanDecoder.supports(model) else None
         self.compiled_step = compiled_step  # whether compile_step may compile (False: --no-compiled-step)
-        self.step_kind = "eager"  # what one row's decoding step runs as (compile_step)
+        self.step_kind = "eager (an engine on a thread of its own)"  # what one row's step runs as (compile_step)
         # Called on the engine's thread once a batch of events is out: after sampling (before the forward pass, so
         # tokens and finished requests leave a pass earlier) and at the end of every round (engine_process.py sends
         # the events it collected there, in one message)
@@ -329,13 +329,15 @@ class Engine:
         else:
             from toolkit.engine.lean_decode import PARALLEL_MATMUL_MAIN
 
-            self._lean.row_gate = PARALLEL_MATMUL_MAIN  # as run_here sets it: the warm-up's ops on every thread
+            gate, self._lean.row_gate = self._lean.row_gate, PARALLEL_MATMUL_MAIN  # as run_here will run it
             try:
                 seconds = self._lean.compile_step(self.layout)
                 self.step_kind = f"compiled ({seconds:.1f} s)"
                 return self.step_kind
             except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: any of them leaves eager)
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            finally:
+                self._lean.row_gate = gate  # (run_here sets it again)
         self.step_kind = f"eager ({why})"
         return self.step_kind
 

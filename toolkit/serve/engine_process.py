@@ -246,11 +246,11 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
         finally:
             engine.close()
 
+    engine.compile_step()  # where it pays, before the first request (a few seconds; cached by inductor after)
+    _put(conn, ("ready", _info(engine, base)))
     # Where it pays, the engine's loop on this process's main thread and the messages on a thread beside it: OpenMP
     # wakes its team cheaply only for the main thread, so there the decoding step's int4 matmuls use every core
     # (threads.py); else the engine on its own thread, the messages here
-    engine.compile_step()  # where it pays, before the first request (a few seconds; cached by inductor after)
-    _put(conn, ("ready", _info(engine, base)))
     if engine.prefers_main_thread:
         threading.Thread(target=read, name="engine-messages", daemon=True).start()
         engine.run_here()
