@@ -209,7 +209,8 @@ def _direct_op(module):
             return None
         # the kernel's own forward refuses other dtypes than bfloat16 with a clear error
         tensors = (module.qweight, module.qzeros, module.scales)
-        return Int4Call(_avx512_apply(kernel, module.group_size), tensors, fallback=module._fused_op_forward)
+        apply = _avx512_apply(kernel, module.group_size)
+        return Int4Call(apply, tensors, fallback=(torch.bfloat16, module._fused_op_forward))
     return None
 
 
@@ -217,24 +218,17 @@ class Int4Call:
     """One int4 kernel call on fixed packed tensors: `call(x)`, 2-D in, 2-D out. `call.apply(x, *call.tensors)` is
     the same call with the tensors as arguments, and `apply` is one function object per kernel and group size:
     what lets one compiled graph serve every layer, its weights as inputs (engine/compiled_step.py). `fallback`:
-    the layer's own forward, for activations the kernel does not take (not bfloat16)."""
+    (the dtype the kernel takes, the layer's own forward for activations of any other)."""
 
     __slots__ = ("apply", "tensors", "fallback")
 
-    def __init__(self, apply, tensors: tuple, fallback=None) -> None:
+    def __init__(self, apply, tensors: tuple, fallback: tuple | None = None) -> None:
         self.apply, self.tensors, self.fallback = apply, tensors, fallback
 
     def __call__(self, x):
-        if self.fallback is not None and x.dtype != _bfloat16():
-            return self.fallback(x)
+        if self.fallback is not None and x.dtype != self.fallback[0]:
+            return self.fallback[1](x)
         return self.apply(x, *self.tensors)
-
-
-@functools.cache
-def _bfloat16():
-    import torch
-
-    return torch.bfloat16
 
 
 @functools.cache

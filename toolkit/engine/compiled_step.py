@@ -46,7 +46,7 @@ class CompiledLayers:
 
         direct = decoder._direct
         if not direct:
-            raise NotCompiled("the lean step has no direct layers for this model")
+            raise NotCompiled("the lean step has no direct layers for this model (kernels or head shapes)")
         ops = [[op for op, _, _ in layer] for layer in direct]  # per layer: q/k/v, o, gate/up, down
         if not all(isinstance(op, Int4Call) for row in ops for op in row):
             raise NotCompiled("a projection's kernel is not an int4 call on fixed tensors")
