@@ -22,11 +22,13 @@ from typing import Any
 import torch  # imported lazily by the loader, never at toolkit import time
 import torch.nn.functional as F
 
+from toolkit.base.vocab_reduce import top_indices
+
 # Rows per int8 matmul. Measured on an AMD EPYC (2 cores, the 270M's head), int8 / bfloat16 F.linear: 1 row 4.4 /
 # 11.3 ms, 4 rows 5.7 / 12.4, 8 rows 10.4 / 13.3, 16 rows 21.3 / 16.3 (the int8 kernel's cost grows with the rows
 # past ~4): more rows go in chunks of this many, e.g. a 16-row decoding step's head ~21 ms instead of 16.
 INT8_ROWS = 8
-RESCORE = 64  # candidates per row computed again from the exact matrix (topk + gather: ~0.3 ms on the 270M)
+RESCORE = 64  # candidates per row computed again from the exact matrix (top-k + gather: ~0.15 ms on the 270M)
 QUANT_CHUNK = 1 << 14  # rows quantised at a time: a float32 copy of the 27B's whole head would be 5.6 GB
 
 
@@ -59,7 +61,7 @@ class Int8Head(torch.nn.Module):
     def _rows(self, flat: Any) -> Any:
         logits = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scales).to(flat.dtype)
         vocab = logits.shape[1]
-        top = logits.topk(min(RESCORE, vocab), dim=1).indices  # [rows, k]
+        top = top_indices(logits, RESCORE)  # [rows, k]
         # index_select / index_copy_ on flat views, not fancy indexing and scatter_: ~30 and ~100 us less per call
         # in the head's parallel region (the ops' own thread split does not pay at this size)
         rows = self.weight.index_select(0, top.view(-1)).view(*top.shape, -1)  # [rows, k, hidden]

@@ -343,7 +343,9 @@ def _draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     torch.multinomial would share one generator)."""
     import torch
 
-    tokens = logits.argmax(dim=-1)
+    from toolkit.base.vocab_reduce import first_argmax
+
+    tokens = first_argmax(logits)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:
         return tokens
