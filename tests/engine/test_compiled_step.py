@@ -11,7 +11,7 @@ from test_lean_decode import _generic_step, _prefill
 
 from toolkit.engine.engine import Engine, generate_greedy
 from toolkit.engine.kv_cache import KVLayout, RowKV
-from toolkit.engine.lean_decode import LeanDecoder
+from toolkit.engine.lean_decode import LONG_ROW_KEYS, ROPE_TABLE, LeanDecoder
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,26 @@ def test_a_compiled_step_that_disagrees_or_fails_leaves_the_eager_step(base, mon
     fresh = RowKV(layout)
     lean.forward([[2, 300, 301]], [fresh], None)
     assert lean([302], [fresh], None).shape[0] == 1  # eager from now on
+
+
+@pytest.mark.parametrize("length", [ROPE_TABLE - 3, LONG_ROW_KEYS - 4])
+def test_long_rows_past_the_rope_table_and_up_to_the_long_row_limit(base, compiled, length):
+    """A row whose steps cross the lean step's rotary table (ROPE_TABLE positions: past it the rotary module computes
+    cos / sin), and one that reaches LONG_ROW_KEYS (from there a step takes the long-row layers, not the compiled
+    ones), both far past the sliding window: each step gives the generic forward's greedy token and logits within the
+    lean step's tolerance, and the compiled layers serve exactly the steps below the long-row limit."""
+    lean, _ = compiled
+    prompt = [2] + [300 + i % 500 for i in range(length - 1)]
+    rows = _prefill(base.model, base.dtype, [prompt], None)
+    generic = copy.deepcopy(rows)
+    token, calls, expected = prompt[-1], lean.compiled.calls, 0
+    for _ in range(6):
+        expected += rows[0].seen < LONG_ROW_KEYS - 1
+        a = lean([token], rows, None)
+        b = _generic_step(base.model, [token], generic, None)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 0.02
+        token = b.argmax(-1).item()
+    assert rows[0].seen == length + 6
+    assert lean.compiled.calls == calls + expected
+    assert 0 < expected < 6 if length > ROPE_TABLE else expected == 6
