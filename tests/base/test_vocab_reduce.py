@@ -11,7 +11,7 @@ from toolkit.base.vocab_reduce import BLOCK, first_argmax, top_indices
 SIZES = [262208, 262144, 70001, 4 * BLOCK, 300]  # the 270M's logits, whole blocks, a short last block, the plain path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n", SIZES)
 def test_first_argmax_is_torch_argmax(dtype: torch.dtype, n: int) -> None:
     x = (torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
@@ -24,7 +24,7 @@ def test_first_argmax_is_torch_argmax(dtype: torch.dtype, n: int) -> None:
     assert got[1] == n // 3 and got[2] == n - 1 and got[3] == 0 and got[4] == n // 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n", SIZES)
 def test_top_indices_hold_the_k_largest_values_once_each(dtype: torch.dtype, n: int) -> None:
     k = 64
@@ -38,3 +38,11 @@ def test_top_indices_hold_the_k_largest_values_once_each(dtype: torch.dtype, n: 
     values = x.gather(1, got).sort(dim=1).values
     assert torch.equal(values, x.topk(k, dim=1).values.sort(dim=1).values)
     assert {n - 3, n - 2, n - 1} <= set(got[1].tolist())
+
+
+def test_float64_rows_are_not_rounded_to_float32() -> None:
+    """Two values that float32 would make equal: the larger one wins, as in torch.argmax and torch.topk."""
+    x = torch.zeros(1, 262208, dtype=torch.float64)
+    x[0, 10], x[0, 200000] = 1.0, 1.0 + 1e-12
+    assert first_argmax(x).item() == 200000
+    assert {10, 200000} <= set(top_indices(x, 64)[0].tolist())

@@ -21,6 +21,7 @@ from typing import Any
 import torch  # imported lazily by the loader and the engine, never at toolkit import time
 
 BLOCK = 128  # entries per block: the 262k vocabulary in ~2k blocks (measured fastest for both among 64..4096)
+HALVES = (torch.bfloat16, torch.float16)  # converted to float32 first (exactly); other dtypes are reduced as they are
 
 
 def first_argmax(x: Any) -> Any:
@@ -28,7 +29,7 @@ def first_argmax(x: Any) -> Any:
     rows, n = x.shape
     if x.device.type != "cpu" or n < 4 * BLOCK:
         return x.argmax(dim=-1)
-    if x.dtype != torch.float32:  # aten's bfloat16 max is slower than the conversion and the float32 max together
+    if x.dtype in HALVES:  # exact; aten's bfloat16 max is slower than the conversion and the float32 max together
         x = x.float()
     starts = _block_maxima(x).argmax(dim=-1) * BLOCK  # the first block holding the max (a short row: cheap)
     idx = _block_indices(starts.unsqueeze(1), n)
@@ -41,7 +42,7 @@ def top_indices(x: Any, k: int) -> Any:
     rows, n = x.shape
     if x.device.type != "cpu" or n < 4 * k * BLOCK:
         return x.topk(min(k, n), dim=1, sorted=False).indices
-    if x.dtype != torch.float32:
+    if x.dtype in HALVES:
         x = x.float()
     blocks = _block_maxima(x).topk(k, dim=1, sorted=False).indices  # [rows, k]
     idx = _block_indices((blocks * BLOCK).unsqueeze(2), n).view(rows, -1)  # their entries, [rows, k * BLOCK]
