@@ -32,8 +32,7 @@ def first_argmax(x: Any) -> Any:
     if x.dtype in HALVES:  # exact; aten's bfloat16 max is slower than the conversion and the float32 max together
         x = x.float()
     starts = _block_maxima(x).argmax(dim=-1) * BLOCK  # the first block holding the max (a short row: cheap)
-    idx = _block_indices(starts.unsqueeze(1), n)
-    inside = x.gather(1, idx.clamp(max=n - 1)).masked_fill_(idx >= n, float("-inf"))
+    _, inside = _block_entries(x, starts.unsqueeze(1))
     return starts + inside.argmax(dim=-1)
 
 
@@ -45,9 +44,8 @@ def top_indices(x: Any, k: int) -> Any:
     if x.dtype in HALVES:
         x = x.float()
     blocks = _block_maxima(x).topk(k, dim=1, sorted=False).indices  # [rows, k]
-    idx = _block_indices((blocks * BLOCK).unsqueeze(2), n).view(rows, -1)  # their entries, [rows, k * BLOCK]
-    # the last block may be short: its missing entries are never picked (k full blocks hold k entries anyway)
-    candidates = x.gather(1, idx.clamp(max=n - 1)).masked_fill_(idx >= n, float("-inf"))
+    # (the last block's missing entries are never picked: k full blocks hold k entries anyway)
+    idx, candidates = _block_entries(x, (blocks * BLOCK).view(rows, -1, 1))  # [rows, k * BLOCK] each
     return idx.gather(1, candidates.topk(k, dim=1, sorted=False).indices)
 
 
@@ -61,6 +59,9 @@ def _block_maxima(x: Any) -> Any:
     return maxima
 
 
-def _block_indices(starts: Any, n: int) -> Any:
-    """Every index of the blocks starting at `starts` (the last block's may pass n: callers mask them)."""
-    return starts + torch.arange(BLOCK, device=starts.device)
+def _block_entries(x: Any, starts: Any) -> tuple[Any, Any]:
+    """The indices and values of the blocks starting at `starts` [rows, blocks, 1] (or [rows, 1]), flattened per
+    row; a short last block's places past the row hold -inf, never a row's max nor among its k largest."""
+    n = x.shape[1]
+    idx = (starts + torch.arange(BLOCK, device=starts.device)).view(x.shape[0], -1)
+    return idx, x.gather(1, idx.clamp(max=n - 1)).masked_fill_(idx >= n, float("-inf"))
