@@ -85,12 +85,14 @@ MIXED = [
 
 
 # ------------------------------------------------------------------------------------------- against the reference
-def test_batched_step_matches_the_per_row_reference_over_several_steps():
+# 30000: past the sizes where the draw, top-k and logprobs go through vocab_reduce's blocks (a 262k row's paths)
+@pytest.mark.parametrize("vocab", [300, 30000])
+def test_batched_step_matches_the_per_row_reference_over_several_steps(vocab):
     gen = torch.Generator().manual_seed(0)
     ours = rows_for(MIXED, [[5, 6, 7, 5], [8], [9, 10], [11], [12], [2, 3, 4, 5, 6], [9, 9], [1]])
     ref = rows_for(MIXED, [[5, 6, 7, 5], [8], [9, 10], [11], [12], [2, 3, 4, 5, 6], [9, 9], [1]])
     for step in range(8):
-        logits = torch.randn(len(MIXED), 300, generator=gen) * 3
+        logits = torch.randn(len(MIXED), vocab, generator=gen) * 3
         expected = [ref_process(logits[i], r, STOPS) for i, r in enumerate(ref)]
         got = process(logits, ours, STOPS)
         for i in range(len(MIXED)):
@@ -281,6 +283,19 @@ def test_logprobs_are_the_raw_distribution_with_top_k():
     assert lps[1].top == [] and lps[1].token == int(raw[1].argmax())
 
 
+def test_logprobs_top_k_over_a_vocabulary_sized_row_is_torch_topk():
+    logits = torch.randn(2, 262208, generator=torch.Generator().manual_seed(6)) * 3  # (float32: no ties)
+    rows = rows_for([SamplingParams(1, temperature=0, logprobs=20), SamplingParams(1, logprobs=3, seed=1)])
+    tokens, lps = sample(logits, rows, STOPS)
+    raw = torch.log_softmax(logits, -1)
+    for i, k in ((0, 20), (1, 3)):
+        values, ids = torch.topk(raw[i], k)
+        assert [t for t, _ in lps[i].top] == ids.tolist()
+        assert [v for _, v in lps[i].top] == pytest.approx(values.tolist(), abs=1e-5)
+        assert math.isclose(lps[i].logprob, float(raw[i, tokens[i]]), abs_tol=1e-5)
+    assert tokens[0] == int(raw[0].argmax())
+
+
 @pytest.mark.parametrize("chunk", [2, 512])
 def test_prompt_logprobs_entry_i_comes_from_the_previous_position(monkeypatch, chunk):
     monkeypatch.setattr(sampling, "PROMPT_LOGPROB_CHUNK", chunk)
@@ -300,9 +315,9 @@ def test_prompt_logprobs_entry_i_comes_from_the_previous_position(monkeypatch, c
     assert prompt_logprobs(logits[:1], ids[:1], 2) == [None]
 
 
-@pytest.mark.parametrize("candidates", [8, 1024])
-def test_top_p_candidates_shortcut_and_full_sort_agree_with_the_reference(monkeypatch, candidates):
-    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
+@pytest.mark.parametrize("floor", [0.5, 2.0**-14])
+def test_top_p_candidates_shortcut_and_full_sort_agree_with_the_reference(monkeypatch, floor):
+    monkeypatch.setattr(sampling, "TOP_P_FLOOR", floor)  # 0.5: few candidates, most rows sort in full
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(4, 3000, generator=gen) * torch.tensor([[6.0], [6.0], [1.0], [0.3]])
     rows = rows_for([SamplingParams(1, top_p=p, temperature=0.9) for p in (0.3, 0.97, 0.5, 0.9)])

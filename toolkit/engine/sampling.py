@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature this small samples greedily
-TOP_P_CANDIDATES = 1024  # top-p looks at this many most likely tokens before sorting a whole row
+TOP_P_FLOOR = 2.0**-14  # top-p sorts first the tokens at least this fraction as likely as the row's most likely
 PROMPT_LOGPROB_CHUNK = 512  # prompt positions per log_softmax: 512 x 262k fp32 = 0.5 GB at most at a time
 
 
@@ -161,8 +161,9 @@ def process(logits: torch.Tensor, rows: list[RowState], stop_ids: set[int]) -> t
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    logits.div_(temps.unsqueeze(1))
+    if any(p.temperature != 1.0 for p in params if not p.greedy):  # (dividing by 1 changes nothing)
+        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+        logits.div_(temps.unsqueeze(1))
     _top_k(logits, params, vocab)
     _top_p(logits, params)
     _min_p(logits, params)
@@ -285,9 +286,11 @@ def _top_k(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> No
     chosen = [i for i, p in enumerate(params) if 0 < p.top_k < vocab and not p.greedy]
     if not chosen:
         return
+    from toolkit.base.vocab_reduce import top_sorted
+
     sub, put = _rows(logits, chosen)
     k_rows = torch.tensor([params[i].top_k for i in chosen], device=logits.device)
-    top = torch.topk(sub, int(k_rows.max()), dim=-1).values
+    top = top_sorted(sub, int(k_rows.max()))[0]
     sub.masked_fill_(sub < top.gather(1, (k_rows - 1).unsqueeze(1)), float("-inf"))
     put(sub)
 
@@ -296,9 +299,9 @@ def _top_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     """Keep the smallest set of most likely tokens whose probability reaches top_p (the engine's definition:
     a token goes when the mass of the tokens before it already exceeds top_p).
 
-    Sorting 262k logits per row is the dearest step of all, so the most likely TOP_P_CANDIDATES tokens are
-    found first (torch.topk); a row whose candidates already hold more than top_p has its answer there (every
-    later token has more than top_p before it), and only the other rows are sorted in full.
+    Sorting 262k probabilities per row is the dearest step of all, so each row first sorts only its tokens of at
+    least TOP_P_FLOOR times its most likely one's probability: where they already hold more than top_p, the answer
+    is among them (every other token has more than top_p before it); only the other rows sort in full.
     """
     import torch
 
@@ -306,18 +309,20 @@ def _top_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     if not chosen:
         return
     sub, put = _rows(logits, chosen)
-    top_p = torch.tensor([params[i].top_p for i in chosen], device=logits.device).unsqueeze(1)
     probs = sub.softmax(dim=-1)
-    k = min(TOP_P_CANDIDATES, sub.shape[1])
-    cand_probs, cand_ids = torch.topk(probs, k, dim=-1)
-    cum = cand_probs.cumsum(dim=-1)
-    keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, cand_ids, cum - cand_probs <= top_p)
-    decided = cum[:, -1] > top_p.squeeze(1)  # the candidates already hold more than top_p
-    if not bool(decided.all()):
-        rest = (~decided).nonzero().squeeze(1)
-        sorted_probs, order = torch.sort(probs[rest], dim=-1, descending=True)
-        inside = sorted_probs.cumsum(dim=-1) - sorted_probs <= top_p[rest]
-        keep[rest] = torch.zeros_like(inside).scatter_(1, order, inside)
+    floor = probs.amax(dim=-1) * TOP_P_FLOOR
+    keep = torch.zeros_like(sub, dtype=torch.bool)
+    for j, i in enumerate(chosen):
+        top_p = params[i].top_p
+        ids = (probs[j] >= floor[j]).nonzero().squeeze(1)
+        for candidates in (ids, None):  # (None: the whole row)
+            p = probs[j] if candidates is None else probs[j, candidates]
+            p, order = torch.sort(p, descending=True)
+            cum = p.cumsum(dim=0)
+            if candidates is None or (len(cum) and bool(cum[-1] > top_p)):
+                inside = order[cum - p <= top_p]
+                keep[j, inside if candidates is None else candidates[inside]] = True
+                break
     sub.masked_fill_(~keep, float("-inf"))
     put(sub)
 
@@ -343,17 +348,18 @@ def _draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     torch.multinomial would share one generator)."""
     import torch
 
-    from toolkit.base.vocab_reduce import first_argmax
+    from toolkit.base.vocab_reduce import first_argmax, inverse_cdf
 
-    tokens = first_argmax(logits)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if len(sampled) < len(rows):
+        tokens = first_argmax(logits)
+    else:  # (no greedy row: no argmax to take)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     if not sampled:
         return tokens
     u = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in sampled])
     sub, _ = _rows(logits, sampled)
-    cdf = sub.softmax(dim=-1).cumsum_(dim=-1)
-    target = (u.to(logits.device) * cdf[:, -1].double()).to(cdf.dtype).unsqueeze(1)
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    picked = inverse_cdf(sub.softmax(dim=-1), u.to(logits.device))
     tokens[torch.tensor(sampled, device=logits.device)] = picked
     return tokens
 
@@ -384,10 +390,12 @@ def _logprob_entries(logits: torch.Tensor, tokens: torch.Tensor, ks: list[int]) 
     """Raw log probabilities of `tokens` (one per row of `logits`) with each row's top-k alternatives."""
     import torch
 
+    from toolkit.base.vocab_reduce import top_sorted
+
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     k = min(max(ks), lp.shape[1])
-    top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i = top_sorted(lp, k) if k else (lp[:, :0], lp[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()
     return [
         TokenLogprob(token=t, logprob=c, top=list(zip(ti[:kr], tv[:kr], strict=True)))
