@@ -54,11 +54,15 @@ def test_float64_rows_are_not_rounded_to_float32() -> None:
 def test_top_sorted_is_torch_topk(dtype: torch.dtype, n: int) -> None:
     x = (torch.randn(3, n, generator=torch.Generator().manual_seed(n + 1)) * 3).to(dtype)
     x[1, n - 2 :] = 70  # in the (maybe short) last block
+    x[2, 5:25] = 80  # twenty tied values, ahead of the rest
     values, idx = top_sorted(x, 20)
     want = x.topk(20, dim=1).values
     assert torch.equal(values, want) and values.dtype == x.dtype
     assert torch.equal(x.gather(1, idx), values)  # each index holds its value
     assert all(len(set(row.tolist())) == 20 for row in idx)
+    assert idx[2].tolist() == list(range(5, 25))  # equal values: ascending index
+    for v, i in zip(values.tolist(), idx.tolist(), strict=True):  # (bfloat16 rows hold ties anywhere)
+        assert all(i[j] < i[j + 1] for j in range(19) if v[j] == v[j + 1])
 
 
 def reference_inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> list[int]:

@@ -236,7 +236,7 @@ def test_prompt_logprobs_come_from_the_chunked_prefill(base):
         e = entries[i]
         assert e.token == ids[i] and e.logprob == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-5)
         assert abs(e.logprob - float(whole[i - 1, ids[i]])) < (0.05 if base.dtype == torch.float32 else 0.13)
-        assert [t for t, _ in e.top] == ref[i - 1].topk(2).indices.tolist()
+        assert torch.equal(ref[i - 1][[t for t, _ in e.top]], ref[i - 1].topk(2).values)  # (ties: in any order)
     assert engine.stats["batches"] == 3  # 128 + 128 + 44 positions
 
 

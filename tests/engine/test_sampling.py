@@ -276,10 +276,12 @@ def test_logprobs_are_the_raw_distribution_with_top_k():
         lp = lps[i]
         assert isinstance(lp, TokenLogprob) and lp.token == tokens[i]
         assert math.isclose(lp.logprob, float(raw[i, tokens[i]]), abs_tol=1e-5)
-        values, ids = torch.topk(raw[i], k)
-        assert [t for t, _ in lp.top] == ids.tolist()
+        values = torch.topk(raw[i], k).values
+        ids = [t for t, _ in lp.top]
+        assert torch.equal(raw[i][ids], values)  # the k most likely (bfloat16 ties: which are in, as topk's)
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
-        assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:], strict=False))
+        # descending, equal values in ascending token order
+        assert all(a[1] > b[1] or (a[1] == b[1] and a[0] < b[0]) for a, b in zip(lp.top, lp.top[1:], strict=False))
     assert lps[1].top == [] and lps[1].token == int(raw[1].argmax())
 
 
@@ -313,6 +315,25 @@ def test_prompt_logprobs_entry_i_comes_from_the_previous_position(monkeypatch, c
         assert [v for _, v in out[i].top] == pytest.approx(values.tolist(), abs=1e-6)
     assert [e.top for e in prompt_logprobs(logits, ids, 0)[1:]] == [[]] * 5
     assert prompt_logprobs(logits[:1], ids[:1], 2) == [None]
+
+
+def test_a_row_draws_from_its_survivors_what_it_draws_from_the_whole_row():
+    """Top-k's and top-p's survivors are exactly the row's finite tokens, and the draw over them (in token order)
+    picks the token the whole row's inverse CDF picks."""
+    logits = torch.randn(3, 262208, generator=torch.Generator().manual_seed(7)) * 3
+    for seed in range(20):
+        params = [
+            SamplingParams(1, top_k=64, seed=seed),
+            SamplingParams(1, temperature=0.8, top_p=0.9, seed=seed),
+            SamplingParams(1, temperature=1.2, top_k=100, top_p=0.95, min_p=0.05, seed=seed),
+        ]
+        processed, survivors = sampling._process(logits, rows_for(params), STOPS)
+        assert sorted(survivors) == [0, 1, 2]
+        for i, ids in survivors.items():
+            assert sorted(ids.tolist()) == torch.isfinite(processed[i]).nonzero().flatten().tolist()
+        assert len(survivors[0]) == 64
+        fast = sampling._draw(processed, rows_for(params), survivors)
+        assert torch.equal(fast, sampling._draw(processed, rows_for(params), {}))
 
 
 @pytest.mark.parametrize("floor", [0.5, 2.0**-14])

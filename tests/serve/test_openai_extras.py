@@ -64,7 +64,8 @@ def test_chat_logprobs_equal_a_plain_forward_streamed_and_not(client, server):
     for j, (c, token) in enumerate(zip(content, generated, strict=True)):
         row = ref[len(prompt) - 1 + j]
         assert c.logprob == pytest.approx(float(row[token]), abs=ATOL)
-        top_v, top_i = torch.topk(row, 3)
+        top_v, top_i = torch.sort(row, descending=True, stable=True)  # equal values: ascending token id
+        top_v, top_i = top_v[:3], top_i[:3]
         assert [t.token for t in c.top_logprobs] == [texts.text(int(i)) for i in top_i]
         assert [t.logprob for t in c.top_logprobs] == pytest.approx(top_v.tolist(), abs=ATOL)
         assert c.bytes == list(c.token.encode())
@@ -358,6 +359,18 @@ def test_sampling_extras_change_the_answer_as_documented(client, server):
         extra_body={"repetition_penalty": 1.5, "skip_special_tokens": False},
     )
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "name, value, bad",
+    [("logit_bias", {"5000000": 1}, 5000000), ("stop_token_ids", [3, 5000001], 5000001)],
+    ids=["bias", "stop"],
+)
+def test_token_ids_outside_the_vocabulary_are_a_400_naming_the_field(server, name, value, bad):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": JAPAN, "max_tokens": 1, name: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == name and f"token id {bad} is outside the vocabulary" in error["message"]
 
 
 REFUSED = [

@@ -53,12 +53,15 @@ def top_indices(x: Any, k: int) -> Any:
 
 
 def top_sorted(x: Any, k: int) -> tuple[Any, Any]:
-    """`torch.topk(x, k)` for a 2-D [rows, n] tensor: the k largest values of each row, descending, and their indices
-    (equal values in no set order, as there)."""
+    """`torch.topk(x, k)` for a 2-D [rows, n] tensor: the k largest values of each row, descending, and their indices,
+    equal values in ascending index order (torch.topk promises no order; which of the values tied at the k-th are
+    in is as arbitrary as there)."""
     if x.device.type != "cpu" or x.shape[1] < 4 * k * BLOCK:
-        return x.topk(min(k, x.shape[1]), dim=1)
-    idx = top_indices(x, k)
-    values, order = x.gather(1, idx).sort(dim=1, descending=True)
+        idx = x.topk(min(k, x.shape[1]), dim=1, sorted=False).indices
+    else:
+        idx = top_indices(x, k)
+    idx = idx.sort(dim=1).values
+    values, order = x.gather(1, idx).sort(dim=1, descending=True, stable=True)
     return values, idx.gather(1, order)
 
 

@@ -124,8 +124,8 @@ def sample(
 
     with torch.no_grad():
         raw = logits
-        logits = process(logits, rows, stop_ids)
-        tokens = _draw(logits, rows)
+        logits, survivors = _process(logits, rows, stop_ids)
+        tokens = _draw(logits, rows, survivors)
         token_list = tokens.tolist()
         logprobs = _sampled_logprobs(raw, rows, tokens)
     for row, token in zip(rows, token_list, strict=True):
@@ -138,6 +138,12 @@ def process(logits: torch.Tensor, rows: list[RowState], stop_ids: set[int]) -> t
 
     Greedy rows stop after the penalties (argmax ignores temperature, top-k, top-p and min-p).
     """
+    return _process(logits, rows, stop_ids)[0]
+
+
+def _process(logits: torch.Tensor, rows: list[RowState], stop_ids: set[int]) -> tuple[torch.Tensor, dict]:
+    """`process`, and the survivors: for a sampled row whose top-k or top-p found them, the ids of the only tokens
+    it may draw (every other one is -inf), so what follows reads those and not the whole vocabulary row."""
     import torch
 
     params = [r.params for r in rows]
@@ -159,15 +165,16 @@ def process(logits: torch.Tensor, rows: list[RowState], stop_ids: set[int]) -> t
     _min_tokens(logits, rows, stop_ids, vocab, constrained)
     _penalties(logits, rows, vocab)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    survivors: dict[int, torch.Tensor] = {}
     if not sampled:
-        return logits
+        return logits, survivors
     if any(p.temperature != 1.0 for p in params if not p.greedy):  # (dividing by 1 changes nothing)
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
         logits.div_(temps.unsqueeze(1))
-    _top_k(logits, params, vocab)
-    _top_p(logits, params)
-    _min_p(logits, params)
-    return logits
+    _top_k(logits, params, vocab, survivors)
+    _top_p(logits, params, survivors)
+    _min_p(logits, params, survivors)
+    return logits, survivors
 
 
 # --------------------------------------------------------------------------------------------- logit steps
@@ -279,8 +286,9 @@ def _rows(logits: torch.Tensor, chosen: list[int]) -> tuple[torch.Tensor, Callab
     return logits[index], lambda sub: logits.index_copy_(0, index, sub)
 
 
-def _top_k(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> None:
-    """HF's TopKLogitsWarper: below the k-th largest logit -> -inf (ties with the k-th are kept)."""
+def _top_k(logits: torch.Tensor, params: list[SamplingParams], vocab: int, survivors: dict) -> None:
+    """HF's TopKLogitsWarper: below the k-th largest logit -> -inf (ties with the k-th are kept). A row left with
+    exactly its k tokens has them as its survivors (with ties at the k-th past them, or fewer than k finite, none)."""
     import torch
 
     chosen = [i for i, p in enumerate(params) if 0 < p.top_k < vocab and not p.greedy]
@@ -290,22 +298,36 @@ def _top_k(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> No
 
     sub, put = _rows(logits, chosen)
     k_rows = torch.tensor([params[i].top_k for i in chosen], device=logits.device)
-    top = top_sorted(sub, int(k_rows.max()))[0]
-    sub.masked_fill_(sub < top.gather(1, (k_rows - 1).unsqueeze(1)), float("-inf"))
+    top, ids = top_sorted(sub, int(k_rows.max()))
+    below = sub < top.gather(1, (k_rows - 1).unsqueeze(1))
+    sub.masked_fill_(below, float("-inf"))
     put(sub)
+    left = (vocab - below.sum(dim=1)).tolist()
+    for j, i in enumerate(chosen):
+        if left[j] == params[i].top_k:
+            survivors[i] = ids[j, : left[j]]
 
 
-def _top_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+def _top_p(logits: torch.Tensor, params: list[SamplingParams], survivors: dict) -> None:
     """Keep the smallest set of most likely tokens whose probability reaches top_p (the engine's definition:
-    a token goes when the mass of the tokens before it already exceeds top_p).
+    a token goes when the mass of the tokens before it already exceeds top_p). The kept tokens are the row's
+    survivors.
 
-    Sorting 262k probabilities per row is the dearest step of all, so each row first sorts only its tokens of at
-    least TOP_P_FLOOR times its most likely one's probability: where they already hold more than top_p, the answer
-    is among them (every other token has more than top_p before it); only the other rows sort in full.
+    Sorting 262k probabilities per row is the dearest step of all. A row with survivors (top-k's) sorts only those.
+    Any other row first sorts its tokens of at least TOP_P_FLOOR times its most likely one's probability: where
+    they already hold more than top_p, the answer is among them (every other token has more than top_p before it);
+    only the rest sort in full.
     """
     import torch
 
     chosen = [i for i, p in enumerate(params) if p.top_p < 1.0 and not p.greedy]
+    for i in [i for i in chosen if i in survivors]:  # (the row's other tokens are -inf: no mass)
+        ids = survivors[i]
+        p, order = torch.sort(logits[i, ids].softmax(dim=0), descending=True)
+        inside = p.cumsum(dim=0) - p <= params[i].top_p
+        logits[i, ids[order[~inside]]] = float("-inf")
+        survivors[i] = ids[order[inside]]
+    chosen = [i for i in chosen if i not in survivors]
     if not chosen:
         return
     sub, put = _rows(logits, chosen)
@@ -321,13 +343,14 @@ def _top_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
             cum = p.cumsum(dim=0)
             if candidates is None or (len(cum) and bool(cum[-1] > top_p)):
                 inside = order[cum - p <= top_p]
-                keep[j, inside if candidates is None else candidates[inside]] = True
+                survivors[i] = inside if candidates is None else candidates[inside]
+                keep[j, survivors[i]] = True
                 break
     sub.masked_fill_(~keep, float("-inf"))
     put(sub)
 
 
-def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+def _min_p(logits: torch.Tensor, params: list[SamplingParams], survivors: dict) -> None:
     """vLLM/HF min-p: drop tokens whose probability is below min_p times the most likely token's, compared
     as logits (p < min_p * p_max  <=>  logit < max_logit + log(min_p)): no softmax over the vocabulary."""
     import torch
@@ -339,17 +362,21 @@ def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     log_min_p = torch.tensor([math.log(params[i].min_p) for i in chosen], device=logits.device).unsqueeze(1)
     sub.masked_fill_(sub < sub.max(dim=-1, keepdim=True).values + log_min_p, float("-inf"))
     put(sub)
+    for i in [i for i in chosen if i in survivors]:
+        survivors[i] = survivors[i][torch.isfinite(logits[i, survivors[i]])]
 
 
 # --------------------------------------------------------------------------------------------- the draw
-def _draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, rows: list[RowState], survivors: dict | None = None) -> torch.Tensor:
     """Greedy rows: argmax. Sampled rows: inverse-CDF sampling with one uniform number from the row's own
     generator (one small draw per row keeps seeded rows reproducible in any batch, where a batched
-    torch.multinomial would share one generator)."""
+    torch.multinomial would share one generator). A row with survivors walks only those, in token order: the
+    same cumulative distribution without the whole row's zeros."""
     import torch
 
     from toolkit.base.vocab_reduce import first_argmax, inverse_cdf
 
+    survivors = survivors or {}
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if len(sampled) < len(rows):
         tokens = first_argmax(logits)
@@ -358,9 +385,20 @@ def _draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     if not sampled:
         return tokens
     u = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in sampled])
-    sub, _ = _rows(logits, sampled)
-    picked = inverse_cdf(sub.softmax(dim=-1), u.to(logits.device))
-    tokens[torch.tensor(sampled, device=logits.device)] = picked
+    u = u.to(logits.device)
+    whole = []
+    for j, i in enumerate(sampled):
+        ids = survivors.get(i)
+        if ids is None or not ids.numel():
+            whole.append(j)
+            continue
+        ids = ids.sort().values
+        tokens[i] = ids[inverse_cdf(logits[i, ids].softmax(dim=0).unsqueeze(0), u[j : j + 1])[0]]
+    if whole:
+        index = [sampled[j] for j in whole]
+        sub, _ = _rows(logits, index)
+        picked = inverse_cdf(sub.softmax(dim=-1), u[whole])
+        tokens[torch.tensor(index, device=logits.device)] = picked
     return tokens
 
 
