@@ -71,8 +71,8 @@ def main() -> None:
     common = {"max_tokens": 10**6, "ignore_eos": True}
     sampled = {"temperature": 0.8, "top_p": 0.95, "presence_penalty": 0.3, "frequency_penalty": 0.2}
     extras = {"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1}
-    # a model's next-token distribution is peaked: a few tokens hold nearly all the mass (top-p decided by the
-    # 1024 candidates); flat random logits make top-p sort every row in full (the worst case)
+    # a model's next-token distribution is peaked: a few tokens hold nearly all the mass (top-p decided by its
+    # candidates, sampling.TOP_P_FLOOR); flat random logits make top-p sort every row in full (the worst case)
     peaked = torch.randn(args.rows, args.vocab, generator=gen) * 2
     peaked.scatter_add_(
         1, torch.randint(0, args.vocab, (args.rows, 20), generator=gen), torch.full((args.rows, 20), 25.0)
