@@ -61,6 +61,7 @@ def test_top_sorted_is_torch_topk(dtype: torch.dtype, n: int) -> None:
     assert torch.equal(x.gather(1, idx), values)  # each index holds its value
     assert all(len(set(row.tolist())) == 20 for row in idx)
     assert idx[2].tolist() == list(range(5, 25))  # equal values: ascending index
+
     for v, i in zip(values.tolist(), idx.tolist(), strict=True):  # (bfloat16 rows hold ties anywhere)
         assert all(i[j] < i[j + 1] for j in range(19) if v[j] == v[j + 1])
 
@@ -105,3 +106,15 @@ def test_inverse_cdf_follows_the_weights() -> None:
     got = inverse_cdf(weights, torch.rand(1500, generator=gen, dtype=torch.float64))
     freq = torch.bincount(got, minlength=n)[tokens] / 1500  # standard error <= 0.012
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25]), atol=0.04, rtol=0)
+
+
+def test_a_row_with_fewer_than_k_values_above_minus_inf_gets_no_index_past_its_end() -> None:
+    """A grammar's mask leaves six tokens, in the short last block: its places past the row tie with the masked
+    tokens' -inf, and the k largest must still be entries of the row (torch.topk's values)."""
+    n, k = 262208, 200  # the last block holds 64 entries; 64 more places pad it
+    x = torch.full((2, n), float("-inf"))
+    x[:, n - 64 : n - 58] = torch.arange(6.0)
+    idx = top_indices(x, k)
+    assert bool((idx < n).all()) and all(len(set(row.tolist())) == k for row in idx)
+    values, idx = top_sorted(x, k)
+    assert torch.equal(values, x.topk(k, dim=1).values) and idx[0, :6].tolist() == list(range(n - 59, n - 65, -1))

@@ -47,9 +47,13 @@ def top_indices(x: Any, k: int) -> Any:
     if x.dtype in HALVES:
         x = x.float()
     blocks = _block_maxima(x).topk(k, dim=1, sorted=False).indices  # [rows, k]
-    # (the last block's missing entries are never picked: k full blocks hold k entries anyway)
     idx, candidates = _block_entries(x, (blocks * BLOCK).view(rows, -1, 1))  # [rows, k * BLOCK] each
-    return idx.gather(1, candidates.topk(k, dim=1, sorted=False).indices)
+    picked = idx.gather(1, candidates.topk(k, dim=1, sorted=False).indices)
+    # A short last block's places past the row hold -inf: never picked while a row has k values above -inf, but a row
+    # with fewer (a grammar's mask) ties them with its own -inf entries, and any of those may be picked
+    if bool((picked >= n).any()):
+        return x.topk(k, dim=1, sorted=False).indices
+    return picked
 
 
 def top_sorted(x: Any, k: int) -> tuple[Any, Any]:
