@@ -367,7 +367,7 @@ def _min_p(logits: torch.Tensor, params: list[SamplingParams], survivors: dict) 
 
 
 # --------------------------------------------------------------------------------------------- the draw
-def _draw(logits: torch.Tensor, rows: list[RowState], survivors: dict | None = None) -> torch.Tensor:
+def _draw(logits: torch.Tensor, rows: list[RowState], survivors: dict) -> torch.Tensor:
     """Greedy rows: argmax. Sampled rows: inverse-CDF sampling with one uniform number from the row's own
     generator (one small draw per row keeps seeded rows reproducible in any batch, where a batched
     torch.multinomial would share one generator). A row with survivors walks only those, in token order: the
@@ -376,7 +376,6 @@ def _draw(logits: torch.Tensor, rows: list[RowState], survivors: dict | None = N
 
     from toolkit.base.vocab_reduce import first_argmax, inverse_cdf
 
-    survivors = survivors or {}
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if len(sampled) < len(rows):
         tokens = first_argmax(logits)
