@@ -61,7 +61,11 @@ def tiny_base(
 
 
 LmHeadOption = Annotated[
-    str, typer.Option(help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact or int8.")
+    str,
+    typer.Option(
+        help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact, int8 (its faster kernel, "
+        "timed at load), int8-weight-only or int8-dynamic (int8 x int8, CPUs with VNNI)."
+    ),
 ]
 
 

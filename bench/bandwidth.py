@@ -43,10 +43,10 @@ def step_bytes(base: Any, context_tokens: int) -> dict:
                     seen.add(t.data_ptr())
                     quantized += t.nbytes
     head = model.get_output_embeddings()
-    if hasattr(head, "qweight"):  # lm_head.Int8Head: the int8 codes and their scales, plus RESCORE exact rows
+    if hasattr(head, "int8_bytes"):  # lm_head.Int8Head: the int8 codes and their scales, plus RESCORE exact rows
         from toolkit.base.lm_head import RESCORE
 
-        head_bytes = head.qweight.nbytes + head.scales.nbytes + RESCORE * head.weight[0].nbytes
+        head_bytes = head.int8_bytes + RESCORE * head.weight[0].nbytes
     else:
         head_bytes = head.weight.nbytes
     text = model.config.get_text_config()
@@ -59,7 +59,8 @@ def step_bytes(base: Any, context_tokens: int) -> dict:
 
 
 def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
-    """Bytes per second of a matrix-vector product at the head's precision over the head, on every thread."""
+    """Bytes per second of a matrix-vector product at the head's precision over the head, on every thread (for the
+    int8 head: the kernel it serves with, the faster of the two on this machine: lm_head.Int8Head.matmul)."""
     import os
 
     import torch
@@ -67,13 +68,14 @@ def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     head = base.model.get_output_embeddings()
-    if hasattr(head, "qweight"):
-        x = torch.randn(1, head.qweight.shape[1], dtype=torch.bfloat16)
+    if hasattr(head, "int8_bytes"):
+        x = torch.randn(1, head.weight.shape[1], dtype=torch.bfloat16)
 
         def run() -> Any:
-            return torch._weight_int8pack_mm(x, head.qweight, head.scales)
+            return head.product(x)
 
-        nbytes, what = head.qweight.nbytes + head.scales.nbytes, "int8 weight-only matvec (_weight_int8pack_mm)"
+        kernel = {"weight_only": "weight-only (_weight_int8pack_mm)", "dynamic": "int8 x int8 (linear_dynamic)"}
+        nbytes, what = head.int8_bytes, f"int8 matvec, {kernel[head.matmul]}"
     else:
         w = head.weight.detach()
         x = torch.randn(w.shape[1], dtype=w.dtype)
@@ -94,6 +96,26 @@ def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
     return nbytes / min(times), f"{what} over the {nbytes / 1e6:.0f} MB head, {torch.get_num_threads()} threads"
 
 
+def read_bandwidth(nbytes: int = 400_000_000, repeats: int = 10) -> float:
+    """Bytes per second of a plain read (an int32 max over `nbytes`, every thread): the memory's own speed, beside
+    the matvec's. Where the matvec is slower, its kernel is bound by arithmetic, not memory (reported, not used)."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.ones(nbytes // 4, dtype=torch.int32)
+    x.max()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.max()
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return nbytes / min(times)
+
+
 def decode_limit(base_dir: str, context_tokens: int, base: Any = None) -> dict:
     """The one-row decoding limit of `base_dir` (loaded here unless `base` is given) at `context_tokens`."""
     if base is None:
@@ -102,8 +124,11 @@ def decode_limit(base_dir: str, context_tokens: int, base: Any = None) -> dict:
         base = load_base(base_dir, device="cpu")
     parts = step_bytes(base, context_tokens)
     bandwidth, measured = matvec_bandwidth(base)
+    read = read_bandwidth()
     seconds = parts["total"] / bandwidth
     return {
+        "read_gb_s": read / 1e9,
+        "read_limit_tokens_per_s": read / parts["total"],
         "bytes_per_step": parts["total"],
         "bytes": parts,
         "bandwidth_gb_s": bandwidth / 1e9,
@@ -113,7 +138,7 @@ def decode_limit(base_dir: str, context_tokens: int, base: Any = None) -> dict:
         "head": base.head,
         "what": f"{parts['total'] / 1e6:.0f} MB per step (layers {parts['layers'] / 1e6:.0f}, head "
         f"{parts['head'] / 1e6:.0f} as {base.head}, KV {parts['kv'] / 1e6:.1f}) at {bandwidth / 1e9:.1f} GB/s "
-        f"({measured})",
+        f"({measured}; a plain read streams {read / 1e9:.1f} GB/s, a limit of {read / parts['total']:.1f} tokens/s)",
     }
 
 

@@ -35,9 +35,10 @@ class BaseSection(_Section):
         "auto", "torch", "torch_aten", "torch_fused", "cpu_avx512", "marlin", "exllama_v2", "machete", "triton"
     ] = "auto"
     """GPTQ kernel for the 4-bit layers: auto (measured per device and phase; `toolkit info` shows it) or one."""
-    lm_head: Literal["auto", "exact", "int8"] = "auto"
+    lm_head: Literal["auto", "exact", "int8", "int8-weight-only", "int8-dynamic"] = "auto"
     """LM head for evaluation and serving: auto (int8 rows on a CPU for a large head, the top candidates rescored
-    exactly; `toolkit info` shows it), exact or int8. Training always uses the exact head."""
+    exactly; `toolkit info` shows it), exact, int8 (its faster kernel, timed at load), int8-weight-only or
+    int8-dynamic (int8 x int8, CPUs with VNNI). Training always uses the exact head."""
 
 
 # the fields a dataset format reads (toolkit/data/formats.py), which data.columns may rename

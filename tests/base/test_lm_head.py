@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from toolkit.base import kernels
-from toolkit.base.lm_head import INT8_ROWS, RESCORE, Int8Head
+from toolkit.base.lm_head import DYNAMIC_ROWS, INT8_ROWS, RESCORE, Int8Head, dynamic_unavailable
 from toolkit.errors import ToolkitError
+
+# the int8 kernels this machine has: the weight-only one everywhere, the int8 x int8 one with VNNI
+MATMULS = ["weight_only"] + (["dynamic"] if dynamic_unavailable() is None else [])
 
 
 def _head(rows: int = 4096, cols: int = 64, dtype=torch.bfloat16) -> torch.nn.Linear:
@@ -23,11 +26,14 @@ def _head(rows: int = 4096, cols: int = 64, dtype=torch.bfloat16) -> torch.nn.Li
     return head
 
 
-def test_the_top_candidates_are_the_exact_heads_logits_and_the_rest_within_int8_rounding():
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_the_top_candidates_are_the_exact_heads_logits_and_the_rest_within_int8_rounding(matmul):
     exact = _head()
     hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     want = exact(hidden).float()
-    got = Int8Head(exact)(hidden).float()
+    head = Int8Head(exact, matmul)
+    assert head.matmul == matmul
+    got = head(hidden).float()
     top = want.topk(RESCORE // 2, dim=1).indices  # well inside the int8 top RESCORE
     torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=0, atol=1e-2)  # bf16 rounding only
     assert torch.equal(got.argmax(1), want.argmax(1))
@@ -35,14 +41,31 @@ def test_the_top_candidates_are_the_exact_heads_logits_and_the_rest_within_int8_
     assert 0 < rest < 0.02  # the tail carries int8 rounding: not the exact head, but close
 
 
-def test_many_rows_go_in_chunks_with_the_same_logits_as_one_by_one():
-    head = Int8Head(_head())
-    hidden = torch.randn(1, 2 * INT8_ROWS + 3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_many_rows_go_in_chunks_with_the_same_logits_as_one_by_one(matmul):
+    head = Int8Head(_head(), matmul)
+    n = 2 * max(INT8_ROWS, DYNAMIC_ROWS) + 3
+    hidden = torch.randn(1, n, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    hidden[0, 1] *= 50  # a row of another scale: with the int8 x int8 kernel each row's activations get their own
     together = head(hidden)
-    assert together.shape == (1, 2 * INT8_ROWS + 3, 4096)
+    assert together.shape == (1, n, 4096)
     alone = torch.cat([head(hidden[:, i : i + 1]) for i in range(hidden.shape[1])], dim=1)
-    torch.testing.assert_close(together.float(), alone.float(), rtol=0, atol=1e-2)
+    if matmul == "dynamic":  # a row's quantisation is its own (the pinned range): bit for bit the same
+        assert torch.equal(together, alone)
+    torch.testing.assert_close(together.float(), alone.float(), rtol=0, atol=1e-2 * 50)
     assert torch.equal(together.argmax(-1), alone.argmax(-1))
+
+
+def test_without_vnni_the_int8_x_int8_kernel_is_refused_and_auto_takes_the_weight_only_one(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert "VNNI" in dynamic_unavailable()
+    assert Int8Head(_head()).matmul == "weight_only"
+    with pytest.raises(ToolkitError, match="not available here.*VNNI"):
+        Int8Head(_head(), "dynamic")
+    with pytest.raises(ToolkitError, match="int8 x int8 LM head is not available"):
+        kernels.choose_head("cpu", "int8-dynamic", elements=262_208 * 640)
+    assert kernels.choose_head("cpu", "int8-weight-only").matmul == "weight_only"
+    assert kernels.choose_head("cpu", "int8").matmul == "auto"
 
 
 def test_a_float32_model_over_a_bfloat16_matrix_gets_float32_logits():
@@ -106,9 +129,10 @@ def real_servers():
 
     path = str(real_weights.cached_base())
     servers = {}
-    for head in ("int8", "exact"):
+    # each int8 kernel this machine has, gated on its own (auto serves whichever is faster here)
+    for head in [f"int8-{m.replace('_', '-')}" for m in MATMULS] + ["exact"]:
         state = build_state(base=path, device="cpu", adapters=[], prefill_pacing=None, lm_head=head)
-        assert state.base.head == head
+        assert state.base.head == head.split("-")[0]
         servers[head] = LiveServer(state)
     yield servers
     for server in servers.values():
@@ -142,23 +166,27 @@ def test_the_int8_heads_perplexity_through_completions_is_within_half_a_percent(
             logprobs += [lp for lp in choice["logprobs"]["token_logprobs"] if lp is not None]
         assert len(logprobs) > 1000
         nll[head] = -sum(logprobs) / len(logprobs)
-    ratio = math.exp(nll["int8"]) / math.exp(nll["exact"])
-    print(f"perplexity int8 / exact: {ratio:.5f}")
-    assert abs(ratio - 1) <= 0.005, ratio
-    assert ratio != 1  # the int8 head's tail is not the exact head's: the gate measures something
+    for head in nll.keys() - {"exact"}:
+        ratio = math.exp(nll[head]) / math.exp(nll["exact"])
+        print(f"perplexity {head} / exact: {ratio:.5f}")
+        assert abs(ratio - 1) <= 0.005, (head, ratio)
+        assert ratio != 1  # the int8 head's tail is not the exact head's: the gate measures something
 
 
 @pytest.mark.real_base
 def test_greedy_continuations_with_the_int8_head_agree_at_99_percent_of_tokens(real_servers):
     prompts = _passages(40, 24, skip=2000)  # held-out openings, away from the perplexity passages
-    same = total = 0
+    int8 = [head for head in real_servers if head != "exact"]
+    same, total = dict.fromkeys(int8, 0), 0
     for prompt in prompts:
         tokens = {
             head: _completion(server, prompt=prompt, max_tokens=32, temperature=0, logprobs=1)["logprobs"]["tokens"]
             for head, server in real_servers.items()
         }
         total += len(tokens["exact"])
-        same += sum(a == b for a, b in zip(tokens["int8"], tokens["exact"], strict=False))
+        for head in int8:
+            same[head] += sum(a == b for a, b in zip(tokens[head], tokens["exact"], strict=False))
     assert total >= 24 * 16
-    print(f"greedy agreement: {same} of {total}")
-    assert same / total >= 0.99, (same, total)
+    for head in int8:
+        print(f"greedy agreement, {head}: {same[head]} of {total}")
+        assert same[head] / total >= 0.99, (head, same[head], total)

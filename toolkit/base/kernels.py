@@ -137,16 +137,19 @@ def choose(device: str, phase: str = "inference", requested: str = "auto", *, av
 # from memory (the 270M's: 335 MB in bfloat16 per token, 178 MB as int8); llama.cpp keeps it as Q8_0. Measured on
 # an AMD EPYC (AVX512-BF16, 2 cores): 14.5 ms in bfloat16 (F.linear), 4.2 ms as int8 (docs/BENCHMARKS.md, "LM
 # head"). On a GPU the head is a small part of the 27B's bytes per step and stays exact (int8 unmeasured there).
-HEADS = ("auto", "exact", "int8")
+# "int8" takes the faster of its two int8 kernels, timed at load (lm_head.Int8Head); the last two name one
+HEADS = ("auto", "exact", "int8", "int8-weight-only", "int8-dynamic")
 INT8_HEAD_MIN = 1 << 22  # elements: a smaller head stays in the CPU's caches (the tiny base's 1,773 x 256)
 
 
 @dataclass(frozen=True)
 class HeadChoice:
-    """The LM head a load serves with: "exact" (the model's own) or "int8" (lm_head.Int8Head), and why."""
+    """The LM head a load serves with: "exact" (the model's own) or "int8" (lm_head.Int8Head), and why. `matmul`:
+    the int8 product's kernel (lm_head.MATMULS: "auto" times both at load)."""
 
     name: str
     reason: str
+    matmul: str = "auto"
 
 
 def choose_head(
@@ -159,17 +162,31 @@ def choose_head(
     if training:
         return HeadChoice("exact", "training keeps the exact head")
     why = _int8_unavailable(device)
-    if requested == "int8":
+    if requested.startswith("int8"):
         if why:
             raise ToolkitError(f"the int8 LM head is not available here: {why}", where="lm_head", fix="use exact")
-        return HeadChoice("int8", "asked for")
+        matmul = requested.removeprefix("int8").removeprefix("-").replace("-", "_") or "auto"
+        if matmul == "dynamic":
+            from toolkit.base.lm_head import dynamic_unavailable
+
+            if dynamic_unavailable():
+                raise ToolkitError(
+                    f"the int8 x int8 LM head is not available here: {dynamic_unavailable()}",
+                    where="lm_head",
+                    fix="use int8 or int8-weight-only",
+                )
+        return HeadChoice("int8", "asked for", matmul)
     if requested == "exact":
         return HeadChoice("exact", "asked for")
     if why:
         return HeadChoice("exact", f"auto ({why})")
     if elements is not None and elements < INT8_HEAD_MIN:
         return HeadChoice("exact", "auto (a small head: int8 saves nothing)")
-    return HeadChoice("int8", "auto (int8 rows, per-row scales; the top candidates rescored exactly)")
+    return HeadChoice(
+        "int8",
+        "auto (int8 rows, per-row scales; the top candidates rescored exactly; the faster of the weight-only and, "
+        "with VNNI, the int8 x int8 product, timed at load)",
+    )
 
 
 def _int8_unavailable(device: str) -> str | None:

@@ -9,6 +9,15 @@ from the exact matrix (RESCORE rows of `hidden` multiply-adds): those logits, th
 greedy decoding, and the bulk of the softmax mass are the exact head's; only the tail's logits carry int8 rounding.
 tests/base/test_lm_head.py gates it on the real 270M (perplexity within 0.5%, greedy agreement >= 99%).
 
+The int8 product has two kernels, the faster timed when the head is built (`matmul`): torch's weight-only int8
+matmul, and where the CPU has VNNI (int8 dot products) an int8 x int8 one, the activations quantised too
+(`quantized::linear_dynamic`, fbgemm's / oneDNN's kernels under torch's x86 quantized engine). Why both: aten's
+weight-only kernel converts every weight to a float before its multiply-add, so on some CPUs it is bound by that
+arithmetic, not by memory: on an AMD EPYC (Zen 4, 2 cores) it read the 270M's head at 13 GB/s (12.9 ms) where a
+plain read streams 35 GB/s, and the int8 x int8 kernel took 6-7 ms. Each row's activations get a scale of their own
+(the row divided by its largest magnitude; a last row [1, -1, 0, ...] pins the call's quantisation range to [-1, 1]),
+so a row's logits are the same alone or in any batch.
+
 Every logit the served model gives goes through this head, whatever the call: a decoding step of any number of
 rows, a prompt's every-position logits for prompt_logprobs (the perplexity a client measures through
 /v1/completions), an evaluation's losses; so the logprobs a client reads are the served model's, one definition.
@@ -17,12 +26,14 @@ Training never sees this head (kernels.choose_head).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch  # imported lazily by the loader, never at toolkit import time
 import torch.nn.functional as F
 
 from toolkit.base.vocab_reduce import top_indices
+from toolkit.errors import ToolkitError
 
 # Rows per int8 matmul. Measured on an AMD EPYC (2 cores, the 270M's head), int8 / bfloat16 F.linear: 1 row 4.4 /
 # 11.3 ms, 4 rows 5.7 / 12.4, 8 rows 10.4 / 13.3, 16 rows 21.3 / 16.3 (the int8 kernel's cost grows with the rows
@@ -30,15 +41,39 @@ from toolkit.base.vocab_reduce import top_indices
 INT8_ROWS = 8
 RESCORE = 64  # candidates per row computed again from the exact matrix (top-k + gather: ~0.15 ms on the 270M)
 QUANT_CHUNK = 1 << 14  # rows quantised at a time: a float32 copy of the 27B's whole head would be 5.6 GB
+# The int8 x int8 kernel takes rows in chunks of this many plus its pinning row: its cost steps up past 16 rows
+# (measured on the AMD EPYC above: 16 rows 13 ms, 17 rows 19 ms)
+DYNAMIC_ROWS = 15
+MATMULS = ("auto", "weight_only", "dynamic")
 
 
 class Int8Head(torch.nn.Module):
-    """Wraps the model's exact LM head (kept as `exact`: its weight stays tied to the token embedding)."""
+    """Wraps the model's exact LM head (kept as `exact`: its weight stays tied to the token embedding). `matmul`:
+    the int8 product's kernel, "weight_only", "dynamic" (int8 x int8, VNNI only) or "auto" (the faster, timed)."""
 
-    def __init__(self, exact: Any) -> None:
+    def __init__(self, exact: Any, matmul: str = "auto") -> None:
         super().__init__()
+        if matmul not in MATMULS:
+            raise ToolkitError(f"unknown int8 matmul {matmul!r}", where="matmul", fix=f"use one of {MATMULS}")
+        why = dynamic_unavailable()
+        if matmul == "dynamic" and why:
+            raise ToolkitError(f"the int8 x int8 head is not available here: {why}", where="matmul", fix="use auto")
         self.exact = exact
         self.qweight, self.scales = quantize_rows(exact.weight.detach())
+        self.int8_bytes = self.qweight.nbytes + self.scales.nbytes  # what one product reads (bench/bandwidth.py)
+        self.matmul, self._packed = "weight_only", None
+        if matmul != "weight_only" and not why:
+            try:
+                self._packed, self._pin = _prepack(self.qweight, self.scales)
+            except (RuntimeError, AttributeError) as exc:  # a torch whose quantized tensors are gone: weight-only
+                if matmul == "dynamic":
+                    raise ToolkitError(f"the int8 x int8 head failed to build: {exc}", where="matmul") from exc
+                return
+            self.matmul = "dynamic" if matmul == "dynamic" else self._faster()
+            if self.matmul == "dynamic":
+                self.qweight = None  # the packed copy serves; not both in memory (the 27B's head: 1.4 GB each)
+            else:
+                self._packed = None
 
     @property
     def weight(self) -> Any:  # the tied matrix, for whatever reads the head's weight (sizes, re-tying)
@@ -54,12 +89,36 @@ class Int8Head(torch.nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])
         if flat.device.type != "cpu":
             return self.exact(hidden)
-        parts = [self._rows(flat[i : i + INT8_ROWS]) for i in range(0, flat.shape[0], INT8_ROWS)]
+        step = DYNAMIC_ROWS if self.matmul == "dynamic" else INT8_ROWS
+        parts = [self._rows(flat[i : i + step]) for i in range(0, flat.shape[0], step)]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return logits.view(*hidden.shape[:-1], -1)
 
+    def product(self, flat: Any) -> Any:
+        """The int8 product alone, [rows, vocab] (no rescoring): what the head reads per call."""
+        if self.matmul == "weight_only":
+            return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scales)
+        x = flat.float()
+        peak = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.ops.quantized.linear_dynamic(torch.cat([x / peak, self._pin]), self._packed, False)[:-1] * peak
+
+    def _faster(self) -> str:
+        """The faster kernel for one row on this machine, timed here (the best of three calls each)."""
+        x = torch.randn(1, self.exact.weight.shape[1]).to(torch.bfloat16)
+        best = {}
+        for kind in ("weight_only", "dynamic"):
+            self.matmul = kind
+            self.product(x)  # first call: allocations, the kernel's own set-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                self.product(x)
+                times.append(time.perf_counter() - start)
+            best[kind] = min(times)
+        return min(best, key=best.get)
+
     def _rows(self, flat: Any) -> Any:
-        logits = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scales).to(flat.dtype)
+        logits = self.product(flat).to(flat.dtype)
         vocab = logits.shape[1]
         top = top_indices(logits, RESCORE)  # [rows, k]
         # index_select / index_copy_ on flat views, not fancy indexing and scatter_: ~30 and ~100 us less per call
@@ -87,6 +146,37 @@ def quantize_rows(weight: Any) -> tuple[Any, Any]:
     return codes, scales
 
 
-def use_int8_head(model: Any) -> None:
+def dynamic_unavailable() -> str | None:
+    """Why the int8 x int8 kernel cannot serve here, or None. It needs VNNI: without it the kernel's 8-bit products
+    saturate in 16 bits unless the activations keep 7 bits, which on the 270M moved perplexity by 0.7% (the gate
+    allows 0.5)."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        return f"torch {torch.__version__} has no x86 quantized engine"
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    if vnni is None or not vnni():
+        return "the CPU has no AVX512-VNNI"
+    return None
+
+
+def _prepack(codes: Any, scales: Any) -> tuple[Any, Any]:
+    """The int8 codes as the x86 quantized engine's packed weight (the same codes and per-row scales), and the
+    pinning row."""
+    import warnings
+
+    engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "x86"
+    zeros = torch.zeros(codes.shape[0], dtype=torch.long)
+    try:
+        with warnings.catch_warnings():  # torch 2.14 warns that quantized tensors are deprecated: requirements.lock
+            warnings.simplefilter("ignore")  # pins a torch that has them (without them: the weight-only kernel)
+            quantized = torch._make_per_channel_quantized_tensor(codes, scales.double(), zeros, 0)
+            packed = torch.ops.quantized.linear_prepack(quantized, None)
+    finally:
+        torch.backends.quantized.engine = engine
+    pin = torch.zeros(1, codes.shape[1])
+    pin[0, 0], pin[0, 1] = 1.0, -1.0
+    return packed, pin
+
+
+def use_int8_head(model: Any, matmul: str = "auto") -> None:
     """Serve `model` with the int8 head in place of its own (the generic forward and the lean step both call it)."""
-    model.set_output_embeddings(Int8Head(model.get_output_embeddings()))
+    model.set_output_embeddings(Int8Head(model.get_output_embeddings(), matmul))

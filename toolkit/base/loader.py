@@ -190,7 +190,8 @@ def load_base(
     """Load a 4-bit Gemma 3 base and its processor, frozen, on `device` (default: CUDA if present, else CPU).
 
     `kernel`: auto (the measured choice for this device and phase, kernels.py) or a kernel name. `lm_head`: auto,
-    exact or int8, the head it serves with (kernels.choose_head; a training load always keeps the exact one).
+    exact, int8, int8-weight-only or int8-dynamic, the head it serves with (kernels.choose_head; a training load
+    always keeps the exact one).
     """
     path = resolve_path(path_or_id)
     config, spec = check_base(path)  # before any heavy import: a bad base fails in milliseconds
@@ -223,7 +224,7 @@ def load_base(
     if head_choice.name == "int8" and head is not None:
         from toolkit.base.lm_head import use_int8_head
 
-        use_int8_head(model)
+        use_int8_head(model, head_choice.matmul)
     processor = AutoProcessor.from_pretrained(path)
     dtype = getattr(torch, choice.dtype)
     return Base(
