@@ -56,6 +56,22 @@ def test_many_rows_go_in_chunks_with_the_same_logits_as_one_by_one(matmul):
     assert torch.equal(together.argmax(-1), alone.argmax(-1))
 
 
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_a_nan_row_gets_nan_logits_wherever_it_sits_and_the_other_rows_keep_theirs(matmul):
+    head = Int8Head(_head(), matmul)
+    hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    clean = head(hidden[1:])
+    for at in (0, 2):  # first (where the int8 x int8 kernel's range search starts) and last
+        bad = hidden.clone()
+        bad[at, 5] = float("nan")
+        logits = head(bad)
+        assert logits[at].isnan().all()
+        others = [i for i in range(3) if i != at]
+        assert not logits[others].isnan().any()
+        torch.testing.assert_close(logits[others].float(), head(hidden[others]).float(), rtol=0, atol=1e-2)
+    assert not clean.isnan().any()
+
+
 def test_without_vnni_the_int8_x_int8_kernel_is_refused_and_auto_takes_the_weight_only_one(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     assert "VNNI" in dynamic_unavailable()

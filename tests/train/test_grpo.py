@@ -30,7 +30,9 @@ STEPS = 8
 LOGP_TOL = 1e-4
 
 RECIPE = f"""
-base: {{path: set-by-the-test, device: cpu}}  # float32: the tolerances below are float32's
+# float32, the reference kernel: the tolerances below are float32's (auto may train with torch_fused, the fastest on
+# some CPUs, whose layers multiply in bfloat16: a one-row step and a whole sequence then round differently)
+base: {{path: set-by-the-test, device: cpu, kernel: torch}}
 data:
   train: train.jsonl
   eval: eval.jsonl
@@ -314,7 +316,7 @@ def live(tiny_ct, tmp_path_factory):
     recipe = _load(_write_folder(folder), tiny_ct, folder / "adapters", "training.max_steps=1")
     processor = load_processor(tiny_ct)
     data = load_data(recipe.data, processor, "grpo")
-    base = load_base(tiny_ct, device="cpu", training=True)
+    base = load_base(tiny_ct, device="cpu", training=True, kernel=recipe.base.kernel)
     model, _ = _start_adapter(recipe, base)
     image_masks.install(model)
     (folder / "run").mkdir()
@@ -515,3 +517,23 @@ def test_toolkit_eval_on_a_grpo_recipe_scores_the_rewards_and_gates_them(grpo_ru
             assert report["metrics"][label][key] == pytest.approx(result.metrics[trained_label][key]), (label, key)
     assert len(outcome.failures) == 1 and outcome.failures[0].startswith(f"FAILED {NAME}: reward_contains = ")
     assert report["passed"] is False and (outcome.out_dir / "report.json").is_file()
+
+
+@pytest.mark.parametrize("kernel", ["torch", "torch_fused"])
+def test_a_rollouts_dense_layer_gives_the_training_forwards_numbers(tiny_ct, kernel):
+    """The stand-in a rollout gives each 4-bit layer (rollouts._dense_weights) multiplies as the layer's own training
+    forward does: torch_fused casts a float32 model's activations to bfloat16 for its matmul, so the stand-in too."""
+    from toolkit.base.loader import load_base
+    from toolkit.train.rollouts import _dense_weights
+
+    model = load_base(tiny_ct, device="cpu", training=True, kernel=kernel).model
+    model.train()
+    layer = model.model.language_model.layers[0].mlp.down_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer(x)
+        with _dense_weights(model) as dense:
+            assert dense
+            got = layer.lean_op(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)

@@ -305,6 +305,17 @@ def is_quantized_linear(module) -> bool:
     return isinstance(module, BaseQuantLinear)
 
 
+def training_matmul_dtype(module, dtype):
+    """The dtype a trainable 4-bit layer's own training forward multiplies activations of `dtype` in: GPTQModel's
+    TorchFusedLinear casts float32 activations to bfloat16 for its matmul (and its output back to float32), the
+    others multiply in the activations' dtype. What a stand-in for the layer must do to give its numbers
+    (train/rollouts.py)."""
+    import torch
+    from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
+
+    return torch.bfloat16 if isinstance(module, TorchFusedLinear) and dtype == torch.float32 else dtype
+
+
 def quantize_gptq(dense_dir: Path, out_dir: Path, calibration: list[list[int]], settings: dict) -> None:
     """GPTQ-quantise a dense Gemma 3 text checkpoint with GPTQModel's own quantizer (CPU is fine); save GPTQ layout.
 

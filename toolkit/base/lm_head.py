@@ -15,8 +15,8 @@ matmul, and where the CPU has VNNI (int8 dot products) an int8 x int8 one, the a
 weight-only kernel converts every weight to a float before its multiply-add, so on some CPUs it is bound by that
 arithmetic, not by memory: on an AMD EPYC (Zen 4, 2 cores) it read the 270M's head at 13 GB/s (12.9 ms) where a
 plain read streams 35 GB/s, and the int8 x int8 kernel took 6-7 ms. Each row's activations get a scale of their own
-(the row divided by its largest magnitude; a last row [1, -1, 0, ...] pins the call's quantisation range to [-1, 1]),
-so a row's logits are the same alone or in any batch.
+(the row divided by its largest magnitude; a first row [1, -1, 0, ...] pins the call's quantisation range to [-1,
+1]), so a row's int8 product is the same alone or in any batch.
 
 Every logit the served model gives goes through this head, whatever the call: a decoding step of any number of
 rows, a prompt's every-position logits for prompt_logprobs (the perplexity a client measures through
@@ -54,10 +54,16 @@ class Int8Head(torch.nn.Module):
     def __init__(self, exact: Any, matmul: str = "auto") -> None:
         super().__init__()
         if matmul not in MATMULS:
-            raise ToolkitError(f"unknown int8 matmul {matmul!r}", where="matmul", fix=f"use one of {MATMULS}")
+            raise ToolkitError(
+                f"unknown int8 matmul {matmul!r}", where="--lm-head", fix="use int8-weight-only or int8-dynamic"
+            )
         why = dynamic_unavailable()
         if matmul == "dynamic" and why:
-            raise ToolkitError(f"the int8 x int8 head is not available here: {why}", where="matmul", fix="use auto")
+            raise ToolkitError(
+                f"the int8 x int8 head is not available here: {why}",
+                where="--lm-head",
+                fix="use int8 or int8-weight-only",
+            )
         self.exact = exact
         self.qweight, self.scales = quantize_rows(exact.weight.detach())
         self.int8_bytes = self.qweight.nbytes + self.scales.nbytes  # what one product reads (bench/bandwidth.py)
@@ -67,7 +73,9 @@ class Int8Head(torch.nn.Module):
                 self._packed, self._pin = _prepack(self.qweight, self.scales)
             except (RuntimeError, AttributeError) as exc:  # a torch whose quantized tensors are gone: weight-only
                 if matmul == "dynamic":
-                    raise ToolkitError(f"the int8 x int8 head failed to build: {exc}", where="matmul") from exc
+                    raise ToolkitError(
+                        f"the int8 x int8 head failed to build: {exc}", where="--lm-head", fix="use int8-weight-only"
+                    ) from exc
                 return
             self.matmul = "dynamic" if matmul == "dynamic" else self._faster()
             if self.matmul == "dynamic":
@@ -99,8 +107,13 @@ class Int8Head(torch.nn.Module):
         if self.matmul == "weight_only":
             return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scales)
         x = flat.float()
+        # a NaN or inf row would break the call's range search for every row (a NaN first even raises): it goes in
+        # as zeros and comes out as NaN logits
+        finite = torch.isfinite(x).all(1, keepdim=True)
+        x = torch.where(finite, x, 0.0)
         peak = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        return torch.ops.quantized.linear_dynamic(torch.cat([x / peak, self._pin]), self._packed, False)[:-1] * peak
+        out = torch.ops.quantized.linear_dynamic(torch.cat([self._pin, x / peak]), self._packed, False)[1:] * peak
+        return out if bool(finite.all()) else out.masked_fill(~finite, float("nan"))
 
     def _faster(self) -> str:
         """The faster kernel for one row on this machine, timed here (the best of three calls each)."""

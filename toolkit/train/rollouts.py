@@ -153,9 +153,12 @@ def _dense_weights(model: Any) -> Iterator[bool]:
     a rollout calls every layer once per decoding step: on the tiny base that was most of a step (cProfile: 1.4 s of
     3.8 s in dequantize_weight for 8 rows x 64 tokens). The engine's lean step calls a layer's `lean_op` when it has
     one (gptq_backend gives the inference kernels one); here each layer gets `x @ W (+ bias)` over its weight as the
-    training forward dequantises it, the very matmul that forward runs. The dense copies exist only during the
-    rollout, and only when they fit DENSE_SHARE of the free memory (else nothing changes)."""
+    training forward dequantises it, the very matmul that forward runs, in the dtype it runs it in (a float32 model
+    on the torch_fused kernel multiplies in bfloat16: gptq_backend.training_matmul_dtype). The dense copies exist
+    only during the rollout, and only when they fit DENSE_SHARE of the free memory (else nothing changes)."""
     import torch
+
+    from toolkit.base.gptq_backend import training_matmul_dtype
 
     layers = [m for m in model.modules() if hasattr(m, "dequantize_weight") and hasattr(m, "qweight")]
     if not layers or getattr(layers[0], "lean_op", None) is not None:
@@ -168,7 +171,8 @@ def _dense_weights(model: Any) -> Iterator[bool]:
         return
     with torch.no_grad():
         for m in layers:
-            m.lean_op = _matmul_op(m.dequantize_weight().to(dtype), m.bias)
+            compute = training_matmul_dtype(m, dtype)
+            m.lean_op = _matmul_op(m.dequantize_weight().to(compute), m.bias)
     try:
         yield True
     finally:
@@ -177,11 +181,14 @@ def _dense_weights(model: Any) -> Iterator[bool]:
 
 
 def _matmul_op(weight: Any, bias: Any) -> Any:
+    """`x @ weight (+ bias)` in the weight's dtype, the result in x's (the layer's own forward's order)."""
     import torch
 
     def op(x: Any) -> Any:
-        out = torch.matmul(x, weight)
-        return out if bias is None else out.add_(bias)
+        out = torch.matmul(x.to(weight.dtype), weight)
+        if bias is not None:
+            out.add_(bias)
+        return out.to(x.dtype)
 
     return op
 
