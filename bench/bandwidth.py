@@ -61,12 +61,8 @@ def step_bytes(base: Any, context_tokens: int) -> dict:
 def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
     """Bytes per second of a matrix-vector product at the head's precision over the head, on every thread (for the
     int8 head: the kernel it serves with, the faster of the two on this machine: lm_head.Int8Head.matmul)."""
-    import os
-
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
     head = base.model.get_output_embeddings()
     if hasattr(head, "int8_bytes"):
         x = torch.randn(1, head.weight.shape[1], dtype=torch.bfloat16)
@@ -85,35 +81,39 @@ def matvec_bandwidth(base: Any, repeats: int = 20) -> tuple[float, str]:
 
         nbytes, what = w.nbytes, f"{str(w.dtype).removeprefix('torch.')} torch.mv"
     with torch.no_grad():
-        for _ in range(3):
+        seconds, threads = _fastest(run, repeats)
+    return nbytes / seconds, f"{what} over the {nbytes / 1e6:.0f} MB head, {threads} threads"
+
+
+def _fastest(run: Any, repeats: int, warm: int = 3) -> tuple[float, int]:
+    """The fastest of `repeats` calls of `run` on every thread, after `warm` untimed ones; seconds and threads."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warm):
             run()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-    torch.set_num_threads(before)
-    return nbytes / min(times), f"{what} over the {nbytes / 1e6:.0f} MB head, {torch.get_num_threads()} threads"
+    finally:
+        torch.set_num_threads(before)
+    return min(times), threads
 
 
 def read_bandwidth(nbytes: int = 400_000_000, repeats: int = 10) -> float:
     """Bytes per second of a plain read (an int32 max over `nbytes`, every thread): the memory's own speed, beside
     the matvec's. Where the matvec is slower, its kernel is bound by arithmetic, not memory (reported, not used)."""
-    import os
-
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
     x = torch.ones(nbytes // 4, dtype=torch.int32)
-    x.max()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.max()
-        times.append(time.perf_counter() - start)
-    torch.set_num_threads(before)
-    return nbytes / min(times)
+    return nbytes / _fastest(x.max, repeats, warm=1)[0]
 
 
 def decode_limit(base_dir: str, context_tokens: int, base: Any = None) -> dict:

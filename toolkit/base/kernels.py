@@ -169,9 +169,9 @@ def choose_head(
         if matmul == "dynamic":
             from toolkit.base.lm_head import dynamic_unavailable
 
-            if dynamic_unavailable():
+            if missing := dynamic_unavailable():
                 raise ToolkitError(
-                    f"the int8 x int8 LM head is not available here: {dynamic_unavailable()}",
+                    f"the int8 x int8 LM head is not available here: {missing}",
                     where="lm_head",
                     fix="use int8 or int8-weight-only",
                 )
