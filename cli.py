@@ -64,7 +64,7 @@ LmHeadOption = Annotated[
     str,
     typer.Option(
         help="LM head: auto (int8 on a CPU for a large head; see `toolkit info`), exact, int8 (its faster kernel, "
-        "timed at load), int8-weight-only or int8-dynamic (int8 x int8, CPUs with VNNI)."
+        "timed once per machine), int8-weight-only or int8-dynamic (int8 x int8, CPUs with VNNI)."
     ),
 ]
 
@@ -371,6 +371,7 @@ def serve(
     names = ", ".join([state.served_name, *state.adapters])
     typer.echo(f"serving {names} on http://{host}:{port}/v1 (auth {'on' if api_key else 'off'})")
     typer.echo(f"one stream's decoding step: {state.engine.step_kind}")
+    typer.echo(f"LM head: {state.base.head_kernel or state.base.head}")  # e.g. "int8-dynamic, auto (timed ...)"
     if playground:
         typer.echo(f"playground: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/playground")
     # loop and http stay "auto": uvicorn then runs on uvloop and httptools (installed with the toolkit, except

@@ -37,7 +37,7 @@ class BaseSection(_Section):
     """GPTQ kernel for the 4-bit layers: auto (measured per device and phase; `toolkit info` shows it) or one."""
     lm_head: Literal["auto", "exact", "int8", "int8-weight-only", "int8-dynamic"] = "auto"
     """LM head for evaluation and serving: auto (int8 rows on a CPU for a large head, the top candidates rescored
-    exactly; `toolkit info` shows it), exact, int8 (its faster kernel, timed at load), int8-weight-only or
+    exactly; `toolkit info` shows it), exact, int8 (its faster kernel, timed once per machine), int8-weight-only or
     int8-dynamic (int8 x int8, CPUs with VNNI). Training always uses the exact head."""
 
 

@@ -7,6 +7,7 @@ continuations of held-out prompts equal token for token at >= 99% of positions.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -87,6 +88,33 @@ def test_without_vnni_the_int8_x_int8_kernel_is_refused_and_auto_takes_the_weigh
     assert kernels.choose_head("cpu", "int8").matmul == "auto"
 
 
+def test_auto_times_the_kernels_once_per_machine_and_keeps_the_answer(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    timed = []
+    real = Int8Head._timed
+
+    def counted(self):
+        timed.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Int8Head, "_timed", counted)
+    first = Int8Head(_head())
+    if dynamic_unavailable() is not None:  # nothing to time: the weight-only kernel, and why
+        assert (first.matmul, timed) == ("weight_only", []) and "VNNI" in first.describe()
+        return
+    assert len(timed) == 1 and "timed now" in first.describe()
+    second = Int8Head(_head())
+    assert len(timed) == 1 and second.matmul == first.matmul  # kept: not timed again
+    assert second.describe() == first.describe().replace("timed now", "timed on this machine")
+    [(key, entry)] = json.loads((tmp_path / "kernel-choice.json").read_text()).items()
+    assert key.startswith("lm head") and key.endswith("4096x64") and entry["matmul"] == first.matmul
+    # a kept weight-only answer serves without packing the int8 x int8 copy
+    (tmp_path / "kernel-choice.json").write_text(json.dumps({key: {**entry, "matmul": "weight_only"}}))
+    kept = Int8Head(_head())
+    assert (kept.matmul, kept._packed, len(timed)) == ("weight_only", None, 1)
+    assert Int8Head(_head(rows=2048)).matmul in MATMULS and len(timed) == 2  # another shape is timed on its own
+
+
 def test_a_float32_model_over_a_bfloat16_matrix_gets_float32_logits():
     exact = _head()
     weight = exact.weight
@@ -152,6 +180,8 @@ def real_servers():
     for head in [f"int8-{m.replace('_', '-')}" for m in MATMULS] + ["exact"]:
         state = build_state(base=path, device="cpu", adapters=[], prefill_pacing=None, lm_head=head)
         assert state.base.head == head.split("-")[0]
+        # what `toolkit serve` prints: the kernel serving the int8 product, from the engine's process
+        assert state.base.head_kernel == ("" if head == "exact" else f"{head}, asked for")
         servers[head] = LiveServer(state)
     yield servers
     for server in servers.values():

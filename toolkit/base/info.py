@@ -133,7 +133,18 @@ def head_choice(device: str | None, lm_head: str, info: dict) -> dict:
 
     device = base_mod.pick_device(device)
     choice = kernels.choose_head(device, lm_head, elements=info["vocab_size"] * info["hidden_size"])
-    return {"device": device, "head": choice.name, "reason": choice.reason}
+    out = {"device": device, "head": choice.name, "reason": choice.reason}
+    if choice.name == "int8" and choice.matmul == "auto":
+        from toolkit.base.lm_head import HEAD_NAMES, dynamic_unavailable, kept_kernel
+
+        entry = kept_kernel(info["vocab_size"], info["hidden_size"])
+        if entry:
+            out["kernel"] = f"{HEAD_NAMES[entry['matmul']]} (timed on this machine: {entry['summary']})"
+        elif why := dynamic_unavailable():
+            out["kernel"] = f"{HEAD_NAMES['weight_only']} ({why})"
+        else:
+            out["kernel"] = "the faster, timed at the first load on this machine"
+    return out
 
 
 def _kept_timing(config: dict) -> tuple[str, str] | None:
@@ -183,4 +194,5 @@ def summary_lines(info: dict) -> list[str]:
             if phase != "device"
         ]
         + [f"  lm head        serving on {h['device']}: {h['head']}, {h['reason']}" for h in [info.get("lm_head")] if h]
+        + [f"  lm head kernel {h['kernel']}" for h in [info.get("lm_head")] if h and "kernel" in h]
     )

@@ -6,7 +6,8 @@ report the same features. bench/kernels.py on the `small` base, LoRA forward + b
 (bfloat16) at 301; on an AMD EPYC with AVX512-BF16, 362 against 735. No CPU flag tells the two apart, so the first
 training load of a base on a machine times one LoRA step per trainable kernel and keeps the answer in the
 toolkit's cache (`$TOOLKIT_CACHE`, default ~/.cache/gemma3-lora-toolkit/kernel-choice.json), keyed by the CPU,
-the torch and GPTQModel versions and the base's shape. Every candidate trains correctly (tests/base/test_kernels.py
+the torch and GPTQModel versions and the base's shape. The int8 LM head's kernel choice is kept in the same file
+(lm_head.choice_key: `kept` / `keep`). Every candidate trains correctly (tests/base/test_kernels.py
 compares its gradients with the reference); this only decides which is fastest.
 """
 
@@ -34,15 +35,29 @@ def cache_file() -> Path:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo gives them: VMs name CPUs that
+    differ as much as 3x in one kernel the same ("AMD EPYC": a Zen 4 of family 25 model 17 and another EPYC)."""
     import platform
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return describe_cpu(Path("/proc/cpuinfo").read_text())
+    except (OSError, ValueError):
+        return platform.processor() or platform.machine()
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """`cpu_name` from the text of /proc/cpuinfo (its first processor); ValueError without a model name."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        raise ValueError("no model name")
+    family, model = fields.get("cpu family"), fields.get("model")
+    numbers = f" (family {family} model {model})" if family and model else ""
+    return fields["model name"] + numbers
 
 
 def cache_key(config: dict, threads: int | None = None) -> str:
@@ -102,6 +117,21 @@ def _read() -> dict:
         return {}
 
 
+def kept(key: str) -> dict | None:
+    """The entry kept under `key` in the machine's kernel-choice cache, or None."""
+    return _read().get(key)
+
+
+def keep(key: str, entry: dict, progress: Callable[[str], None] = print) -> None:
+    """Keep `entry` under `key`; a cache that cannot be written is reported and measured again next time."""
+    known = _read()
+    known[key] = entry
+    try:
+        write_atomic(cache_file(), json.dumps(known, indent=1).encode())  # two runs starting together never read half
+    except OSError as exc:  # a read-only home still runs, it just measures again next time
+        progress(f"could not keep the kernel timing ({exc}); it will be measured again")
+
+
 def _kept(known: dict, key: str) -> tuple[str, str] | None:
     entry = known.get(key)
     if entry and entry.get("kernel") in CANDIDATES:
@@ -154,8 +184,8 @@ def _timed_or_kept(
 
     from toolkit.base import kernels
 
-    key, path, known = cache_key(config), cache_file(), _read()
-    hit = _kept(known, key)
+    key, path = cache_key(config), cache_file()
+    hit = _kept(_read(), key)
     if hit:
         return hit
     usable = [kernels.get(n, "cpu") for n in CANDIDATES if available(kernels.get(n, "cpu")) is None]
@@ -168,9 +198,5 @@ def _timed_or_kept(
         seconds = {k.name: timer(folder, k) for k in usable}
     name = pick(seconds)
     summary = ", ".join(f"{n} {BATCH * TOKENS / s:.0f}" for n, s in seconds.items()) + " tokens/s"
-    known[key] = {"kernel": name, "summary": summary, "seconds": seconds}
-    try:
-        write_atomic(path, json.dumps(known, indent=1).encode())  # two runs starting together never read half
-    except OSError as exc:  # a read-only home still trains, it just measures again next time
-        progress(f"could not keep the kernel timing ({exc}); it will be measured again")
+    keep(key, {"kernel": name, "summary": summary, "seconds": seconds}, progress)
     return name, f"auto (measured now: {summary})"

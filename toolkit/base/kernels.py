@@ -137,7 +137,7 @@ def choose(device: str, phase: str = "inference", requested: str = "auto", *, av
 # from memory (the 270M's: 335 MB in bfloat16 per token, 178 MB as int8); llama.cpp keeps it as Q8_0. Measured on
 # an AMD EPYC (AVX512-BF16, 2 cores): 14.5 ms in bfloat16 (F.linear), 4.2 ms as int8 (docs/BENCHMARKS.md, "LM
 # head"). On a GPU the head is a small part of the 27B's bytes per step and stays exact (int8 unmeasured there).
-# "int8" takes the faster of its two int8 kernels, timed at load (lm_head.Int8Head); the last two name one
+# "int8" takes the faster of its two int8 kernels, timed once per machine (lm_head.choice_key); the last two name one
 HEADS = ("auto", "exact", "int8", "int8-weight-only", "int8-dynamic")
 INT8_HEAD_MIN = 1 << 22  # elements: a smaller head stays in the CPU's caches (the tiny base's 1,773 x 256)
 
@@ -145,7 +145,7 @@ INT8_HEAD_MIN = 1 << 22  # elements: a smaller head stays in the CPU's caches (t
 @dataclass(frozen=True)
 class HeadChoice:
     """The LM head a load serves with: "exact" (the model's own) or "int8" (lm_head.Int8Head), and why. `matmul`:
-    the int8 product's kernel (lm_head.MATMULS: "auto" times both at load)."""
+    the int8 product's kernel (lm_head.MATMULS: "auto" takes the faster here, timed once per machine)."""
 
     name: str
     reason: str
@@ -185,7 +185,7 @@ def choose_head(
     return HeadChoice(
         "int8",
         "auto (int8 rows, per-row scales; the top candidates rescored exactly; the faster of the weight-only and, "
-        "with VNNI, the int8 x int8 product, timed at load)",
+        "with VNNI, the int8 x int8 product, timed at the first load on this machine and kept)",
     )
 
 

@@ -45,6 +45,7 @@ QUANT_CHUNK = 1 << 14  # rows quantised at a time: a float32 copy of the 27B's w
 # (measured on the AMD EPYC above: 16 rows 13 ms, 17 rows 19 ms)
 DYNAMIC_ROWS = 15
 MATMULS = ("auto", "weight_only", "dynamic")
+HEAD_NAMES = {"weight_only": "int8-weight-only", "dynamic": "int8-dynamic"}  # each kernel's --lm-head name
 
 
 class Int8Head(torch.nn.Module):
@@ -68,7 +69,12 @@ class Int8Head(torch.nn.Module):
         self.qweight, self.scales = quantize_rows(exact.weight.detach())
         self.int8_bytes = self.qweight.nbytes + self.scales.nbytes  # what one product reads (bench/bandwidth.py)
         self.matmul, self._packed = "weight_only", None
+        # how the kernel was chosen (`describe`): named, timed now, or kept from an earlier timing on this machine
+        self.chosen = "asked for" if matmul != "auto" else f"auto ({why})" if why else "auto"
         if matmul != "weight_only" and not why:
+            kept = self._kept() if matmul == "auto" else None
+            if kept == "weight_only":  # (no int8 x int8 copy packed for nothing)
+                return
             try:
                 self._packed, self._pin = _prepack(self.qweight, self.scales)
             except (RuntimeError, AttributeError) as exc:  # a torch whose quantized tensors are gone: weight-only
@@ -76,8 +82,9 @@ class Int8Head(torch.nn.Module):
                     raise ToolkitError(
                         f"the int8 x int8 head failed to build: {exc}", where="--lm-head", fix="use int8-weight-only"
                     ) from exc
+                self.chosen = f"auto (the int8 x int8 kernel failed to build: {exc})"
                 return
-            self.matmul = "dynamic" if matmul == "dynamic" else self._faster()
+            self.matmul = "dynamic" if matmul == "dynamic" or kept else self._time_and_keep()
             if self.matmul == "dynamic":
                 self.qweight = None  # the packed copy serves; not both in memory (the 27B's head: 1.4 GB each)
             else:
@@ -115,8 +122,32 @@ class Int8Head(torch.nn.Module):
         out = torch.ops.quantized.linear_dynamic(torch.cat([self._pin, x / peak]), self._packed, False)[1:] * peak
         return out if bool(finite.all()) else out.masked_fill(~finite, float("nan"))
 
-    def _faster(self) -> str:
-        """The faster kernel for one row on this machine, timed here (the best of three calls each)."""
+    def describe(self) -> str:
+        """The kernel serving the int8 product and how it was chosen, e.g. for `toolkit serve`'s start-up line."""
+        return f"{HEAD_NAMES[self.matmul]}, {self.chosen}"
+
+    def _kept(self) -> str | None:
+        """The kernel kept for this head's shape on this machine (`choice_key`), or None (not timed yet)."""
+        entry = kept_kernel(*self.exact.weight.shape)
+        if entry is None:
+            return None
+        self.chosen = f"auto (timed on this machine: {entry['summary']})"
+        return entry["matmul"]
+
+    def _time_and_keep(self) -> str:
+        """The faster kernel for one row here, timed now and kept (`choice_key`)."""
+        from toolkit.base import kernel_probe
+
+        seconds = self._timed()
+        summary = ", ".join(f"{HEAD_NAMES[k]} {s * 1e3:.1f} ms" for k, s in seconds.items()) + " for one row"
+        self.chosen = f"auto (timed now: {summary})"
+        best = min(seconds, key=seconds.get)
+        entry = {"matmul": best, "summary": summary, "seconds": seconds}
+        kernel_probe.keep(choice_key(*self.exact.weight.shape), entry)
+        return best
+
+    def _timed(self) -> dict[str, float]:
+        """Seconds of one row's product with each kernel here (the best of three calls each)."""
         x = torch.randn(1, self.exact.weight.shape[1]).to(torch.bfloat16)
         best = {}
         for kind in ("weight_only", "dynamic"):
@@ -128,7 +159,7 @@ class Int8Head(torch.nn.Module):
                 self.product(x)
                 times.append(time.perf_counter() - start)
             best[kind] = min(times)
-        return min(best, key=best.get)
+        return best
 
     def _rows(self, flat: Any) -> Any:
         logits = self.product(flat).to(flat.dtype)
@@ -143,6 +174,23 @@ class Int8Head(torch.nn.Module):
         where = (top + torch.arange(0, logits.numel(), vocab).unsqueeze(1)).view(-1)
         logits.view(-1).index_copy_(0, where, exact.reshape(-1))
         return logits
+
+
+def choice_key(rows: int, cols: int) -> str:
+    """Where auto's kernel for a head of this shape is kept (kernel_probe's cache, beside the training kernel): it
+    is timed at the first build on a machine, not at every load: timing both takes ~2 s on the 270M's head, more on
+    the 27B's, and a near call re-timed at every load could flip between two servers on one machine."""
+    from toolkit.base.kernel_probe import cpu_name
+
+    return f"lm head | {cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {rows}x{cols}"
+
+
+def kept_kernel(rows: int, cols: int) -> dict | None:
+    """The kept entry for auto's kernel on a head of this shape here ({"matmul", "summary", "seconds"}), or None."""
+    from toolkit.base import kernel_probe
+
+    entry = kernel_probe.kept(choice_key(rows, cols))
+    return entry if entry and entry.get("matmul") in HEAD_NAMES else None
 
 
 def quantize_rows(weight: Any) -> tuple[Any, Any]:

@@ -41,6 +41,8 @@ class Base:
     """The GPTQ kernel running the 4-bit layers (kernels.py name), chosen per device and phase."""
     head: str = "exact"
     """The LM head it serves with: "exact" or "int8" (kernels.choose_head, lm_head.py)."""
+    head_kernel: str = ""
+    """The int8 head's kernel and how it was chosen (lm_head.Int8Head.describe); empty for the exact head."""
 
     @property
     def tokenizer(self):
@@ -225,6 +227,7 @@ def load_base(
         from toolkit.base.lm_head import use_int8_head
 
         use_int8_head(model, head_choice.matmul)
+    served_head = model.get_output_embeddings()
     processor = AutoProcessor.from_pretrained(path)
     dtype = getattr(torch, choice.dtype)
     return Base(
@@ -238,6 +241,7 @@ def load_base(
         config,
         kernel=choice.kernel.name,
         head=head_choice.name if head is not None else "exact",
+        head_kernel=served_head.describe() if hasattr(served_head, "describe") else "",
     )
 
 

@@ -226,7 +226,12 @@ def build_state(
         adapters_ = [(name, str(folder)) for name, folder in resolved]
         engine = EngineClient(EngineSpec(base, adapters_, device, kernel, allow_runtime_adapters, options, lm_head))
         loaded = dataclasses.replace(
-            loaded, device=engine.device, dtype=engine.dtype, kernel=engine.kernel, head=engine.head
+            loaded,
+            device=engine.device,
+            dtype=engine.dtype,
+            kernel=engine.kernel,
+            head=engine.head,
+            head_kernel=engine.head_kernel,
         )
     else:
         loaded = load_base(base, device=device, kernel=kernel, lm_head=lm_head)

@@ -80,7 +80,7 @@ class EngineClient:
         import torch
 
         self.device, self.dtype, self.kernel = info["device"], getattr(torch, info["dtype"]), info["kernel"]
-        self.head, self.step_kind = info["head"], info["step"]
+        self.head, self.head_kernel, self.step_kind = info["head"], info["head_kernel"], info["step"]
         self.stop_ids: set[int] = set(info["stop_ids"])
         self.layout, self.kv_budget = info["layout"], info["kv_budget"]
         self.max_batch, self.max_queue = info["max_batch"], spec.options.get("max_queue", DEFAULT_MAX_QUEUE)
@@ -320,6 +320,7 @@ def _info(engine: Any, base: Any) -> dict:
         "dtype": str(base.dtype).removeprefix("torch."),
         "kernel": base.kernel,
         "head": base.head,
+        "head_kernel": base.head_kernel,
         "step": engine.step_kind,
         "stop_ids": sorted(engine.stop_ids),
         "layout": engine.layout,
