@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toolkit.base.kernel_probe import cpu_name  # noqa: E402 (standard library only at import)
+from toolkit.base.kept_choices import cpu_name  # noqa: E402 (standard library only at import)
 
 SPEC = "llama-cpp-python[server]==0.3.36"
 SMOKE_TIMEOUT_S = 300

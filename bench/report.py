@@ -22,7 +22,7 @@ def cpus() -> int:
 
 def cpu_label() -> str:
     """The CPU's model name and whether it has AVX512-BF16 (which decides the CPU kernel: docs/DEPENDENCIES.md)."""
-    from toolkit.base.kernel_probe import cpu_name  # the name the kernel timing's cache is keyed by
+    from toolkit.base.kept_choices import cpu_name  # the name the kernel timing's cache is keyed by
 
     try:
         bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from toolkit.base import gptq_backend, kernel_probe, kernels, quant_format
+from toolkit.base import gptq_backend, kept_choices, kernel_probe, kernels, quant_format
 from toolkit.base.loader import check_base, load_base
 
 
@@ -34,13 +34,13 @@ def test_pick_takes_the_fastest_unless_an_earlier_kernel_is_within_the_margin():
 def test_the_cpu_name_carries_its_family_and_model_where_cpuinfo_gives_them():
     zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
     other = zen4.replace("17", "1")
-    assert kernel_probe.describe_cpu(zen4 + "\nprocessor\t: 1\nmodel name\t: ignored\n") == (
+    assert kept_choices.describe_cpu(zen4 + "\nprocessor\t: 1\nmodel name\t: ignored\n") == (
         "AMD EPYC (family 25 model 17)"
     )
-    assert kernel_probe.describe_cpu(zen4) != kernel_probe.describe_cpu(other)  # two CPUs under one name
-    assert kernel_probe.describe_cpu("processor\t: 0\nmodel name\t: Some ARM\n") == "Some ARM"
+    assert kept_choices.describe_cpu(zen4) != kept_choices.describe_cpu(other)  # two CPUs under one name
+    assert kept_choices.describe_cpu("processor\t: 0\nmodel name\t: Some ARM\n") == "Some ARM"
     with pytest.raises(ValueError):
-        kernel_probe.describe_cpu("processor\t: 0\n")
+        kept_choices.describe_cpu("processor\t: 0\n")
 
 
 def test_the_first_training_load_times_each_kernel_once_and_keeps_the_answer(tmp_path, cache):

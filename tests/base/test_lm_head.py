@@ -21,6 +21,16 @@ from toolkit.errors import ToolkitError
 MATMULS = ["weight_only"] + (["dynamic"] if dynamic_unavailable() is None else [])
 
 
+@pytest.fixture(autouse=True)
+def kept_choices(tmp_path, monkeypatch):
+    """auto's kernel choice kept in a file of the test's own (not the machine's cache, where the real base lives)."""
+    from toolkit.base import kept_choices
+
+    path = tmp_path / "kernel-choice.json"
+    monkeypatch.setattr(kept_choices, "cache_file", lambda: path)
+    return path
+
+
 def _head(rows: int = 4096, cols: int = 64, dtype=torch.bfloat16) -> torch.nn.Linear:
     head = torch.nn.Linear(cols, rows, bias=False)
     head.weight.data = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -88,31 +98,34 @@ def test_without_vnni_the_int8_x_int8_kernel_is_refused_and_auto_takes_the_weigh
     assert kernels.choose_head("cpu", "int8").matmul == "auto"
 
 
-def test_auto_times_the_kernels_once_per_machine_and_keeps_the_answer(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
-    timed = []
-    real = Int8Head._timed
+def test_auto_times_the_kernels_once_per_machine_and_keeps_the_answer(kept_choices, monkeypatch):
+    from toolkit.base import lm_head
 
-    def counted(self):
-        timed.append(1)
-        return real(self)
-
-    monkeypatch.setattr(Int8Head, "_timed", counted)
+    # both kernels available and timed at fixed seconds, whatever this CPU has: what is tested is the keeping
+    monkeypatch.setattr(lm_head, "dynamic_unavailable", lambda: None)
+    packed, timed = [], []
+    monkeypatch.setattr(lm_head, "_prepack", lambda codes, scales: packed.append(1) or ("packed", "pin"))
+    seconds = {"weight_only": 0.004, "dynamic": 0.002}
+    monkeypatch.setattr(Int8Head, "_timed", lambda self: timed.append(1) or dict(seconds))
     first = Int8Head(_head())
-    if dynamic_unavailable() is not None:  # nothing to time: the weight-only kernel, and why
-        assert (first.matmul, timed) == ("weight_only", []) and "VNNI" in first.describe()
-        return
-    assert len(timed) == 1 and "timed now" in first.describe()
+    assert (first.matmul, len(timed), len(packed)) == ("dynamic", 1, 1)
+    timings = "int8-weight-only 4.00 ms, int8-dynamic 2.00 ms for one row"
+    assert first.describe() == f"int8-dynamic, auto (timed now: {timings})"
     second = Int8Head(_head())
-    assert len(timed) == 1 and second.matmul == first.matmul  # kept: not timed again
+    assert (second.matmul, len(timed)) == ("dynamic", 1)  # kept: not timed again
     assert second.describe() == first.describe().replace("timed now", "timed on this machine")
-    [(key, entry)] = json.loads((tmp_path / "kernel-choice.json").read_text()).items()
-    assert key.startswith("lm head") and key.endswith("4096x64") and entry["matmul"] == first.matmul
-    # a kept weight-only answer serves without packing the int8 x int8 copy
-    (tmp_path / "kernel-choice.json").write_text(json.dumps({key: {**entry, "matmul": "weight_only"}}))
+    [(key, entry)] = json.loads(kept_choices.read_text()).items()
+    assert key.startswith("lm head") and key.endswith("4096x64") and entry["matmul"] == "dynamic"
+    assert lm_head.auto_kernel(4096, 64) == second.describe()  # what `toolkit info` shows before a load
+    # a kept weight-only answer serves without packing an int8 x int8 copy
+    kept_choices.write_text(json.dumps({key: {**entry, "matmul": "weight_only"}}))
+    packed.clear()
     kept = Int8Head(_head())
-    assert (kept.matmul, kept._packed, len(timed)) == ("weight_only", None, 1)
-    assert Int8Head(_head(rows=2048)).matmul in MATMULS and len(timed) == 2  # another shape is timed on its own
+    assert (kept.matmul, packed, len(timed)) == ("weight_only", [], 1)
+    seconds["weight_only"] = 0.001
+    assert Int8Head(_head(rows=2048)).matmul == "weight_only" and len(timed) == 2  # another shape: timed on its own
+    kept_choices.write_text("[1, 2]")  # a cache file that is not the toolkit's: timed again, not a failed load
+    assert Int8Head(_head()).matmul == "weight_only" and len(timed) == 3
 
 
 def test_a_float32_model_over_a_bfloat16_matrix_gets_float32_logits():

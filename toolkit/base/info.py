@@ -135,15 +135,9 @@ def head_choice(device: str | None, lm_head: str, info: dict) -> dict:
     choice = kernels.choose_head(device, lm_head, elements=info["vocab_size"] * info["hidden_size"])
     out = {"device": device, "head": choice.name, "reason": choice.reason}
     if choice.name == "int8" and choice.matmul == "auto":
-        from toolkit.base.lm_head import HEAD_NAMES, dynamic_unavailable, kept_kernel
+        from toolkit.base.lm_head import auto_kernel
 
-        entry = kept_kernel(info["vocab_size"], info["hidden_size"])
-        if entry:
-            out["kernel"] = f"{HEAD_NAMES[entry['matmul']]} (timed on this machine: {entry['summary']})"
-        elif why := dynamic_unavailable():
-            out["kernel"] = f"{HEAD_NAMES['weight_only']} ({why})"
-        else:
-            out["kernel"] = "the faster, timed at the first load on this machine"
+        out["kernel"] = auto_kernel(info["vocab_size"], info["hidden_size"])  # (the head's rows x hidden)
     return out
 
 

@@ -7,57 +7,24 @@ report the same features. bench/kernels.py on the `small` base, LoRA forward + b
 training load of a base on a machine times one LoRA step per trainable kernel and keeps the answer in the
 toolkit's cache (`$TOOLKIT_CACHE`, default ~/.cache/gemma3-lora-toolkit/kernel-choice.json), keyed by the CPU,
 the torch and GPTQModel versions and the base's shape. The int8 LM head's kernel choice is kept in the same file
-(lm_head.choice_key: `kept` / `keep`). Every candidate trains correctly (tests/base/test_kernels.py
+(kept_choices.py, lm_head.choice_key). Every candidate trains correctly (tests/base/test_kernels.py
 compares its gradients with the reference); this only decides which is fastest.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from toolkit.atomic_file import write_atomic
+from toolkit.base.kept_choices import cache_file, cpu_name, keep, read_all
 
 CANDIDATES = ("torch", "torch_fused", "torch_aten")  # on a near tie the earlier wins: float32 first
 MARGIN = 1.15  # a later candidate must be this much faster: a close call keeps the more exact kernel
 BATCH, TOKENS, STEPS = 4, 128, 3
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 REVISION = 2  # part of the cache key: bump when the toolkit's own kernel shims (gptq_backend.py) change speeds
-
-
-def cache_file() -> Path:
-    from toolkit.base.real_weights import cache_root
-
-    return cache_root() / "kernel-choice.json"
-
-
-def cpu_name() -> str:
-    """The CPU's model name, with its family and model numbers where /proc/cpuinfo gives them: VMs name CPUs that
-    differ as much as 3x in one kernel the same ("AMD EPYC": a Zen 4 of family 25 model 17 and another EPYC)."""
-    import platform
-
-    try:
-        return describe_cpu(Path("/proc/cpuinfo").read_text())
-    except (OSError, ValueError):
-        return platform.processor() or platform.machine()
-
-
-def describe_cpu(cpuinfo: str) -> str:
-    """`cpu_name` from the text of /proc/cpuinfo (its first processor); ValueError without a model name."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the first processor's block ends
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    if "model name" not in fields:
-        raise ValueError("no model name")
-    family, model = fields.get("cpu family"), fields.get("model")
-    numbers = f" (family {family} model {model})" if family and model else ""
-    return fields["model name"] + numbers
 
 
 def cache_key(config: dict, threads: int | None = None) -> str:
@@ -110,28 +77,6 @@ def step_seconds(folder: Path, kernel) -> float:
     return statistics.median(times[1:])
 
 
-def _read() -> dict:
-    try:
-        return json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def kept(key: str) -> dict | None:
-    """The entry kept under `key` in the machine's kernel-choice cache, or None."""
-    return _read().get(key)
-
-
-def keep(key: str, entry: dict, progress: Callable[[str], None] = print) -> None:
-    """Keep `entry` under `key`; a cache that cannot be written is reported and measured again next time."""
-    known = _read()
-    known[key] = entry
-    try:
-        write_atomic(cache_file(), json.dumps(known, indent=1).encode())  # two runs starting together never read half
-    except OSError as exc:  # a read-only home still runs, it just measures again next time
-        progress(f"could not keep the kernel timing ({exc}); it will be measured again")
-
-
 def _kept(known: dict, key: str) -> tuple[str, str] | None:
     entry = known.get(key)
     if entry and entry.get("kernel") in CANDIDATES:
@@ -147,7 +92,7 @@ def cached_by_threads(config: dict) -> dict[int, tuple[str, str]]:
 
     import torch
 
-    known, key = _read(), _keys(config)
+    known, key = read_all(), _keys(config)
     counts = sorted({*range(1, (os.cpu_count() or 1) + 1), torch.get_num_threads()})
     return {n: hit for n in counts if (hit := _kept(known, key(n)))}
 
@@ -185,7 +130,7 @@ def _timed_or_kept(
     from toolkit.base import kernels
 
     key, path = cache_key(config), cache_file()
-    hit = _kept(_read(), key)
+    hit = _kept(read_all(), key)
     if hit:
         return hit
     usable = [kernels.get(n, "cpu") for n in CANDIDATES if available(kernels.get(n, "cpu")) is None]

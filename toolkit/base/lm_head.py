@@ -9,7 +9,8 @@ from the exact matrix (RESCORE rows of `hidden` multiply-adds): those logits, th
 greedy decoding, and the bulk of the softmax mass are the exact head's; only the tail's logits carry int8 rounding.
 tests/base/test_lm_head.py gates it on the real 270M (perplexity within 0.5%, greedy agreement >= 99%).
 
-The int8 product has two kernels, the faster timed when the head is built (`matmul`): torch's weight-only int8
+The int8 product has two kernels, the faster timed at a head's first build on a machine and kept (`matmul`,
+`choice_key`): torch's weight-only int8
 matmul, and where the CPU has VNNI (int8 dot products) an int8 x int8 one, the activations quantised too
 (`quantized::linear_dynamic`, fbgemm's / oneDNN's kernels under torch's x86 quantized engine). Why both: aten's
 weight-only kernel converts every weight to a float before its multiply-add, so on some CPUs it is bound by that
@@ -26,6 +27,7 @@ Training never sees this head (kernels.choose_head).
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -46,6 +48,7 @@ QUANT_CHUNK = 1 << 14  # rows quantised at a time: a float32 copy of the 27B's w
 DYNAMIC_ROWS = 15
 MATMULS = ("auto", "weight_only", "dynamic")
 HEAD_NAMES = {"weight_only": "int8-weight-only", "dynamic": "int8-dynamic"}  # each kernel's --lm-head name
+REVISION = 1  # part of the kept choice's key (choice_key): bump when the kernels or their row chunks change
 
 
 class Int8Head(torch.nn.Module):
@@ -128,22 +131,22 @@ class Int8Head(torch.nn.Module):
 
     def _kept(self) -> str | None:
         """The kernel kept for this head's shape on this machine (`choice_key`), or None (not timed yet)."""
-        entry = kept_kernel(*self.exact.weight.shape)
-        if entry is None:
+        hit = kept_choice(*self.exact.weight.shape)
+        if hit is None:
             return None
-        self.chosen = f"auto (timed on this machine: {entry['summary']})"
-        return entry["matmul"]
+        self.chosen = hit[1]
+        return hit[0]
 
     def _time_and_keep(self) -> str:
         """The faster kernel for one row here, timed now and kept (`choice_key`)."""
-        from toolkit.base import kernel_probe
+        from toolkit.base import kept_choices
 
         seconds = self._timed()
-        summary = ", ".join(f"{HEAD_NAMES[k]} {s * 1e3:.1f} ms" for k, s in seconds.items()) + " for one row"
+        summary = ", ".join(f"{HEAD_NAMES[k]} {s * 1e3:.2f} ms" for k, s in seconds.items()) + " for one row"
         self.chosen = f"auto (timed now: {summary})"
         best = min(seconds, key=seconds.get)
         entry = {"matmul": best, "summary": summary, "seconds": seconds}
-        kernel_probe.keep(choice_key(*self.exact.weight.shape), entry)
+        kept_choices.keep(choice_key(*self.exact.weight.shape), entry, lambda line: print(line, file=sys.stderr))
         return best
 
     def _timed(self) -> dict[str, float]:
@@ -177,20 +180,33 @@ class Int8Head(torch.nn.Module):
 
 
 def choice_key(rows: int, cols: int) -> str:
-    """Where auto's kernel for a head of this shape is kept (kernel_probe's cache, beside the training kernel): it
+    """Where auto's kernel for a head of this shape is kept (kept_choices.py, beside the training kernel's): it
     is timed at the first build on a machine, not at every load: timing both takes ~2 s on the 270M's head, more on
     the 27B's, and a near call re-timed at every load could flip between two servers on one machine."""
-    from toolkit.base.kernel_probe import cpu_name
+    from toolkit.base.kept_choices import cpu_name
 
-    return f"lm head | {cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {rows}x{cols}"
+    threads = torch.get_num_threads()
+    return f"lm head {REVISION} | {cpu_name()} | {threads} threads | torch {torch.__version__} | {rows}x{cols}"
 
 
-def kept_kernel(rows: int, cols: int) -> dict | None:
-    """The kept entry for auto's kernel on a head of this shape here ({"matmul", "summary", "seconds"}), or None."""
-    from toolkit.base import kernel_probe
+def kept_choice(rows: int, cols: int) -> tuple[str, str] | None:
+    """auto's kernel kept for a head of this shape here and how it was chosen (`Int8Head.chosen`), or None."""
+    from toolkit.base import kept_choices
 
-    entry = kernel_probe.kept(choice_key(rows, cols))
-    return entry if entry and entry.get("matmul") in HEAD_NAMES else None
+    entry = kept_choices.kept(choice_key(rows, cols))
+    readable = isinstance(entry, dict) and isinstance(entry.get("summary"), str)
+    if not readable or entry.get("matmul") not in HEAD_NAMES:
+        return None  # not timed yet (or an entry this version cannot read: timed again)
+    return entry["matmul"], f"auto (timed on this machine: {entry['summary']})"
+
+
+def auto_kernel(rows: int, cols: int) -> str:
+    """What auto's int8 head on this shape serves with here, as `Int8Head.describe` gives it after a load (for
+    `toolkit info`, which loads nothing)."""
+    if why := dynamic_unavailable():
+        return f"{HEAD_NAMES['weight_only']}, auto ({why})"
+    hit = kept_choice(rows, cols)
+    return f"{HEAD_NAMES[hit[0]]}, {hit[1]}" if hit else "the faster kernel, timed at the first load on this machine"
 
 
 def quantize_rows(weight: Any) -> tuple[Any, Any]:
