@@ -28,7 +28,8 @@ def cpu_label() -> str:
         bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return cpu_name()
-    return f"{cpu_name()} ({'AVX512-BF16' if bf16 else 'no AVX512-BF16'})"
+    name, flag = cpu_name(), "AVX512-BF16" if bf16 else "no AVX512-BF16"
+    return f"{name[:-1]}, {flag})" if name.endswith(")") else f"{name} ({flag})"  # "AMD EPYC (family 25 model 17, ..."
 
 
 def replace_section(path: Path, heading: str, section: str, header: str = HEADER) -> None:

@@ -83,6 +83,31 @@ def test_only_available_kernels_are_timed_and_an_unwritable_cache_still_trains(t
     assert only == ("torch", "auto (one trainable kernel here)")
 
 
+def _keep_many(first: int, cache: str, start: float) -> None:
+    import time
+
+    os.environ["TOOLKIT_CACHE"] = cache
+    time.sleep(max(0.0, start - time.time()))  # all at once, past each process's start-up
+    for i in range(first, first + 30):
+        kept_choices.keep(f"key {i}", {"kernel": "torch", "summary": str(i)})
+
+
+def test_processes_keeping_at_once_lose_no_entry(tmp_path):
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    start = time.time() + 5
+    workers = [context.Process(target=_keep_many, args=(first, str(tmp_path), start)) for first in (0, 100, 200)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    known = json.loads((tmp_path / "kernel-choice.json").read_text())
+    assert sorted(known) == sorted(f"key {i}" for first in (0, 100, 200) for i in range(first, first + 30))
+
+
 def _rank(rank: int, tmp: str) -> None:
     """One rank of a 2-process gloo group on a cold cache of its own, its timings disagreeing with rank 0's."""
     import os

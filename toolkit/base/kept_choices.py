@@ -59,9 +59,15 @@ def kept(key: str) -> dict | None:
 
 def keep(key: str, entry: dict, progress: Callable[[str], None] = print) -> None:
     """Keep `entry` under `key`; a cache that cannot be written is reported and measured again next time."""
-    known = read_all()
-    known[key] = entry
+    from toolkit.base.file_lock import exclusive
+
+    path = cache_file()
     try:
-        write_atomic(cache_file(), json.dumps(known, indent=1).encode())  # two runs starting together never read half
+        # read, add and write under the file's lock: two processes keeping at once (two servers starting, a server
+        # and a training run) would otherwise each write the file without the other's new entry
+        with exclusive(path, "update of the kept kernel timings"):
+            known = read_all()
+            known[key] = entry
+            write_atomic(path, json.dumps(known, indent=1).encode())  # a reader never sees half a file
     except OSError as exc:  # a read-only home still runs, it just measures again next time
         progress(f"could not keep the kernel timing ({exc}); it will be measured again")

@@ -10,9 +10,9 @@ greedy decoding, and the bulk of the softmax mass are the exact head's; only the
 tests/base/test_lm_head.py gates it on the real 270M (perplexity within 0.5%, greedy agreement >= 99%).
 
 The int8 product has two kernels, the faster timed at a head's first build on a machine and kept (`matmul`,
-`choice_key`): torch's weight-only int8
-matmul, and where the CPU has VNNI (int8 dot products) an int8 x int8 one, the activations quantised too
-(`quantized::linear_dynamic`, fbgemm's / oneDNN's kernels under torch's x86 quantized engine). Why both: aten's
+`choice_key`): torch's weight-only int8 matmul, and where the CPU has VNNI (int8 dot products) an int8 x int8 one,
+the activations quantised too (`quantized::linear_dynamic`, fbgemm's / oneDNN's kernels under torch's x86
+quantized engine). Why both: aten's
 weight-only kernel converts every weight to a float before its multiply-add, so on some CPUs it is bound by that
 arithmetic, not by memory: on an AMD EPYC (Zen 4, 2 cores) it read the 270M's head at 13 GB/s (12.9 ms) where a
 plain read streams 35 GB/s, and the int8 x int8 kernel took 6-7 ms. Each row's activations get a scale of their own
