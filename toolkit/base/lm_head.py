@@ -87,7 +87,7 @@ class Int8Head(torch.nn.Module):
                     ) from exc
                 self.chosen = f"auto (the int8 x int8 kernel failed to build: {exc})"
                 return
-            self.matmul = "dynamic" if matmul == "dynamic" or kept else self._time_and_keep()
+            self.matmul = "dynamic" if "dynamic" in (matmul, kept) else self._time_and_keep()
             if self.matmul == "dynamic":
                 self.qweight = None  # the packed copy serves; not both in memory (the 27B's head: 1.4 GB each)
             else:
