@@ -63,6 +63,7 @@ class CompiledLayers:
         self.sizes = [size for _, size, _ in direct[0]]  # each call's multiply-adds per row (LeanDecoder._wide)
         self.types = decoder.types
         self.attention = [(decoder._parts[i][0].scaling, w) for i, w in enumerate(windows)]  # per layer
+        self.one_query = _one_query(self.heads, self.kv_heads, self.head_dim, self.attention)
         weights = [tuple(t for op in row for t in op.tensors) for row in ops]
         self.counts = [len(op.tensors) for op in ops[0]]  # tensors per call: q/k/v, o, gate/up, down
         q_end = self.counts[0]
@@ -136,8 +137,11 @@ class CompiledLayers:
         wide = all(decoder._wide(1, size) for size in self.sizes)
         with parallel(decoder.threads, wide):
             q, k, v = self.pre(hidden, *rope[types[0]], *self.first)
+        one_query = self.one_query
         for i, (scale, window) in enumerate(self.attention):
-            a = decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
+            a = None if one_query is None else one_query(q, k, v, rows[0], i)
+            if a is None:
+                a = decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
             with parallel(decoder.threads, wide):
                 if i + 1 < len(self.attention):
                     hidden, q, k, v = self.middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
@@ -145,6 +149,19 @@ class CompiledLayers:
                     hidden = self.last(hidden, a, *self.last_inputs)
         self.calls += 1
         return hidden.view(shape)
+
+
+def _one_query(heads: int, kv_heads: int, head_dim: int, attention: list) -> Any:
+    """one_query.OneQuery for these shapes, or None where it does not fit them or cannot be built here (each layer's
+    attention then takes the eager lean step's path)."""
+    from toolkit.engine import one_query
+
+    if not one_query.fits(heads, kv_heads, head_dim):
+        return None
+    try:
+        return one_query.OneQuery(heads, kv_heads, head_dim, [w for _, w in attention], [s for s, _ in attention])
+    except Exception:  # noqa: BLE001  (the toolchain's own errors: the eager attention serves)
+        return None
 
 
 @functools.cache

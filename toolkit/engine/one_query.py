@@ -1,0 +1,146 @@
+"""One decoding query's attention over its row's stored keys and values, the new token's own stored first: one C++
+call per layer for the compiled one-row step (compiled_step.py).
+
+Why by hand: in the 270M's compiled step, each layer's attention through the eager path (kv_cache.RowKV.append, the
+views it attends to, SDPA's dispatch, reshapes) cost ~70 us, ~1.3 ms of a ~4.5 ms layers step, for a row of ~80
+tokens whose keys and values are ~80 KB a layer; SDPA's CPU kernel alone took ~20-35 us of it. No library op
+appends a key and attends in one call, and inductor compiles attention only over shapes fixed at compile time (the
+row grows every step; a graph over a symbolic length ran slower than the eager path). Built with inductor's own
+C++ toolchain and Python binding (the compiled step needs that toolchain anyway), vectorised with ATen's
+`at::vec` types, so it runs the CPU's widest float unit as inductor's kernels do.
+
+Numbers: the scores, softmax and weighted sum in float32 from the bfloat16 keys and values, one bfloat16 rounding
+at the end; SDPA's CPU flash kernel also rounds the softmax weights to bfloat16 before its second product, so the
+two differ by about a bfloat16 step of the output (tests/engine/test_compiled_step.py holds the step to the generic
+forward).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch  # imported lazily by the engine, never at toolkit import time
+
+MAX_GROUP = 8  # query heads per KV head the kernel holds in registers (the 270M 4, the 27B 2)
+# Past this many attended positions a layer takes the eager path: SDPA's kernel alone is as fast from ~500 keys and
+# faster from a few thousand (one thread: 89 against 84 us at 511 keys, 639 against 527 at 4000), while the eager
+# path's own calls around it cost ~40 us a layer
+MAX_KEYS = 1024
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <vector>
+
+using BVec = at::vec::Vectorized<at::BFloat16>;
+using FVec = at::vec::VectorizedN<float, 2>;  // the floats of one BVec
+
+static inline float total(const FVec& x) {
+    at::vec::Vectorized<float> v = x[0] + x[1];
+    return at::vec::vec_reduce_all<float>(
+        [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
+}
+
+// q [kv_heads * g, d]; k_new, v_new [kv_heads, d]; keys, values [kv_heads, cap, d]; out [kv_heads * g, d].
+// Attends to positions [first, first + n); when `write`, the new key and value go to position first + n - 1 first.
+extern "C" void kernel(const at::BFloat16* q, const at::BFloat16* k_new, const at::BFloat16* v_new,
+                       at::BFloat16* keys, at::BFloat16* values, at::BFloat16* out, int64_t first, int64_t n,
+                       int64_t cap, int64_t kv_heads, int64_t g, int64_t d, int64_t write, float scale) {
+    constexpr int64_t w = BVec::size();
+    std::vector<float> qf(g * d), scores(g * n), acc(g * d), sums(g);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+        at::BFloat16* K = keys + h * cap * d;
+        at::BFloat16* V = values + h * cap * d;
+        if (write) {
+            std::memcpy(K + (first + n - 1) * d, k_new + h * d, d * sizeof(at::BFloat16));
+            std::memcpy(V + (first + n - 1) * d, v_new + h * d, d * sizeof(at::BFloat16));
+        }
+        for (int64_t j = 0; j < g * d; ++j) qf[j] = static_cast<float>(q[h * g * d + j]);
+        for (int64_t t = 0; t < n; ++t) {  // each key read once for the group's queries
+            const at::BFloat16* kt = K + (first + t) * d;
+            FVec dots[8];
+            for (int64_t j = 0; j < g; ++j) dots[j] = FVec(0.0f);
+            for (int64_t i = 0; i < d; i += w) {
+                FVec k = at::vec::convert<float, 2, at::BFloat16, 1>(BVec::loadu(kt + i, w));
+                for (int64_t j = 0; j < g; ++j) dots[j] = dots[j] + FVec::loadu(qf.data() + j * d + i, w) * k;
+            }
+            for (int64_t j = 0; j < g; ++j) scores[j * n + t] = total(dots[j]) * scale;
+        }
+        for (int64_t j = 0; j < g; ++j) {
+            float* s = scores.data() + j * n;
+            float m = s[0];
+            for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
+            float sum = 0.0f;
+            for (int64_t t = 0; t < n; ++t) {
+                s[t] = std::exp(s[t] - m);
+                sum += s[t];
+            }
+            sums[j] = sum;
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t t = 0; t < n; ++t) {
+            const at::BFloat16* vt = V + (first + t) * d;
+            for (int64_t i = 0; i < d; i += w) {
+                FVec v = at::vec::convert<float, 2, at::BFloat16, 1>(BVec::loadu(vt + i, w));
+                for (int64_t j = 0; j < g; ++j) {
+                    float* a = acc.data() + j * d + i;
+                    (FVec::loadu(a, w) + FVec(scores[j * n + t]) * v).store(a, w);
+                }
+            }
+        }
+        for (int64_t j = 0; j < g; ++j) {
+            float inv = 1.0f / sums[j];
+            for (int64_t i = 0; i < d; ++i)
+                out[(h * g + j) * d + i] = static_cast<at::BFloat16>(acc[j * d + i] * inv);
+        }
+    }
+}
+"""
+
+_ARGS = ["const at::BFloat16*"] * 3 + ["at::BFloat16*"] * 3 + ["int64_t"] * 7 + ["float"]
+
+
+@functools.cache
+def kernel() -> Any:
+    """The compiled kernel (built once per process; inductor caches the build on disk). Raises what the toolchain
+    raises where it cannot build."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    return CppPythonBindingsCodeCache.load_pybinding(_ARGS, _SOURCE, needs_vec_isa=True)
+
+
+def fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel serves these attention shapes (whole vectors per head, a group it holds in registers)."""
+    return heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and head_dim % 32 == 0
+
+
+class OneQuery:
+    """`a = attend(q, k, v, row, layer)`: [1, heads * d] for one row's decoding query q [1, heads, 1, d] and its new
+    key and value [1, kv_heads, 1, d] (contiguous: the compiled pre-attention's outputs), stored into `row`
+    (kv_cache.RowKV) as RowKV.append stores them; None where the row holds more than MAX_KEYS for the layer (the
+    caller's eager path serves it)."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, windows: tuple, scales: list[float]) -> None:
+        self.call = kernel()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.group = heads // kv_heads
+        self.windows, self.scales = windows, scales
+
+    def __call__(self, q: Any, k: Any, v: Any, row: Any, layer: int) -> Any:
+        window, length, keys = self.windows[layer], row.length[layer], row.keys[layer]
+        held = length if window is None else min(length, window - 1)
+        if held >= MAX_KEYS:
+            return None
+        out = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
+        args = (self.kv_heads, self.group, self.head_dim)
+        if keys is not None and length < keys.shape[1] and (window is None or window > 2):
+            # room after the stored tokens: the kernel stores the new ones itself (RowKV.append's plain case)
+            row.length[layer] = length + 1
+            self.call(q, k, v, keys, row.values[layer], out, length - held, held + 1, keys.shape[1], *args, 1,
+                      self.scales[layer])  # fmt: skip
+        else:  # a new or compacted buffer: RowKV.append's own rules, then the kernel reads
+            row.append(layer, k[0], v[0])
+            keys, n = row.keys[layer], row.length[layer]
+            self.call(q, k, v, keys, row.values[layer], out, n - held - 1, held + 1, keys.shape[1], *args, 0,
+                      self.scales[layer])  # fmt: skip
+        return out
