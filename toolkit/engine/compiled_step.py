@@ -29,8 +29,10 @@ import torch  # imported lazily by the engine, never at toolkit import time
 from toolkit.engine.threads import parallel
 
 # inductor: bfloat16 roundings where eager rounds (its default keeps float32 between fused ops): the eager step's
-# numbers, up to the order of a reduction
-INDUCTOR_OPTIONS = {"config_patches": {"emulate_precision_casts": True}}
+# numbers, up to the order of a reduction. Its C++ kernels on one thread: one row's norms, rotary and activation are
+# a few thousand elements, where a parallel region's fork and join cost more than they split (the 270M's layers
+# step 3.91 against 4.05 ms, median of 12 alternating pairs, 9 faster; the int4 calls keep every thread)
+INDUCTOR_OPTIONS = {"config_patches": {"emulate_precision_casts": True, "cpp.threads": 1}}
 
 
 class NotCompiled(Exception):
