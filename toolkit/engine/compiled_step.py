@@ -65,7 +65,7 @@ class CompiledLayers:
         self.sizes = [size for _, size, _ in direct[0]]  # each call's multiply-adds per row (LeanDecoder._wide)
         self.types = decoder.types
         self.attention = [(decoder._parts[i][0].scaling, w) for i, w in enumerate(windows)]  # per layer
-        self.one_query = _one_query(self.heads, self.kv_heads, self.head_dim, self.attention)
+        self.one_query, self.attention_kind = _one_query(self.heads, self.kv_heads, self.head_dim, self.attention)
         weights = [tuple(t for op in row for t in op.tensors) for row in ops]
         self.counts = [len(op.tensors) for op in ops[0]]  # tensors per call: q/k/v, o, gate/up, down
         q_end = self.counts[0]
@@ -153,17 +153,18 @@ class CompiledLayers:
         return hidden.view(shape)
 
 
-def _one_query(heads: int, kv_heads: int, head_dim: int, attention: list) -> Any:
-    """one_query.OneQuery for these shapes, or None where it does not fit them or cannot be built here (each layer's
-    attention then takes the eager lean step's path)."""
+def _one_query(heads: int, kv_heads: int, head_dim: int, attention: list) -> tuple[Any, str]:
+    """one_query.OneQuery for these shapes and what attention runs as; None where it does not fit them or cannot be
+    built here (each layer's attention then takes the eager lean step's path, and the text says why)."""
     from toolkit.engine import one_query
 
-    if not one_query.fits(heads, kv_heads, head_dim):
-        return None
+    windows = tuple(w for _, w in attention)
+    if not one_query.fits(heads, kv_heads, head_dim, windows):
+        return None, f"eager attention (shapes {heads} x {kv_heads} x {head_dim} not the kernel's)"
     try:
-        return one_query.OneQuery(heads, kv_heads, head_dim, [w for _, w in attention], [s for s, _ in attention])
-    except Exception:  # noqa: BLE001  (the toolchain's own errors: the eager attention serves)
-        return None
+        return one_query.OneQuery(heads, kv_heads, head_dim, windows, [s for s, _ in attention]), "one-query kernel"
+    except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: the eager attention serves)
+        return None, f"eager attention ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
 
 @functools.cache

@@ -34,6 +34,11 @@ _SOURCE = r"""
 
 using BVec = at::vec::Vectorized<at::BFloat16>;
 using FVec = at::vec::VectorizedN<float, 2>;  // the floats of one BVec
+// fits() admits head sizes in whole steps of 32 and groups of up to MAX_GROUP query heads: a build where a step is
+// not a divisor of 32 fails here, and the eager attention serves
+static_assert(32 % BVec::size() == 0, "head sizes step by 32");
+static_assert(BVec::size() == 2 * at::vec::Vectorized<float>::size(), "one FVec holds one BVec");
+constexpr int64_t MAX_GROUP = @MAX_GROUP@;
 
 static inline float total(const FVec& x) {
     at::vec::Vectorized<float> v = x[0] + x[1];
@@ -58,7 +63,7 @@ extern "C" void kernel(const at::BFloat16* q, const at::BFloat16* k_new, const a
         for (int64_t j = 0; j < g * d; ++j) qf[j] = static_cast<float>(q[h * g * d + j]);
         for (int64_t t = 0; t < n; ++t) {  // each key read once for the group's queries
             const at::BFloat16* kt = K + (first + t) * d;
-            FVec dots[8];
+            FVec dots[MAX_GROUP];
             for (int64_t j = 0; j < g; ++j) dots[j] = FVec(0.0f);
             for (int64_t i = 0; i < d; i += w) {
                 FVec k = at::vec::convert<float, 2, at::BFloat16, 1>(BVec::loadu(kt + i, w));
@@ -106,41 +111,49 @@ def kernel() -> Any:
     raises where it cannot build."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGS, _SOURCE, needs_vec_isa=True)
+    source = _SOURCE.replace("@MAX_GROUP@", str(MAX_GROUP))
+    return CppPythonBindingsCodeCache.load_pybinding(_ARGS, source, needs_vec_isa=True)
 
 
-def fits(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether the kernel serves these attention shapes (whole vectors per head, a group it holds in registers)."""
-    return heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and head_dim % 32 == 0
+def fits(heads: int, kv_heads: int, head_dim: int, windows: tuple) -> bool:
+    """Whether the kernel serves these attention shapes: whole steps of 32 per head, a group of query heads it holds
+    in registers, sliding windows that keep a past token (RowKV's window of 2 or less restarts its storage at each
+    token, which the kernel's reading does not follow)."""
+    return (
+        heads % kv_heads == 0
+        and heads // kv_heads <= MAX_GROUP
+        and head_dim % 32 == 0
+        and all(w is None or w > 2 for w in windows)
+    )
 
 
 class OneQuery:
     """`a = attend(q, k, v, row, layer)`: [1, heads * d] for one row's decoding query q [1, heads, 1, d] and its new
-    key and value [1, kv_heads, 1, d] (contiguous: the compiled pre-attention's outputs), stored into `row`
-    (kv_cache.RowKV) as RowKV.append stores them; None where the row holds more than MAX_KEYS for the layer (the
+    key and value [1, kv_heads, 1, d], bfloat16, stored into `row` (kv_cache.RowKV) as RowKV.append stores them;
+    None, the row untouched, where the layer holds MAX_KEYS tokens or more or the inputs are not contiguous (the
     caller's eager path serves it)."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, windows: tuple, scales: list[float]) -> None:
+        if not fits(heads, kv_heads, head_dim, windows):  # the kernel's bounds rest on these
+            raise ValueError(f"attention shapes the kernel does not serve: {heads} x {kv_heads} x {head_dim}")
         self.call = kernel()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
-        self.windows, self.scales = windows, scales
+        self.scales = scales
 
     def __call__(self, q: Any, k: Any, v: Any, row: Any, layer: int) -> Any:
-        window, length, keys = self.windows[layer], row.length[layer], row.keys[layer]
-        held = length if window is None else min(length, window - 1)
-        if held >= MAX_KEYS:
+        held, length, keys = row.held(layer), row.length[layer], row.keys[layer]
+        # the kernel reads raw pointers: a layout it does not expect would read the wrong numbers silently
+        if held >= MAX_KEYS or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
             return None
-        out = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
-        args = (self.kv_heads, self.group, self.head_dim)
-        if keys is not None and length < keys.shape[1] and (window is None or window > 2):
-            # room after the stored tokens: the kernel stores the new ones itself (RowKV.append's plain case)
-            row.length[layer] = length + 1
-            self.call(q, k, v, keys, row.values[layer], out, length - held, held + 1, keys.shape[1], *args, 1,
-                      self.scales[layer])  # fmt: skip
-        else:  # a new or compacted buffer: RowKV.append's own rules, then the kernel reads
+        write = keys is not None and length < keys.shape[1]
+        if not write:  # a new or compacted buffer: RowKV.append's own rules, then the kernel reads
             row.append(layer, k[0], v[0])
-            keys, n = row.keys[layer], row.length[layer]
-            self.call(q, k, v, keys, row.values[layer], out, n - held - 1, held + 1, keys.shape[1], *args, 0,
-                      self.scales[layer])  # fmt: skip
+            keys = row.keys[layer]
+        # (else room after the stored tokens: the kernel stores the new ones itself, RowKV.append's plain case)
+        end = length + 1 if write else row.length[layer]
+        out = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
+        self.call(q, k, v, keys, row.values[layer], out, end - held - 1, held + 1, keys.shape[1], self.kv_heads,
+                  self.group, self.head_dim, int(write), self.scales[layer])  # fmt: skip
+        row.length[layer] = end
         return out
