@@ -28,7 +28,7 @@ def test_the_compiled_step_gives_the_generic_forwards_logits_and_keys(base, comp
     greedy token, its logits within the lean step's own tolerance and the same keys and values stored; the eager
     lean step gives nearly the same logits (inductor's fused norms may round a last bit differently)."""
     lean, eager = compiled
-    assert lean.compiled.one_query is not None  # each layer's attention through one_query.py's kernel
+    assert lean.attention_kind == "one-query kernel"  # each layer's attention through one_query.py's kernel
     prompt = [2] + list(range(300, 340))
     rows = _prefill(base.model, base.dtype, [prompt], None)
     generic, twin = copy.deepcopy(rows), copy.deepcopy(rows)

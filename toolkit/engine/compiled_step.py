@@ -12,8 +12,9 @@ norm and rotation), then per next layer the previous one's post-attention (o, no
 pre-attention, then the last layer's post-attention. Each segment is traced (make_fx) with its weights as inputs, so
 one compiled graph serves every middle layer, and compiled by `torch._inductor.standalone_compile`: no Dynamo at run
 time, hence no guard check per call (torch.compile of the whole step paid ~0.9 ms a step in guards and input
-handling). Attention between the segments is the lean step's own (`LeanDecoder._one_query_each` over the row's
-stored keys and values, any length, sliding or not), so the segments have static shapes and never recompile.
+handling). Attention between the segments is the lean step's own (`LeanDecoder.kernel_query`, else
+`_one_query_each`, over the row's stored keys and values, any length, sliding or not), so the segments have static
+shapes and never recompile.
 
 Numbers: the lean step's ops in its order (LeanDecoder._decoding_layers), but inductor's fused reductions sum in
 another order, so a norm's last bit can differ: tested against the generic forward as the lean step is.
@@ -65,7 +66,6 @@ class CompiledLayers:
         self.sizes = [size for _, size, _ in direct[0]]  # each call's multiply-adds per row (LeanDecoder._wide)
         self.types = decoder.types
         self.attention = [(decoder._parts[i][0].scaling, w) for i, w in enumerate(windows)]  # per layer
-        self.one_query, self.attention_kind = _one_query(self.heads, self.kv_heads, self.head_dim, self.attention)
         weights = [tuple(t for op in row for t in op.tensors) for row in ops]
         self.counts = [len(op.tensors) for op in ops[0]]  # tensors per call: q/k/v, o, gate/up, down
         q_end = self.counts[0]
@@ -139,9 +139,9 @@ class CompiledLayers:
         wide = all(decoder._wide(1, size) for size in self.sizes)
         with parallel(decoder.threads, wide):
             q, k, v = self.pre(hidden, *rope[types[0]], *self.first)
-        one_query = self.one_query
+        kernel_query = decoder.kernel_query
         for i, (scale, window) in enumerate(self.attention):
-            a = None if one_query is None else one_query(q, k, v, rows[0], i)
+            a = kernel_query(q, k, v, rows[0], i)
             if a is None:
                 a = decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
             with parallel(decoder.threads, wide):
@@ -151,20 +151,6 @@ class CompiledLayers:
                     hidden = self.last(hidden, a, *self.last_inputs)
         self.calls += 1
         return hidden.view(shape)
-
-
-def _one_query(heads: int, kv_heads: int, head_dim: int, attention: list) -> tuple[Any, str]:
-    """one_query.OneQuery for these shapes and what attention runs as; None where it does not fit them or cannot be
-    built here (each layer's attention then takes the eager lean step's path, and the text says why)."""
-    from toolkit.engine import one_query
-
-    windows = tuple(w for _, w in attention)
-    if not one_query.fits(heads, kv_heads, head_dim, windows):
-        return None, f"eager attention (shapes {heads} x {kv_heads} x {head_dim} not the kernel's)"
-    try:
-        return one_query.OneQuery(heads, kv_heads, head_dim, windows, [s for s, _ in attention]), "one-query kernel"
-    except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: the eager attention serves)
-        return None, f"eager attention ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
 
 @functools.cache

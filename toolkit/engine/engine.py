@@ -332,7 +332,7 @@ class Engine:
             gate, self._lean.row_gate = self._lean.row_gate, PARALLEL_MATMUL_MAIN  # as run_here will run it
             try:
                 seconds = self._lean.compile_step(self.layout)
-                self.step_kind = f"compiled ({seconds:.1f} s; {self._lean.compiled.attention_kind})"
+                self.step_kind = f"compiled ({seconds:.1f} s; {self._lean.attention_kind})"
                 return self.step_kind
             except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: any of them leaves eager)
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -156,6 +156,8 @@ class LeanDecoder:
         self._direct: list | bool | None = None  # _decoding_ops' answer once every layer is repacked
         self.row_gate = None  # PARALLEL_MATMUL_MAIN where the engine runs on the main thread (_wide)
         self.compiled = None  # compiled_step.CompiledLayers once compile_step made them: one base row's steps
+        self._kernel: Any = None  # kernel_query's one_query.OneQuery, or False where it does not serve; None: not yet
+        self.attention_kind = "not yet known"  # what a decoding query's attention runs as (kernel_query)
 
     def _helper(self) -> Any:
         """A one-thread executor (pinned to one intra-op thread) for half of a long chunk's attention
@@ -664,9 +666,24 @@ class LeanDecoder:
         decoding step's common one), each query's GQA group folded into one head as there; [T, 1, heads * d]."""
         big, out = PARALLEL_KEYS_LONE if not self._threaded else PARALLEL_KEYS, []
         for i, row in enumerate(rows):
-            keys, values = _stored(row, layer, k[i], v[i], window)  # (k[i], v[i]: [kv_heads, 1, d])
-            out.append(self._one_query(q[i], keys, values, scale, keys.shape[1] >= big).view(1, -1))
+            a = self.kernel_query(q[i : i + 1], k[i : i + 1], v[i : i + 1], row, layer)
+            if a is None:
+                keys, values = _stored(row, layer, k[i], v[i], window)  # (k[i], v[i]: [kv_heads, 1, d])
+                a = self._one_query(q[i], keys, values, scale, keys.shape[1] >= big).view(1, -1)
+            out.append(a)
         return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)
+
+    def kernel_query(self, q: Any, k: Any, v: Any, row: Any, layer: int) -> Any:
+        """One decoding query's attention [1, heads * d] through one_query.py's kernel, its key and value stored, for
+        q [1, heads, 1, d], k and v [1, kv_heads, 1, d]; None, the row untouched, where the kernel does not serve
+        (not bfloat16 on a CPU, shapes it does not fit, a long row, no toolchain): the caller's SDPA path then does.
+        Every decoding query the kernel can serve goes through it, alone, batched or beside prompt chunks, compiled
+        or eager, so a row's tokens do not depend on what it shares a pass with."""
+        if self._kernel is None:
+            self._kernel, self.attention_kind = _one_query_kernel(self, row.layout.windows)
+        if self._kernel is False or q.dtype != torch.bfloat16 or q.device.type != "cpu":
+            return None
+        return self._kernel(q, k, v, row, layer)
 
     def _one_query(self, q: Any, keys: Any, values: Any, scale: float, big: bool) -> Any:
         """One decoding query (heads x d) over its row's keys and values [kv_heads, n, d] -> [1, heads, 1, d]: its
@@ -699,6 +716,12 @@ class LeanDecoder:
         out, start = [], 0
         for row, m in zip(rows, sizes, strict=True):
             end = start + m
+            if m == 1 and gqa:  # a decoding query: the kernel where it serves (kernel_query)
+                a = self.kernel_query(q[start:end], k[start:end], v[start:end], row, layer)
+                if a is not None:
+                    out.append(a)
+                    start = end
+                    continue
             qi = q[start:end].transpose(0, 2)  # [1, heads, m, d]
             ki, vi = k[start:end, :, 0].transpose(0, 1), v[start:end, :, 0].transpose(0, 1)  # [kv_heads, m, d]
             start = end
@@ -748,6 +771,21 @@ def _stored(row: Any, layer: int, ki: Any, vi: Any, window: int | None) -> tuple
         return keys, values
     row.append(layer, ki, vi)
     return row.view(layer)
+
+
+def _one_query_kernel(decoder: LeanDecoder, windows: tuple) -> tuple[Any, str]:
+    """one_query.OneQuery for the decoder's attention shapes and what a decoding query's attention runs as; False
+    where it does not fit them or cannot be built here (the text says why)."""
+    from toolkit.engine import one_query
+
+    heads, kv_heads, d = decoder.heads, decoder.kv_heads, decoder.head_dim
+    if not one_query.fits(heads, kv_heads, d, windows):
+        return False, f"eager attention (shapes {heads} x {kv_heads} x {d} not the one-query kernel's)"
+    try:
+        scales = [attn.scaling for attn, _, _ in decoder._parts]
+        return one_query.OneQuery(heads, kv_heads, d, windows, scales), "one-query kernel"
+    except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: SDPA serves)
+        return False, f"eager attention ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
 
 
 def _projection_groups(attn: Any, mlp: Any) -> tuple:

@@ -9,10 +9,10 @@ row grows every step; a graph over a symbolic length ran slower than the eager p
 C++ toolchain and Python binding (the compiled step needs that toolchain anyway), vectorised with ATen's
 `at::vec` types, so it runs the CPU's widest float unit as inductor's kernels do.
 
-Numbers: the scores, softmax and weighted sum in float32 from the bfloat16 keys and values, one bfloat16 rounding
-at the end; SDPA's CPU flash kernel also rounds the softmax weights to bfloat16 before its second product, so the
-two differ by about a bfloat16 step of the output (tests/engine/test_compiled_step.py holds the step to the generic
-forward).
+Numbers: SDPA's CPU flash kernel's for bfloat16, up to the order of float sums: the scores and softmax in float32
+from the bfloat16 keys, the softmax's sum over its float weights, the product with the values over the weights
+rounded to bfloat16, one rounding of the output (tests/engine/test_compiled_step.py holds the step to the generic
+forward; a served base row alone answers as in a batch, where the eager SDPA path serves it: test_real_base).
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ extern "C" void kernel(const at::BFloat16* q, const at::BFloat16* k_new, const a
             float m = s[0];
             for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
             float sum = 0.0f;
-            for (int64_t t = 0; t < n; ++t) {
-                s[t] = std::exp(s[t] - m);
-                sum += s[t];
+            for (int64_t t = 0; t < n; ++t) {  // as SDPA's CPU kernel: the sum of the float weights, the product
+                float e = std::exp(s[t] - m);  // with the values over the weights rounded to bfloat16
+                sum += e;
+                s[t] = static_cast<float>(static_cast<at::BFloat16>(e));
             }
             sums[j] = sum;
         }
