@@ -25,3 +25,9 @@ class ToolkitError(Exception):
 
 def _restore(cls: type, what: str, where: str | None, fix: str | None) -> ToolkitError:
     return cls(what, where=where, fix=fix)
+
+
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line, e.g. to say why a fallback serves: its type and its message's first line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"

@@ -32,7 +32,7 @@ from toolkit.data.images import ImagePolicy, load_image
 from toolkit.data.preference import Preference, RowPair
 from toolkit.data.schema import FIX_HINT, check_messages, image_urls
 from toolkit.data.template import IGNORE, Encoded, encode_conversation, encode_prompt
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, brief
 from toolkit.recipe import DataSection
 
 # Row and EncodedRow live in formats.py (preference.py's items hold them, and this module imports preference.py);
@@ -202,8 +202,7 @@ def _read_hub(name: str, split: str) -> list[tuple[str, Any]]:
         ds = load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, gated: all the same user problem
         raise ToolkitError(
-            f"dataset {name!r} is not a local file or folder and could not be loaded from the hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
+            f"dataset {name!r} is not a local file or folder and could not be loaded from the hub ({brief(exc, 160)})",
             where="data",
             fix="check the name and the network, or download it and point at a local file",
         ) from None

@@ -38,7 +38,7 @@ from typing import Any
 
 from toolkit import constants as C
 from toolkit.engine.sampling import RowState, SamplingParams, TokenLogprob  # noqa: F401  (re-exported)
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, brief
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running rows; more: QueueFull (the server's 429)
@@ -335,7 +335,7 @@ class Engine:
                 self.step_kind = f"compiled ({seconds:.1f} s; {self._lean.attention_kind})"
                 return self.step_kind
             except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: any of them leaves eager)
-                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                why = brief(exc)
             finally:
                 self._lean.row_gate = gate  # (run_here sets it again)
         self.step_kind = f"eager ({why})"

@@ -777,6 +777,7 @@ def _one_query_kernel(decoder: LeanDecoder, windows: tuple) -> tuple[Any, str]:
     """one_query.OneQuery for the decoder's attention shapes and what a decoding query's attention runs as; False
     where it does not fit them or cannot be built here (the text says why)."""
     from toolkit.engine import one_query
+    from toolkit.errors import brief
 
     heads, kv_heads, d = decoder.heads, decoder.kv_heads, decoder.head_dim
     if not one_query.fits(heads, kv_heads, d, windows):
@@ -785,7 +786,7 @@ def _one_query_kernel(decoder: LeanDecoder, windows: tuple) -> tuple[Any, str]:
         scales = [attn.scaling for attn, _, _ in decoder._parts]
         return one_query.OneQuery(heads, kv_heads, d, windows, scales), "one-query kernel"
     except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: SDPA serves)
-        return False, f"eager attention ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        return False, f"eager attention ({brief(exc)})"
 
 
 def _projection_groups(attn: Any, mlp: Any) -> tuple:

@@ -1,5 +1,6 @@
 """One decoding query's attention over its row's stored keys and values, the new token's own stored first: one C++
-call per layer for the compiled one-row step (compiled_step.py).
+call per layer for every decoding query it serves, in the compiled one-row step (compiled_step.py) and in eager
+passes alike (LeanDecoder.kernel_query).
 
 Why by hand: in the 270M's compiled step, each layer's attention through the eager path (kv_cache.RowKV.append, the
 views it attends to, SDPA's dispatch, reshapes) cost ~70 us, ~1.3 ms of a ~4.5 ms layers step, for a row of ~80
@@ -11,8 +12,8 @@ C++ toolchain and Python binding (the compiled step needs that toolchain anyway)
 
 Numbers: SDPA's CPU flash kernel's for bfloat16, up to the order of float sums: the scores and softmax in float32
 from the bfloat16 keys, the softmax's sum over its float weights, the product with the values over the weights
-rounded to bfloat16, one rounding of the output (tests/engine/test_compiled_step.py holds the step to the generic
-forward; a served base row alone answers as in a batch, where the eager SDPA path serves it: test_real_base).
+rounded to bfloat16, one rounding of the output (tests/engine/test_one_query.py holds it to SDPA,
+test_compiled_step.py the step to the generic forward, test_real_base a served row alone to the same row batched).
 """
 
 from __future__ import annotations
