@@ -14,7 +14,8 @@ block's max (`amax`, vectorised), then the exact answer looked for only where it
 - inverse CDF: each block's sum, their running sum, then the running sum inside the one block the target falls in
   (torch.cumsum over the row is a scalar loop: 210 us over 262k float32, against ~63 us here, the whole draw).
 No library has these: torch.argmax and torch.topk are the library calls being worked around. On other devices, or
-rows too short to gain, the plain calls run.
+rows too short to gain, the plain calls run. The argmax of a float32 or bfloat16 row goes to vocab_native.py's C++
+pass where it is built (the same blocks in one pass: ~50 us instead of ~90 in the ops below).
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def first_argmax(x: Any) -> Any:
     rows, n = x.shape
     if x.device.type != "cpu" or n < 4 * BLOCK:
         return x.argmax(dim=-1)
+    from toolkit.base import vocab_native
+
+    if (done := vocab_native.first_argmax(x)) is not None:  # the same answer in one C++ pass a row (~3x faster)
+        found, left = done
+        for i in left:  # a row with a NaN: torch's NaN rules
+            found[i] = _first_argmax_by_blocks(x[i : i + 1])[0]
+        return found
+    return _first_argmax_by_blocks(x)
+
+
+def _first_argmax_by_blocks(x: Any) -> Any:
     if x.dtype in HALVES:  # exact; aten's bfloat16 max is slower than the conversion and the float32 max together
         x = x.float()
     starts = _per_block(x, "amax").argmax(dim=-1) * BLOCK  # the first block holding the max (a short row: cheap)

@@ -1,6 +1,6 @@
 """One decoding query's attention over its row's stored keys and values, the new token's own stored first: one C++
 call per layer for every decoding query it serves, in the compiled one-row step (compiled_step.py) and in eager
-passes alike (LeanDecoder.kernel_query).
+passes alike (LeanDecoder.kernel_query). Built as toolkit/native.py builds the toolkit's kernels.
 
 Why by hand: in the 270M's compiled step, each layer's attention through the eager path (kv_cache.RowKV.append, the
 views it attends to, SDPA's dispatch, reshapes) cost ~70 us, ~1.3 ms of a ~4.5 ms layers step, for a row of ~80
@@ -111,10 +111,9 @@ _ARGS = ["const at::BFloat16*"] * 3 + ["at::BFloat16*"] * 3 + ["int64_t"] * 7 + 
 def kernel() -> Any:
     """The compiled kernel (built once per process; inductor caches the build on disk). Raises what the toolchain
     raises where it cannot build."""
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
+    from toolkit import native
 
-    source = _SOURCE.replace("@MAX_GROUP@", str(MAX_GROUP))
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGS, source, needs_vec_isa=True)
+    return native.build(_ARGS, _SOURCE.replace("@MAX_GROUP@", str(MAX_GROUP)))
 
 
 def fits(heads: int, kv_heads: int, head_dim: int, windows: tuple) -> bool:
