@@ -9,7 +9,8 @@ The child process loads the base and the adapters and runs the ordinary `Engine`
 `EngineClient`, the part of Engine's interface it uses: `submit`, `waiting`, `stats`, `stop_ids`, `run`, `close`.
 Messages are pickled over a local socket pair (multiprocessing's Connection): the server sends submissions,
 cancellations and `run` calls; the child sends the engine's events in batches with its stats (after each round's
-sampling, before the forward pass, and at the round's end: Engine.on_events), and the client calls each
+sampling, before the forward pass, and at the round's end: Engine.on_events; stats alone only every
+STATS_INTERVAL_S while rows run), and the client calls each
 request's `on_event` from its reader thread, as the engine's thread does in-process. Grammar constraints travel
 as their grammar (structured.GrammarConstraint is recompiled in the child).
 
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -33,6 +35,7 @@ from typing import Any
 
 from toolkit.engine.engine import DEFAULT_MAX_QUEUE, Request, check_admissible
 
+STATS_INTERVAL_S = 0.2  # the longest the server's copy of the engine's stats lags while rows run
 STARTUP_TIMEOUT_S = 600  # loading the 27B takes minutes; the tiny base about 5 s (mostly imports)
 
 
@@ -224,10 +227,15 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
                 _put(conn, (message[0], events, *message[2:]))
 
     sent_stats: dict = {}
+    sent_at = [0.0]
 
     def flush() -> None:  # the engine's thread (Engine.on_events): the events so far in one message
         stats = dict(engine.stats)
-        if not outbox and stats == sent_stats:
+        # While rows run, stats alone wait for the next events (or STATS_INTERVAL_S): each message wakes the server's
+        # reader thread and event loop, and a decoding round would send two (its tokens, then its end's stats), the
+        # second competing for the cores with the next step. An engine going idle sends its last stats at once.
+        fresh = time.monotonic() - sent_at[0] < STATS_INTERVAL_S
+        if not outbox and (stats == sent_stats or (engine.running and fresh)):
             return
         events = outbox[:]
         outbox.clear()
@@ -237,6 +245,7 @@ def _child_main(conn: Any, spec: EngineSpec) -> None:
         send(("events", events, stats))
         sent_stats.clear()
         sent_stats.update(stats)
+        sent_at[0] = time.monotonic()
 
     engine.on_events = flush
 
