@@ -49,6 +49,32 @@ def test_the_compiled_step_gives_the_generic_forwards_logits_and_keys(base, comp
             torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("length", [2, 13, 40])
+def test_a_prompt_chunk_through_the_compiled_segments_gives_the_eager_passs_logits_and_keys(base, compiled, length):
+    """One base row's prompt, fresh or after a first chunk, through the chunk segments (the token count symbolic in
+    one graph): it took them, and gives the eager pass's greedy token, its logits within the lean step's tolerance
+    and the same keys and values stored; a pass of two rows stays eager."""
+    lean, eager = compiled
+    layout = KVLayout.of(base.model, base.dtype)
+    prompt = [2] + list(range(500, 500 + length))
+    rows = {d: RowKV(layout) for d in (lean, eager)}
+    for part in (prompt[: length // 2 + 1], prompt[length // 2 + 1 :]):
+        if len(part) < 2:
+            continue
+        before = lean.compiled.chunks
+        a, b = lean.forward([part], [rows[lean]], None), eager.forward([part], [rows[eager]], None)
+        assert lean.compiled.chunks == before + 1
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 0.02
+    for layer in range(len(rows[lean].length)):
+        for x, y in zip(rows[lean].view(layer), rows[eager].view(layer), strict=True):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.05)
+    before = lean.compiled.chunks
+    lean.forward([prompt[:5], prompt[:7]], [RowKV(layout), RowKV(layout)], None)
+    assert lean.compiled.chunks == before
+
+
 def test_passes_of_several_rows_or_an_adapter_take_the_eager_layers(tiny_ct, trained):
     """The compiled layers serve one base row only: a pass of two rows, or one on an adapter, takes the eager
     direct layers, with the eager twin's logits bit for bit (and the adapter's LoRA in them)."""
@@ -135,6 +161,11 @@ def test_a_compiled_step_that_disagrees_or_fails_leaves_the_eager_step(base, mon
     assert e._lean.row_gate is None  # (run_here sets it; compile_step leaves it as it was)
 
     monkeypatch.setattr(CompiledLayers, "__call__", real)
+    chunk = CompiledLayers.chunk  # a prompt chunk that disagrees is refused the same way
+    monkeypatch.setattr(CompiledLayers, "chunk", lambda self, d, h, *a: chunk(self, d, h, *a).flip(-1))
+    with pytest.raises(NotCompiled, match="compiled prompt chunk's logits differ from the eager prompt chunk's"):
+        lean.compile_step(layout)
+    monkeypatch.setattr(CompiledLayers, "chunk", chunk)
     lean.compile_step(layout)
     row = RowKV(layout)
     lean.forward([[2, 300, 301]], [row], None)

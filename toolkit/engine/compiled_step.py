@@ -34,6 +34,9 @@ from toolkit.engine.threads import parallel
 # a few thousand elements, where a parallel region's fork and join cost more than they split (the 270M's layers
 # step 3.91 against 4.05 ms, median of 12 alternating pairs, 9 faster; the int4 calls keep every thread)
 INDUCTOR_OPTIONS = {"config_patches": {"emulate_precision_casts": True, "cpp.threads": 1}}
+# The chunk segments are traced from a chunk of this many tokens, the count symbolic: odd and prime, so no size of the
+# model's equals it and the tracer ties nothing to it (a count of 0 or 1 would be specialised)
+CHUNK_EXAMPLE = 7
 
 
 class NotCompiled(Exception):
@@ -78,16 +81,16 @@ class CompiledLayers:
         ]
         last = len(ops) - 1
         self.last_inputs = (norms[last][1], norms[last][2], norms[last][3], *weights[last][q_end:])
-        self.calls = 0  # compiled steps taken (tests check the path was used)
+        self.calls = self.chunks = 0  # compiled steps and prompt chunks taken (tests check the path was used)
         self._compile(decoder)
 
     # ------------------------------------------------------------------------------------------------ segments
     def _pre(self, hidden: Any, cos: Any, sin: Any, w_in: Any, qk_norm: Any, *qkv: Any) -> tuple:
-        """A layer up to its attention: q [1, heads, 1, d], k and v [1, kv_heads, 1, d]."""
+        """A layer up to its attention: q [T, heads, 1, d], k and v [T, kv_heads, 1, d] (T: 1, or the chunk's)."""
         d, both = self.head_dim, self.heads + self.kv_heads
         out = self.applies[0](self.norm(hidden, w_in), *qkv)
         q, k = self.joined_qk(out, qk_norm, (cos, sin))
-        return q, k, out[:, both * d :].view(1, self.kv_heads, 1, d)
+        return q, k, out[:, both * d :].view(out.shape[0], self.kv_heads, 1, d)
 
     def _post(self, hidden: Any, a: Any, w_attn: Any, w_pre: Any, w_post: Any, weights: tuple) -> Any:
         """A layer after its attention `a` [1, heads * d]: o, norm, residual, the MLP, norm, residual."""
@@ -108,12 +111,19 @@ class CompiledLayers:
         return self._post(hidden, a, w_attn, w_pre, w_post, tuple(weights))
 
     def _compile(self, decoder: Any) -> None:
+        self.pre, self.middle, self.last = self._graphs(decoder, 1)
+        self.chunk_pre, self.chunk_middle, self.chunk_last = self._graphs(decoder, CHUNK_EXAMPLE)
+
+    def _graphs(self, decoder: Any, tokens: int) -> list:
+        """The three segments compiled for one token (static shapes) or, from an example of `tokens` > 1, for any
+        number of them (the token count symbolic: one graph each serves every prompt chunk)."""
         from torch.fx.experimental.proxy_tensor import make_fx
 
         _fake_kernels()
-        hidden = torch.zeros(1, decoder.text.config.hidden_size, dtype=torch.bfloat16)
-        a = torch.zeros(1, self.heads * self.head_dim, dtype=torch.bfloat16)
-        cos, sin = decoder._rope(hidden.unsqueeze(1), torch.tensor([[0]]), 1)[self.types[0]]
+        hidden = torch.zeros(tokens, decoder.text.config.hidden_size, dtype=torch.bfloat16)
+        a = torch.zeros(tokens, self.heads * self.head_dim, dtype=torch.bfloat16)
+        cos, sin = decoder._rope(hidden.unsqueeze(1), torch.arange(tokens).unsqueeze(1), tokens)[self.types[0]]
+        mode, shapes = ("real", "from_example_inputs") if tokens == 1 else ("symbolic", "from_graph")
         graphs = []
         with torch.no_grad():
             for fn, example in (
@@ -124,13 +134,13 @@ class CompiledLayers:
                 if example is None:
                     graphs.append(None)
                     continue
-                traced = make_fx(fn)(*example)
+                traced = make_fx(fn, tracing_mode=mode)(*example)
                 graphs.append(
                     torch._inductor.standalone_compile(
-                        traced, list(example), dynamic_shapes="from_example_inputs", options=INDUCTOR_OPTIONS
+                        traced, list(example), dynamic_shapes=shapes, options=INDUCTOR_OPTIONS
                     )
                 )
-        self.pre, self.middle, self.last = graphs
+        return graphs
 
     # ------------------------------------------------------------------------------------------------ the step
     def __call__(self, decoder: Any, hidden: Any, rope: dict, rows: list) -> Any:
@@ -150,6 +160,25 @@ class CompiledLayers:
                 else:
                     hidden = self.last(hidden, a, *self.last_inputs)
         self.calls += 1
+        return hidden.view(shape)
+
+    def chunk(self, decoder: Any, hidden: Any, rope: dict, row: Any) -> Any:
+        """`hidden = layers.chunk(decoder, hidden, rope, row)`: a base row's prompt chunk of T tokens ([T, 1,
+        hidden]) through the layers, the chunk segments between each layer's attention (LeanDecoder.row_attention:
+        its keys and values stored, SDPA over what the row holds): the eager `_layers` pass's ops and order."""
+        shape, types, m = hidden.shape, self.types, hidden.shape[0]
+        hidden = hidden.view(m, -1)
+        wide = all(decoder._wide(m, size) for size in self.sizes)
+        with parallel(decoder.threads, wide):
+            q, k, v = self.chunk_pre(hidden, *rope[types[0]], *self.first)
+        for i, (scale, window) in enumerate(self.attention):
+            a = decoder.row_attention(q, k, v, row, i, window, scale)
+            with parallel(decoder.threads, wide):
+                if i + 1 < len(self.attention):
+                    hidden, q, k, v = self.chunk_middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
+                else:
+                    hidden = self.chunk_last(hidden, a, *self.last_inputs)
+        self.chunks += 1
         return hidden.view(shape)
 
 

@@ -235,9 +235,16 @@ class LeanDecoder:
         with parallel(self.threads, everywhere):
             hidden = self.embed(ids)  # [T, 1, hidden], scaled as the model does
             rope = self._rope(hidden, positions, max(r.seen + m for r, m in zip(rows, sizes, strict=True)))
-            if direct is not None and self.compiled is not None and n == 1 and direct[1] is None:
+            # one base row's decoding step, or its prompt chunk (a pass on every thread stays eager: the compiled
+            # segments' own kernels run on one)
+            step = direct is not None and direct[1] is None
+            chunk = direct is None and names is None and total > 1 and not everywhere
+            if self.compiled is not None and n == 1 and (step or chunk):
                 try:
-                    hidden = self.compiled(self, hidden, rope, rows)
+                    if step:
+                        hidden = self.compiled(self, hidden, rope, rows)
+                    else:
+                        hidden = self.compiled.chunk(self, hidden, rope, rows[0])
                 except Exception:
                     # (not retried: the layers before the failure stored their keys and values) the pass's rows
                     # get the error; later passes run eager
@@ -279,22 +286,25 @@ class LeanDecoder:
         self.forward([[2, 2, 2]], [row], None)
         self([2], [row], None)  # (builds the direct ops, or finds there are none: CompiledLayers then refuses)
         compiled = CompiledLayers(self, layout.windows)
-        # Checked once before it serves: a step of each on copies of the scratch row, compiled and eager, must give
+        # Checked once before it serves: a step and a prompt chunk of each on copies of the scratch row, compiled and
+        # eager, must give
         # the same greedy token and logits within the tolerance the tests hold the lean step to. Both through the
         # exact head (the int8 head's, lm_head.py): what is checked is the layers, and an int8 x int8 head rounds
         # its activations, so a last-bit difference in them can move a tail logit by a whole step
         twin = copy.deepcopy(row)
         head, self.head = self.head, getattr(self.head, "exact", self.head)
         try:
-            self.compiled = compiled
-            got = self([3], [row], None)
-            self.compiled = None
-            want = self([3], [twin], None)
+            for what, tokens in (("step", [3]), ("prompt chunk", [4, 5, 6, 7, 8])):
+                self.compiled = compiled
+                got = self.forward([tokens], [row], None)
+                self.compiled = None
+                want = self.forward([tokens], [twin], None)
+                off = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                if not (off < COMPILED_TOLERANCE and torch.equal(got.argmax(-1), want.argmax(-1))):
+                    off_by = f"differ from the eager {what}'s by {off:.3g} (relative)"
+                    raise NotCompiled(f"the compiled {what}'s logits {off_by}")
         finally:
             self.head = head
-        off = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        if not (off < COMPILED_TOLERANCE and torch.equal(got.argmax(-1), want.argmax(-1))):
-            raise NotCompiled(f"the compiled step's logits differ from the eager step's by {off:.3g} (relative)")
         self.compiled = compiled
         return time.perf_counter() - start
 
@@ -711,45 +721,49 @@ class LeanDecoder:
         gqa = self.heads != self.kv_heads
         if self._short_steps and gqa:
             return self._linear(attn.o_proj, self._one_query_each(q, k, v, rows, layer, window, attn.scaling), names)
-        kw = {"scale": attn.scaling, "enable_gqa": gqa}
-        lone = not self._threaded
         out, start = [], 0
         for row, m in zip(rows, sizes, strict=True):
             end = start + m
-            if m == 1 and gqa:  # a decoding query: the kernel where it serves (kernel_query)
-                a = self.kernel_query(q[start:end], k[start:end], v[start:end], row, layer)
-                if a is not None:
-                    out.append(a)
-                    start = end
-                    continue
-            qi = q[start:end].transpose(0, 2)  # [1, heads, m, d]
-            ki, vi = k[start:end, :, 0].transpose(0, 1), v[start:end, :, 0].transpose(0, 1)  # [kv_heads, m, d]
+            out.append(self.row_attention(q[start:end], k[start:end], v[start:end], row, layer, window, attn.scaling))
             start = end
-            keys, values = _stored(row, layer, ki, vi, window)
-            # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
-            # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
-            causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
-            big = keys.shape[1] * m >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)  # worth every thread
-            # in a single-threaded pass, a chunk over its row's past (or one query over a long one) in a global
-            # layer: unmasked parts (_past_then_chunk). A pass on every thread keeps SDPA, whose split over heads
-            # the folded heads would undo (e.g. the 270M's 4 heads, 1 KV head).
-            past_then_chunk = (m > 1 and not causal) or (m == 1 and keys.shape[1] >= LONG_ROW_KEYS)
-            if past_then_chunk and lone and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
-                split = keys.shape[1] * max(m, 4) >= HELPER_KEYS and self.threads > 1
-                helper = self._helper() if split else None
-                with parallel(self.threads, big and not split):
-                    o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
-            elif m == 1 and gqa:
-                o = self._one_query(qi, keys, values, attn.scaling, big)
-            else:
-                mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
-                with parallel(self.threads, big):
-                    o = F.scaled_dot_product_attention(
-                        qi, keys[None], values[None], attn_mask=mask, is_causal=causal, **kw
-                    )
-            out.append(o.transpose(1, 2).reshape(m, self.heads * d))  # back to token-major
         o = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(1)  # [T, 1, heads * d]
         return self._linear(attn.o_proj, o, names)
+
+    def row_attention(self, q: Any, k: Any, v: Any, row: Any, layer: int, window: Any, scale: float) -> Any:
+        """One row's m new tokens' attention [m, heads * d], their keys and values stored first, for q [m, heads, 1,
+        d], k and v [m, kv_heads, 1, d] (token-major): a decoding query through the kernel where it serves, else
+        SDPA (or _past_then_chunk) over what the row holds. `_attention`'s per-row part; the compiled prompt chunk's
+        attention (compiled_step.py)."""
+        m, d, gqa = q.shape[0], self.head_dim, self.heads != self.kv_heads
+        if m == 1 and gqa:  # a decoding query: the kernel where it serves (kernel_query)
+            a = self.kernel_query(q, k, v, row, layer)
+            if a is not None:
+                return a
+        kw = {"scale": scale, "enable_gqa": gqa}
+        lone = not self._threaded
+        qi = q.transpose(0, 2)  # [1, heads, m, d]
+        ki, vi = k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1)  # [kv_heads, m, d]
+        keys, values = _stored(row, layer, ki, vi, window)
+        # one new token sees all its row holds; a fresh prompt inside the window is plainly causal (no mask
+        # of prompt x prompt booleans); otherwise the chunk's causal / sliding mask
+        causal = m > 1 and keys.shape[1] == m and (window is None or m <= window)
+        big = keys.shape[1] * m >= (PARALLEL_KEYS_LONE if lone else PARALLEL_KEYS)  # worth every thread
+        # in a single-threaded pass, a chunk over its row's past (or one query over a long one) in a global
+        # layer: unmasked parts (_past_then_chunk). A pass on every thread keeps SDPA, whose split over heads
+        # the folded heads would undo (e.g. the 270M's 4 heads, 1 KV head).
+        past_then_chunk = (m > 1 and not causal) or (m == 1 and keys.shape[1] >= LONG_ROW_KEYS)
+        if past_then_chunk and lone and window is None and qi.device.type == "cpu" and FLASH_CPU is not None:
+            split = keys.shape[1] * max(m, 4) >= HELPER_KEYS and self.threads > 1
+            helper = self._helper() if split else None
+            with parallel(self.threads, big and not split):
+                o = _past_then_chunk(qi, keys[None], values[None], helper=helper, **kw)
+        elif m == 1 and gqa:
+            o = self._one_query(qi, keys, values, scale, big)
+        else:
+            mask = None if m == 1 or causal else _chunk_mask(keys.shape[1], m, window)
+            with parallel(self.threads, big):
+                o = F.scaled_dot_product_attention(qi, keys[None], values[None], attn_mask=mask, is_causal=causal, **kw)
+        return o.transpose(1, 2).reshape(m, self.heads * d)  # back to token-major
 
 
 def _stored(row: Any, layer: int, ki: Any, vi: Any, window: int | None) -> tuple[Any, Any]:
