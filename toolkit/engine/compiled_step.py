@@ -146,41 +146,41 @@ class CompiledLayers:
 
     # ------------------------------------------------------------------------------------------------ the step
     def __call__(self, decoder: Any, hidden: Any, rope: dict, rows: list) -> Any:
-        shape, types = hidden.shape, self.types
-        hidden = hidden.view(1, -1)
-        wide = all(decoder._wide(1, size) for size in self.sizes)
-        with parallel(decoder.threads, wide):
-            q, k, v = self.pre(hidden, *rope[types[0]], *self.first)
-        kernel_query = decoder.kernel_query
-        for i, (scale, window) in enumerate(self.attention):
-            a = kernel_query(q, k, v, rows[0], i)
-            if a is None:
-                a = decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
-            with parallel(decoder.threads, wide):
-                if i + 1 < len(self.attention):
-                    hidden, q, k, v = self.middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
-                else:
-                    hidden = self.last(hidden, a, *self.last_inputs)
+        def attend(q: Any, k: Any, v: Any, i: int, window: Any, scale: float) -> Any:
+            a = decoder.kernel_query(q, k, v, rows[0], i)
+            return a if a is not None else decoder._one_query_each(q, k, v, rows, i, window, scale).view(1, -1)
+
+        hidden = self._through(decoder, hidden, rope, (self.pre, self.middle, self.last), attend)
         self.calls += 1
-        return hidden.view(shape)
+        return hidden
 
     def chunk(self, decoder: Any, hidden: Any, rope: dict, row: Any) -> Any:
         """`hidden = layers.chunk(decoder, hidden, rope, row)`: a base row's prompt chunk of T tokens ([T, 1,
         hidden]) through the layers, the chunk segments between each layer's attention (LeanDecoder.row_attention:
         its keys and values stored, SDPA over what the row holds): the eager `_layers` pass's ops and order."""
-        shape, types, m = hidden.shape, self.types, hidden.shape[0]
-        hidden = hidden.view(m, -1)
-        wide = all(decoder._wide(m, size) for size in self.sizes)
+
+        def attend(q: Any, k: Any, v: Any, i: int, window: Any, scale: float) -> Any:
+            return decoder.row_attention(q, k, v, row, i, window, scale)
+
+        hidden = self._through(decoder, hidden, rope, (self.chunk_pre, self.chunk_middle, self.chunk_last), attend)
+        self.chunks += 1
+        return hidden
+
+    def _through(self, decoder: Any, hidden: Any, rope: dict, graphs: tuple, attend: Any) -> Any:
+        """hidden [T, 1, hidden] through the layers: the segments `graphs` (pre, middle, last), each layer's
+        attention `attend(q, k, v, layer, window, scale)` -> [T, heads * d] between them."""
+        (pre, middle, last), shape, types = graphs, hidden.shape, self.types
+        hidden = hidden.view(shape[0], -1)
+        wide = all(decoder._wide(shape[0], size) for size in self.sizes)
         with parallel(decoder.threads, wide):
-            q, k, v = self.chunk_pre(hidden, *rope[types[0]], *self.first)
+            q, k, v = pre(hidden, *rope[types[0]], *self.first)
         for i, (scale, window) in enumerate(self.attention):
-            a = decoder.row_attention(q, k, v, row, i, window, scale)
+            a = attend(q, k, v, i, window, scale)
             with parallel(decoder.threads, wide):
                 if i + 1 < len(self.attention):
-                    hidden, q, k, v = self.chunk_middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
+                    hidden, q, k, v = middle(hidden, a, *rope[types[i + 1]], *self.middles[i])
                 else:
-                    hidden = self.chunk_last(hidden, a, *self.last_inputs)
-        self.chunks += 1
+                    hidden = last(hidden, a, *self.last_inputs)
         return hidden.view(shape)
 
 
