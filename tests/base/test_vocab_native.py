@@ -40,7 +40,7 @@ def test_finish_rounds_the_product_and_rescores_its_top_candidates_exactly(vocab
         product = product / scale.unsqueeze(1)
     elif kind == "bfloat16":
         product = product.to(torch.bfloat16)
-    got, left = vocab_native.finish(product.contiguous(), hidden, weight, RESCORE, scale)
+    got, left = vocab_native.finish(product.contiguous(), hidden, weight, RESCORE, BLOCK, scale)
     assert left == [] and got.dtype == torch.bfloat16 and got.shape == (3, vocab)
     rounded = (product * scale.unsqueeze(1) if scale is not None else product).to(torch.bfloat16)
     changed = got != rounded
@@ -59,9 +59,9 @@ def test_finish_rounds_the_product_and_rescores_its_top_candidates_exactly(vocab
 def test_a_row_with_a_nan_is_left_to_the_caller_and_the_others_are_finished():
     weight, hidden, exact, product = _case(4096, 64, rows=3)
     product[1, 100] = float("nan")
-    got, left = vocab_native.finish(product, hidden, weight, RESCORE)
+    got, left = vocab_native.finish(product, hidden, weight, RESCORE, BLOCK)
     assert left == [1]
-    alone, _ = vocab_native.finish(product[[0, 2]].contiguous(), hidden[[0, 2]].contiguous(), weight, RESCORE)
+    alone, _ = vocab_native.finish(product[[0, 2]].contiguous(), hidden[[0, 2]].contiguous(), weight, RESCORE, BLOCK)
     assert torch.equal(got[[0, 2]], alone)
 
 
@@ -87,7 +87,7 @@ def test_first_argmax_is_torch_argmax_and_leaves_nan_rows(dtype):
     x[0, 7], x[0, 70000] = 40, 40  # a tie: the first index
     x[1] = float("-inf")
     x[3, 123] = float("nan")
-    got, left = vocab_native.first_argmax(x)
+    got, left = vocab_native.first_argmax(x, BLOCK)
     assert left == [3]
     assert torch.equal(got[:3], x[:3].argmax(1))
     assert got[0] == 7 and got[1] == 0

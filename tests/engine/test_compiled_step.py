@@ -161,10 +161,24 @@ def test_a_compiled_step_that_disagrees_or_fails_leaves_the_eager_step(base, mon
     assert e._lean.row_gate is None  # (run_here sets it; compile_step leaves it as it was)
 
     monkeypatch.setattr(CompiledLayers, "__call__", real)
-    chunk = CompiledLayers.chunk  # a prompt chunk that disagrees is refused the same way
+    chunk = CompiledLayers.chunk  # a prompt chunk that disagrees: the step serves, prompt chunks go eager
     monkeypatch.setattr(CompiledLayers, "chunk", lambda self, d, h, *a: chunk(self, d, h, *a).flip(-1))
-    with pytest.raises(NotCompiled, match="compiled prompt chunk's logits differ from the eager prompt chunk's"):
-        lean.compile_step(layout)
+    lean.compile_step(layout)
+    assert lean.compiled is not None and "differ from the eager prompt chunk's" in lean.compiled.chunks_off
+    before = lean.compiled.chunks  # (compile_step's check took one)
+    lean.forward([[2, 300, 301]], [RowKV(layout)], None)
+    assert lean.compiled.chunks == before
+    assert "prompt chunks eager: its logits differ" in e.compile_step()
+    monkeypatch.setattr(CompiledLayers, "chunk", lambda *a: 1 / 0)  # one failing its check: the same
+    lean.compile_step(layout)
+    assert lean.compiled is not None and lean.compiled.chunks_off == "failed its check: ZeroDivisionError"
+    monkeypatch.setattr(CompiledLayers, "chunk", chunk)
+    lean.compile_step(layout)
+    assert lean.compiled.chunks_off is None
+    monkeypatch.setattr(CompiledLayers, "chunk", lambda *a: 1 / 0)  # or while serving: its pass gets the error
+    with pytest.raises(ZeroDivisionError):
+        lean.forward([[2, 300, 301]], [RowKV(layout)], None)
+    assert lean.compiled is not None and lean.compiled.chunks_off == "failed while serving: ZeroDivisionError"
     monkeypatch.setattr(CompiledLayers, "chunk", chunk)
     lean.compile_step(layout)
     row = RowKV(layout)

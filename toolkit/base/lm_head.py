@@ -39,7 +39,7 @@ import torch  # imported lazily by the loader, never at toolkit import time
 import torch.nn.functional as F
 
 from toolkit.base import vocab_native
-from toolkit.base.vocab_reduce import top_indices
+from toolkit.base.vocab_reduce import BLOCK, top_indices
 from toolkit.errors import ToolkitError
 
 # Rows per int8 matmul. Measured on an AMD EPYC (2 cores, the 270M's head), int8 / bfloat16 F.linear: 1 row 4.4 /
@@ -74,6 +74,7 @@ class Int8Head(torch.nn.Module):
                 fix="use int8 or int8-weight-only",
             )
         self.exact = exact
+        vocab_native.unavailable()  # its C++ passes built at load (once a process), not in the first request
         self.qweight, self.scales = quantize_rows(exact.weight.detach())
         self.int8_bytes = self.qweight.nbytes + self.scales.nbytes  # what one product reads (bench/bandwidth.py)
         self.matmul, self._packed = "weight_only", None
@@ -188,11 +189,11 @@ class Int8Head(torch.nn.Module):
         else:
             x, scale, bad = vocab_native.prepare(flat)
             raw = self.matvec(x)[1:]
-        logits, left = vocab_native.finish(raw, flat, self.weight, RESCORE, scale)
+        logits, left = vocab_native.finish(raw, flat, self.weight, RESCORE, BLOCK, scale)
         for i in left:  # a NaN in the product: torch's NaN rules
             logits[i] = self._finish(self.product(flat[i : i + 1]), flat[i : i + 1])[0]
-        if bad:  # a NaN or inf row: NaN logits, as `product` gives
-            logits[bad] = float("nan")
+        if bad:  # a row with a NaN or inf: NaN logits, as `product` gives (the torch path then rescores its top
+            logits[bad] = float("nan")  # candidates from the row itself: NaN or, for an inf without a NaN, +-inf)
         return logits
 
     def _finish(self, product: Any, flat: Any) -> Any:

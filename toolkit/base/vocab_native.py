@@ -23,8 +23,6 @@ from typing import Any
 
 import torch  # imported lazily by the loader and the engine, never at toolkit import time
 
-from toolkit.base.vocab_reduce import BLOCK
-
 _COMMON = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <algorithm>
@@ -263,7 +261,7 @@ def prepare(hidden: Any) -> tuple[Any, Any, list[int]]:
     return inp, peak, _flagged(bad)
 
 
-def finish(product: Any, hidden: Any, weight: Any, k: int, scale: Any = None) -> tuple[Any, list[int]]:
+def finish(product: Any, hidden: Any, weight: Any, k: int, block: int, scale: Any = None) -> tuple[Any, list[int]]:
     """Int8Head's logits [rows, vocab] in bfloat16: `product` (the int8 product, [rows, vocab] float32 or bfloat16;
     float32 rows times `scale` [rows] first, where given) rounded, each row's k largest computed again as hidden
     [rows, cols] @ weight [vocab, cols].T; and the rows it left to the caller (a NaN in them). For rows `serves`
@@ -276,11 +274,11 @@ def finish(product: Any, hidden: Any, weight: Any, k: int, scale: Any = None) ->
     out = torch.empty(rows, vocab, dtype=torch.bfloat16)
     status = torch.empty(rows, dtype=torch.long)
     _built("finish")(product, scale if scaled else product, out, hidden, weight, rows, vocab, hidden.shape[1], k,
-                      BLOCK, int(product.dtype == torch.bfloat16), int(scaled), status)  # fmt: skip
+                      block, int(product.dtype == torch.bfloat16), int(scaled), status)  # fmt: skip
     return out, _flagged(status)
 
 
-def first_argmax(x: Any) -> tuple[Any, list[int]] | None:
+def first_argmax(x: Any, block: int) -> tuple[Any, list[int]] | None:
     """vocab_reduce.first_argmax's answer for a 2-D row-major CPU x (bfloat16 or float32), one pass a row, and the
     rows it left to the caller (a NaN in them); None where the kernel does not serve (see the module docstring)."""
     call = _kernel("argmax") if _row_major(x) and x.shape[1] > 0 else None
@@ -288,7 +286,7 @@ def first_argmax(x: Any) -> tuple[Any, list[int]] | None:
         return None
     out = torch.empty(x.shape[0], dtype=torch.long)
     status = torch.empty(x.shape[0], dtype=torch.long)
-    call(x, x.shape[0], x.shape[1], BLOCK, int(x.dtype == torch.bfloat16), out, status)
+    call(x, x.shape[0], x.shape[1], block, int(x.dtype == torch.bfloat16), out, status)
     return out, _flagged(status)
 
 

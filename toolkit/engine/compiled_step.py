@@ -84,6 +84,7 @@ class CompiledLayers:
         last = len(ops) - 1
         self.last_inputs = (norms[last][1], norms[last][2], norms[last][3], *weights[last][q_end:])
         self.calls = self.chunks = 0  # compiled steps and prompt chunks taken (tests check the path was used)
+        self.chunks_off: str | None = None  # why prompt chunks take the eager pass, where they do
         self._compile(decoder)
 
     # ------------------------------------------------------------------------------------------------ segments
@@ -113,8 +114,18 @@ class CompiledLayers:
         return self._post(hidden, a, w_attn, w_pre, w_post, tuple(weights))
 
     def _compile(self, decoder: Any) -> None:
+        from toolkit.errors import brief
+
         self.pre, self.middle, self.last = self._graphs(decoder, 1)
-        self.chunk_pre, self.chunk_middle, self.chunk_last = self._graphs(decoder, CHUNK_EXAMPLE)
+        try:  # (the one-token step serves without them)
+            self.chunk_pre, self.chunk_middle, self.chunk_last = self._graphs(decoder, CHUNK_EXAMPLE)
+        except Exception as exc:  # noqa: BLE001  (the toolchain's own errors)
+            self.drop_chunks(f"not compiled: {brief(exc)}")
+
+    def drop_chunks(self, why: str) -> None:
+        """Prompt chunks take the eager pass from now on (`chunks_off` says why); the one-token step stays."""
+        self.chunk_pre = self.chunk_middle = self.chunk_last = None
+        self.chunks_off = why
 
     def _graphs(self, decoder: Any, tokens: int) -> list:
         """The three segments compiled for one token (static shapes) or, from an example of `tokens` > 1, for any

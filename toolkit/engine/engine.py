@@ -332,7 +332,9 @@ class Engine:
             gate, self._lean.row_gate = self._lean.row_gate, PARALLEL_MATMUL_MAIN  # as run_here will run it
             try:
                 seconds = self._lean.compile_step(self.layout)
-                self.step_kind = f"compiled ({seconds:.1f} s; {self._lean.attention_kind})"
+                off = self._lean.compiled.chunks_off
+                chunks = f"; prompt chunks eager: {off}" if off else ""
+                self.step_kind = f"compiled ({seconds:.1f} s; {self._lean.attention_kind}{chunks})"
                 return self.step_kind
             except Exception as exc:  # noqa: BLE001  (the toolchain's own errors: any of them leaves eager)
                 why = brief(exc)

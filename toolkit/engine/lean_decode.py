@@ -239,16 +239,20 @@ class LeanDecoder:
             # segments' own kernels run on one)
             step = direct is not None and direct[1] is None
             chunk = direct is None and names is None and total > 1 and not everywhere
-            if self.compiled is not None and n == 1 and (step or chunk):
+            compiled = self.compiled if n == 1 else None
+            if compiled is not None and (step or (chunk and compiled.chunks_off is None)):
                 try:
                     if step:
-                        hidden = self.compiled(self, hidden, rope, rows)
+                        hidden = compiled(self, hidden, rope, rows)
                     else:
-                        hidden = self.compiled.chunk(self, hidden, rope, rows[0])
-                except Exception:
+                        hidden = compiled.chunk(self, hidden, rope, rows[0])
+                except Exception as exc:
                     # (not retried: the layers before the failure stored their keys and values) the pass's rows
-                    # get the error; later passes run eager
-                    self.compiled = None
+                    # get the error; later passes of its kind run eager
+                    if step:
+                        self.compiled = None
+                    else:
+                        compiled.drop_chunks(f"failed while serving: {type(exc).__name__}")
                     raise
             elif direct is not None:
                 hidden = self._decoding_layers(hidden, rope, rows, *direct)
@@ -295,14 +299,24 @@ class LeanDecoder:
         head, self.head = self.head, getattr(self.head, "exact", self.head)
         try:
             for what, tokens in (("step", [3]), ("prompt chunk", [4, 5, 6, 7, 8])):
+                if what == "prompt chunk" and compiled.chunks_off is not None:
+                    break
                 self.compiled = compiled
-                got = self.forward([tokens], [row], None)
+                try:
+                    got = self.forward([tokens], [row], None)
+                except Exception as exc:  # a chunk's failure drops the chunks (a step's goes up to the caller)
+                    if what == "step":
+                        raise
+                    compiled.drop_chunks(f"failed its check: {type(exc).__name__}")
+                    break
                 self.compiled = None
                 want = self.forward([tokens], [twin], None)
                 off = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                 if not (off < COMPILED_TOLERANCE and torch.equal(got.argmax(-1), want.argmax(-1))):
                     off_by = f"differ from the eager {what}'s by {off:.3g} (relative)"
-                    raise NotCompiled(f"the compiled {what}'s logits {off_by}")
+                    if what == "step":
+                        raise NotCompiled(f"the compiled {what}'s logits {off_by}")
+                    compiled.drop_chunks(f"its logits {off_by}")  # (the step serves; chunks go eager)
         finally:
             self.head = head
         self.compiled = compiled
