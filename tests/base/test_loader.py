@@ -142,3 +142,16 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     with pytest.raises(ToolkitError, match="not a local folder and could not be fetched") as err:
         load_base("ISTA-DASLab/gemma-3-27b-it-GPTQ-4b-128g-not-here", device="cpu")
     assert "hf download" in str(err.value)
+
+
+def test_a_checkpoint_error_without_a_message_still_gives_a_clear_error(tiny_ct, monkeypatch):
+    """GPTQModel's errors become one line with their type, even one raised with no message at all."""
+    from toolkit.base import gptq_backend
+
+    def broken(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(gptq_backend, "load_gptq", broken)
+    with pytest.raises(ToolkitError, match="could not load the quantised weights: ValueError") as err:
+        load_base(tiny_ct, device="cpu")
+    assert "fix:" in str(err.value)

@@ -42,8 +42,10 @@ def unavailable(kernel) -> str | None:
         with contextlib.redirect_stdout(io.StringIO()):
             ok, err = cls.cached_validate_once()
     except Exception as exc:  # a kernel whose extension is missing or fails to import is just not available
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    return None if ok else (str(err).splitlines()[0][:160] if err else "not supported here")
+        from toolkit.errors import brief
+
+        return brief(exc, 120)
+    return None if ok else (str(err).splitlines()[0][:160] if str(err or "") else "not supported here")
 
 
 def load_gptq(folder: Path, device: str, kernel, training: bool):

@@ -20,7 +20,7 @@ from typing import Any
 from toolkit import constants as C
 from toolkit.base import quant_format
 from toolkit.base.quant_format import QuantSpec
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, brief
 
 GEMMA3_MODEL_TYPE = "gemma3"
 
@@ -78,8 +78,7 @@ def resolve_path(path_or_id: str | Path) -> Path:
             return Path(snapshot_download(text))
         except Exception as exc:  # any hub failure (offline, gated, missing) is the same user problem
             raise ToolkitError(
-                f"base {text!r} is not a local folder and could not be fetched from the hub "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                f"base {text!r} is not a local folder and could not be fetched from the hub ({brief(exc, 160)})",
                 where="base",
                 fix="download it where the network allows (`hf download ID --local-dir DIR`) and point at DIR",
             ) from None
@@ -212,7 +211,7 @@ def load_base(
         model = gptq_backend.load_gptq(gptq_dir, device=device, kernel=choice.kernel, training=training)
     except (ValueError, KeyError, OSError) as exc:  # GPTQModel reports bad checkpoints as these
         raise ToolkitError(
-            f"could not load the quantised weights: {str(exc).splitlines()[0][:300]}",
+            f"could not load the quantised weights: {brief(exc, 300)}",
             where=str(path),
             fix="check that the checkpoint is complete and is a 4-bit Gemma 3 (re-download or rebuild it)",
         ) from None
