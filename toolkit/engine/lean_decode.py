@@ -291,36 +291,38 @@ class LeanDecoder:
         self([2], [row], None)  # (builds the direct ops, or finds there are none: CompiledLayers then refuses)
         compiled = CompiledLayers(self, layout.windows)
         # Checked once before it serves: a step and a prompt chunk of each on copies of the scratch row, compiled and
-        # eager, must give
-        # the same greedy token and logits within the tolerance the tests hold the lean step to. Both through the
-        # exact head (the int8 head's, lm_head.py): what is checked is the layers, and an int8 x int8 head rounds
-        # its activations, so a last-bit difference in them can move a tail logit by a whole step
+        # eager, must give the same greedy token and logits within the tolerance the tests hold the lean step to.
+        # Both through the exact head (the int8 head's, lm_head.py): what is checked is the layers, and an int8 x int8
+        # head rounds its activations, so a last-bit difference in them can move a tail logit by a whole step
         twin = copy.deepcopy(row)
         head, self.head = self.head, getattr(self.head, "exact", self.head)
         try:
-            for what, tokens in (("step", [3]), ("prompt chunk", [4, 5, 6, 7, 8])):
-                if what == "prompt chunk" and compiled.chunks_off is not None:
-                    break
-                self.compiled = compiled
+            if off_by := self._compiled_off(compiled, "step", [3], row, twin):
+                raise NotCompiled(f"the compiled step's logits {off_by}")
+            if compiled.chunks_off is None:  # a chunk that disagrees or fails: the step serves, chunks go eager
                 try:
-                    got = self.forward([tokens], [row], None)
-                except Exception as exc:  # a chunk's failure drops the chunks (a step's goes up to the caller)
-                    if what == "step":
-                        raise
+                    if off_by := self._compiled_off(compiled, "prompt chunk", [4, 5, 6, 7, 8], row, twin):
+                        compiled.drop_chunks(f"its logits {off_by}")
+                except Exception as exc:  # noqa: BLE001  (whatever the chunk graphs raise)
                     compiled.drop_chunks(f"failed its check: {type(exc).__name__}")
-                    break
-                self.compiled = None
-                want = self.forward([tokens], [twin], None)
-                off = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                if not (off < COMPILED_TOLERANCE and torch.equal(got.argmax(-1), want.argmax(-1))):
-                    off_by = f"differ from the eager {what}'s by {off:.3g} (relative)"
-                    if what == "step":
-                        raise NotCompiled(f"the compiled {what}'s logits {off_by}")
-                    compiled.drop_chunks(f"its logits {off_by}")  # (the step serves; chunks go eager)
         finally:
             self.head = head
         self.compiled = compiled
         return time.perf_counter() - start
+
+    def _compiled_off(self, compiled: Any, what: str, tokens: list[int], row: Any, twin: Any) -> str | None:
+        """How `compiled`'s pass of `tokens` over `row` is off the eager pass over its copy `twin`, or None where
+        they agree (compile_step's check)."""
+        self.compiled = compiled
+        try:
+            got = self.forward([tokens], [row], None)
+        finally:
+            self.compiled = None
+        want = self.forward([tokens], [twin], None)
+        off = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        if off < COMPILED_TOLERANCE and torch.equal(got.argmax(-1), want.argmax(-1)):
+            return None
+        return f"differ from the eager {what}'s by {off:.3g} (relative)"
 
     def _mv_faster(self, hidden: Any) -> bool:
         """Whether torch.mv beats F.linear for one row of the exact head on this machine, timed once (twice each,
