@@ -301,9 +301,23 @@ def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_pa
 
     base = tmp_path / "base"
     shutil.copytree(tiny_ct, base, ignore=shutil.ignore_patterns(".toolkit-gptq*"))
-    env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache")}
+    # Each rank says at exit whether its process group is still up: one left to interpreter teardown can abort the
+    # rank (SIGABRT from gloo's threads) when the other is still busy, so the group must be ended first.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "def _say():\n"
+        "    import torch.distributed as d\n"
+        "    up = d.is_available() and d.is_initialized()\n"
+        "    print(f'rank {os.environ[\"RANK\"]} process group at exit: {up}', file=sys.stderr)\n"
+        "if 'RANK' in os.environ:  # a rank, not the launcher\n"
+        "    atexit.register(_say)\n"
+    )
+    env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(probe)}
     r = accelerate_train(QUICKSTART, f"base.path={base}", f"output.dir={tmp_path}", "training.epochs=2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d) process group at exit: (\w+)", r.stderr)) == [("0", "False"), ("1", "False")]
     assert r.stderr.count("training kernels on this base") == 1, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "quickstart" / "toolkit.json").read_text())
     assert manifest["metrics"]["train"]["steps"] == 22  # 84 rows split over 2 ranks, batch 4, 2 epochs

@@ -299,6 +299,9 @@ def train(
         signal.signal(signal.SIGINT, previous)
         if getattr(trainer, "rollouts", None) is not None:  # grpo's engine thread
             trainer.rollouts.close()
+        # Several processes: end the process group while Python is whole. A rank that exits with it alive can abort
+        # (SIGABRT) in interpreter teardown when gloo's threads still hold tensors, failing a finished run.
+        trainer.accelerator.end_training()
     step = trainer.state.global_step
     if stop["stop"]:
         return TrainResult(None, {"checkpoint": str(_latest_checkpoint(run_dir))}, interrupted=True, step=step)
