@@ -84,13 +84,15 @@ def free_port() -> int:
 class Server:
     """One OpenAI-compatible server in its own process group; `model` is what requests name."""
 
-    def __init__(self, name: str, command: list[str], port: int, model: str, env: dict | None = None) -> None:
+    def __init__(
+        self, name: str, command: list[str], port: int, model: str, env: dict | None = None, cwd: Path = ROOT
+    ) -> None:
         self.name, self.port, self.model = name, port, model
         self.url = f"http://127.0.0.1:{port}"
         self.marks: list[tuple[int, tuple]] = []
         self.log = tempfile.NamedTemporaryFile(prefix=f"peer-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT
+            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
         )
 
     def wait_ready(self, timeout: float = 600) -> None:
