@@ -27,7 +27,11 @@ def _restore(cls: type, what: str, where: str | None, fix: str | None) -> Toolki
     return cls(what, where=where, fix=fix)
 
 
+def first_line(text: str, limit: int | None = None) -> str:
+    """A message's first line, cut at `limit` characters; "" for an empty one (where `splitlines()[0]` raises)."""
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def brief(exc: BaseException, limit: int = 200) -> str:
     """An exception as one short line, e.g. to say why a fallback serves: its type and its message's first line."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+    return f"{type(exc).__name__}: {first_line(str(exc), limit)}"

@@ -11,6 +11,7 @@ import functools
 import io
 from pathlib import Path
 
+from toolkit.errors import brief, first_line
 from toolkit.quiet import quiet_third_party
 
 # Compute capability each CUDA kernel needs (GPTQModel checks it late, at load; asking first lets `auto` move on).
@@ -42,10 +43,8 @@ def unavailable(kernel) -> str | None:
         with contextlib.redirect_stdout(io.StringIO()):
             ok, err = cls.cached_validate_once()
     except Exception as exc:  # a kernel whose extension is missing or fails to import is just not available
-        from toolkit.errors import brief
-
         return brief(exc, 120)
-    return None if ok else (str(err).splitlines()[0][:160] if str(err or "") else "not supported here")
+    return None if ok else (first_line(str(err or ""), 160) or "not supported here")
 
 
 def load_gptq(folder: Path, device: str, kernel, training: bool):

@@ -36,7 +36,7 @@ from typing import Any
 
 from toolkit.constants import STOP_TOKEN_IDS
 from toolkit.data.schema import text_of
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.eval import metrics
 
 SIGNATURE = "def NAME(prompts, completions, completion_ids, **kwargs) -> list[float | None]"
@@ -232,7 +232,7 @@ def _validator(schema: Any, column: str, compiled: dict, where: str, k: int) -> 
             # offline: a $ref to a URL is an error, not a download in the middle of training
             compiled[key] = jsonschema_rs.validator_for(parsed, offline=True)
         except ValueError as exc:  # jsonschema_rs.ValidationError is a ValueError
-            raise bad(str(exc).splitlines()[0]) from None
+            raise bad(first_line(str(exc))) from None
     return compiled[key]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -44,7 +44,7 @@ def apply_lora(model: Any, section: Any) -> Any:
                 fix="set lora.dora: false",
             ) from None
         raise ToolkitError(
-            f"peft cannot build this adapter: {str(exc).splitlines()[0][:200]}",
+            f"peft cannot build this adapter: {first_line(str(exc), 200)}",
             where="lora",
             fix="check lora.target_modules (names of linear layers) or turn off lora.dora",
         ) from None

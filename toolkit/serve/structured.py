@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from toolkit.errors import first_line
 from toolkit.serve.errors import APIError
 
 _TOKENIZERS: dict[int, Any] = {}
@@ -149,4 +150,4 @@ def _recompile(grammar: str, n_vocab: int, stop_ids: list[int]) -> GrammarConstr
 
 
 def _short(error: str) -> str:
-    return error.splitlines()[0][:300] if error else "the grammar compiler refused it"
+    return first_line(error, 300) or "the grammar compiler refused it"
