@@ -209,6 +209,13 @@ def load(server: Server, clients: int, per_client: int, max_tokens: int) -> dict
     }
 
 
+def toolkit_server(base: Path, kernel: str, name: str = "toolkit", checkout: Path = ROOT) -> Server:
+    """`toolkit serve` on `base` on a free port, run from `checkout` (its own cli.py and toolkit/)."""
+    p = free_port()
+    command = [PY, "-m", "cli", "serve", "--base", str(base), "--port", str(p), "--device", "cpu", "--kernel", kernel]
+    return Server(name, command, p, base.name, cwd=checkout)
+
+
 def start_servers(
     base: Path,
     llama_gguf: str | None,
@@ -217,16 +224,7 @@ def start_servers(
     llama_ctx: int = 2048,
     llama_threads: int | None = None,
 ) -> list[Server]:
-    servers = []
-    p = free_port()
-    servers.append(
-        Server(
-            "toolkit",
-            [PY, "-m", "cli", "serve", "--base", str(base), "--port", str(p), "--device", "cpu", "--kernel", kernel],
-            p,
-            base.name,
-        )
-    )
+    servers = [toolkit_server(base, kernel)]
     p = free_port()
     transformers_cli = str(Path(PY).with_name("transformers"))
     # transformers loads GPTQModel's layout, not the 27B's compressed-tensors one: give it the toolkit's own

@@ -23,13 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_serve import PROMPTS, PY, ROOT, Server, chat, free_port  # noqa: E402
-
-
-def start(name: str, checkout: Path, base: Path, kernel: str) -> Server:
-    port = free_port()
-    command = [PY, "-m", "cli", "serve", "--base", str(base), "--port", str(port), "--device", "cpu"]
-    return Server(name, [*command, "--kernel", kernel], port, base.name, cwd=checkout)
+from peer_serve import PROMPTS, ROOT, Server, chat, toolkit_server  # noqa: E402
 
 
 def round_tokens_per_s(server: Server, client, max_tokens: int) -> float:
@@ -52,9 +46,10 @@ def main() -> None:
         sys.exit(f"--against {args.against}: not a checkout of the toolkit (no cli.py there)")
     if not args.base.is_dir():
         sys.exit(f"--base {args.base}: no such folder (build it with `make real-base`)")
+    base = args.base.resolve()
     servers = {
-        "this": start("this", ROOT, args.base.resolve(), args.kernel),
-        "against": start("against", args.against.resolve(), args.base.resolve(), args.kernel),
+        "this": toolkit_server(base, args.kernel, "this"),
+        "against": toolkit_server(base, args.kernel, "against", args.against.resolve()),
     }
     try:
         for server in servers.values():

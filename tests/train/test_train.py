@@ -314,7 +314,8 @@ def test_two_processes_on_cpu_with_the_shipped_accelerate_config(tiny_ct, tmp_pa
         "if 'RANK' in os.environ:  # a rank, not the launcher\n"
         "    atexit.register(_say)\n"
     )
-    env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(probe)}
+    path = os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TOOLKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": path}
     r = accelerate_train(QUICKSTART, f"base.path={base}", f"output.dir={tmp_path}", "training.epochs=2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(re.findall(r"rank (\d) process group at exit: (\w+)", r.stderr)) == [("0", "False"), ("1", "False")]
