@@ -7,16 +7,17 @@ between two int4 calls is a fused C++ loop or two. Measured on an AMD EPYC (2 co
 one layer's post-attention plus the next one's pre-attention 93 us compiled against 165 us eager, ~84 of them its
 four int4 calls; the whole step 8.4-8.7 ms against 10.0-10.7 (docs/BENCHMARKS.md).
 
-How: the step splits at its attention calls into segments: the first layer's pre-attention (norm, joined q/k/v, q/k
-norm and rotation), then per next layer the previous one's post-attention (o, norm, residual, MLP) with this one's
-pre-attention, then the last layer's post-attention. Each segment is traced (make_fx) with its weights as inputs, so
-one compiled graph serves every middle layer, and compiled by `torch._inductor.standalone_compile`: no Dynamo at run
-time, hence no guard check per call (torch.compile of the whole step paid ~0.9 ms a step in guards and input
-handling). Attention between the segments is the lean step's own (`LeanDecoder.kernel_query`, else
-`_one_query_each`, over the row's stored keys and values, any length, sliding or not), so the segments have static
-shapes and never recompile. One base row's prompt chunk (`chunk`) takes the same three segments traced again from a
-chunk of CHUNK_EXAMPLE tokens with the count symbolic: one graph each serves every chunk length (the 270M's 16-token
-prompt 29 ms instead of 34 eager), each layer's attention LeanDecoder.row_attention between them.
+How: the step splits at its attention calls into segments: the first layer's pre-attention (norm, joined q/k/v, q/k norm
+and rotation), then per next layer the previous one's post-attention (o, norm, residual, MLP) with this one's
+pre-attention, then the last layer's post-attention and the model's final norm. Each segment is traced (make_fx) with
+its weights as inputs, so one compiled graph serves every middle layer, and compiled by
+`torch._inductor.standalone_compile`: no Dynamo at run time, hence no guard check per call (torch.compile of the whole
+step paid ~0.9 ms a step in guards and input handling). Attention between the segments is the lean step's own
+(`LeanDecoder.kernel_query`, else `_one_query_each`, over the row's stored keys and values, any length, sliding or not),
+so the segments have static shapes and never recompile. One base row's prompt chunk (`chunk`) takes the same three
+segments traced again from a chunk of CHUNK_EXAMPLE tokens with the count symbolic: one graph each serves every chunk
+length (the 270M's 16-token prompt 29 ms instead of 34 eager), each layer's attention LeanDecoder.row_attention between
+them.
 
 Numbers: the lean step's ops in its order (LeanDecoder._decoding_layers), but inductor's fused reductions sum in
 another order, so a norm's last bit can differ: tested against the generic forward as the lean step is.
@@ -47,7 +48,8 @@ class NotCompiled(Exception):
 
 class CompiledLayers:
     """`hidden = layers(decoder, hidden, rope, rows)`: LeanDecoder._decoding_layers for one row on the base (no
-    adapter), built from the decoder's direct ops (its kernels repacked: LeanDecoder.compile_step warms them up)."""
+    adapter), then the model's final norm (LeanDecoder.forward's), built from the decoder's direct ops (its kernels
+    repacked: LeanDecoder.compile_step warms them up)."""
 
     def __init__(self, decoder: Any, windows: tuple) -> None:
         from toolkit.base.gptq_backend import Int4Call
@@ -82,7 +84,9 @@ class CompiledLayers:
             for i in range(len(ops) - 1)
         ]
         last = len(ops) - 1
-        self.last_inputs = (norms[last][1], norms[last][2], norms[last][3], *weights[last][q_end:])
+        # the last segment ends with the model's final norm: as an eager op after the layers it ran with every cache
+        # cold from the weights just streamed (~140 us in a 270M step, ~15 us alone)
+        self.last_inputs = (*norms[last][1:4], decoder.final_norm, *weights[last][q_end:])
         self.calls = self.chunks = 0  # compiled steps and prompt chunks taken (tests check the path was used)
         self.chunks_off: str | None = None  # why prompt chunks take the eager pass, where they do
         self._compile(decoder)
@@ -110,8 +114,8 @@ class CompiledLayers:
         return (hidden, *self._pre(hidden, cos, sin, w_in, qk_norm, *nexts))
 
     def _last(self, hidden: Any, a: Any, *inputs: Any) -> Any:
-        w_attn, w_pre, w_post, *weights = inputs
-        return self._post(hidden, a, w_attn, w_pre, w_post, tuple(weights))
+        w_attn, w_pre, w_post, w_final, *weights = inputs
+        return self.norm(self._post(hidden, a, w_attn, w_pre, w_post, tuple(weights)), w_final)
 
     def _compile(self, decoder: Any) -> None:
         from toolkit.errors import brief
@@ -168,7 +172,8 @@ class CompiledLayers:
     def chunk(self, decoder: Any, hidden: Any, rope: dict, row: Any) -> Any:
         """`hidden = layers.chunk(decoder, hidden, rope, row)`: a base row's prompt chunk of T tokens ([T, 1,
         hidden]) through the layers, the chunk segments between each layer's attention (LeanDecoder.row_attention:
-        its keys and values stored, SDPA over what the row holds): the eager `_layers` pass's ops and order."""
+        its keys and values stored, SDPA over what the row holds): the eager `_layers` pass's ops and order, then the
+        final norm over every token (a row-wise op: the last token's is what forward reads)."""
 
         def attend(q: Any, k: Any, v: Any, i: int, window: Any, scale: float) -> Any:
             return decoder.row_attention(q, k, v, row, i, window, scale)

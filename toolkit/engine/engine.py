@@ -689,7 +689,9 @@ class Engine:
         keep = []
         try:
             if live:
-                logits = torch.stack([r.logits for r in live])
+                # one row: its logits as they are (a view; sample copies before it edits), not a copy of the
+                # vocabulary's row made when the head's weights just left every cache cold
+                logits = live[0].logits.unsqueeze(0) if len(live) == 1 else torch.stack([r.logits for r in live])
                 with parallel(self._threads, logits.numel() >= PARALLEL_ELEMENTS):
                     tokens, logprobs = sample(logits, [r.state for r in live], self.stop_ids)
         except Exception as exc:  # e.g. a constraint that fails: its rows get the error, the engine goes on

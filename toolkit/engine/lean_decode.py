@@ -240,7 +240,8 @@ class LeanDecoder:
             step = direct is not None and direct[1] is None
             chunk = direct is None and names is None and total > 1 and not everywhere
             compiled = self.compiled if n == 1 else None
-            if compiled is not None and (step or (chunk and compiled.chunks_off is None)):
+            normed = compiled is not None and (step or (chunk and compiled.chunks_off is None))
+            if normed:  # (the compiled segments end with the final norm)
                 try:
                     if step:
                         hidden = compiled(self, hidden, rope, rows)
@@ -261,7 +262,8 @@ class LeanDecoder:
         for row, m in zip(rows, sizes, strict=True):
             row.seen += m
         hidden = hidden[:, 0] if total == n else hidden[torch.tensor(sizes).cumsum(0) - 1, 0]  # rows' last tokens
-        hidden = self._norm(hidden, self.final_norm)
+        if not normed:
+            hidden = self._norm(hidden, self.final_norm)
         with parallel(self.threads, self._head_parallel):
             if n == 1 and self._plain_head(hidden) and self._mv_faster(hidden):
                 # one row: torch.mv is CPU's matrix-vector kernel, the same logits bit for bit as F.linear's
