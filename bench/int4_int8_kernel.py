@@ -205,35 +205,32 @@ def main() -> None:
     base = load_base(args.base, device="cpu", kernel="cpu_avx512")
     layers = projections(base)
     seen = inputs(base, layers)
-    ours, theirs = [], []
+    ours, codes = [], []
     for m in layers:
-        codes = unpack_hf_int4(m.qweight, m.out_features, m.in_features)
-        ours.append(Int4Int8(call, codes, m.qzeros, m.scales, m.group_size))
-        theirs.append(m.gemm_int4_qzero_group_scaled_cpu_kernel)
-        groups = torch.arange(m.in_features) // m.group_size
-        m._exact = ((codes.float() - m.qzeros.float()[groups].t()) * m.scales.float()[groups].t()).t()  # [K, N]
+        codes.append(unpack_hf_int4(m.qweight, m.out_features, m.in_features))
+        ours.append(Int4Int8(call, codes[-1], m.qzeros, m.scales, m.group_size))
 
     def gptq(i: int, x: Any) -> Any:
         m = layers[i]
-        return theirs[i](x, m.qweight, m.qzeros, m.scales, m.group_size, None)
+        return m.gemm_int4_qzero_group_scaled_cpu_kernel(x, m.qweight, m.qzeros, m.scales, m.group_size, None)
 
-    errors: dict = {}
-    for name, run in (("gptqmodel", gptq), ("int4_int8", lambda i, x: ours[i](x))):
-        worst, sums = 0.0, []
-        for i, m in enumerate(layers):
-            x = seen[m]
-            exact = x.float() @ m._exact
-            e = float((run(i, x).float() - exact).norm() / exact.norm())
-            sums.append(e)
-            worst = max(worst, e)
-        errors[name] = {"median": statistics.median(sums), "worst": worst}
+    kernels = {"gptqmodel": gptq, "int4_int8": lambda i, x: ours[i](x)}
+    errors: dict = {name: [] for name in kernels}
+    for i, m in enumerate(layers):  # each projection's exact product once, against both kernels
+        groups = torch.arange(m.in_features) // m.group_size
+        weight = (codes[i].float() - m.qzeros.float()[groups].t()) * m.scales.float()[groups].t()  # [N, K]
+        x = seen[m]
+        exact = x.float() @ weight.t()
+        for name, run in kernels.items():
+            errors[name].append(float((run(i, x).float() - exact).norm() / exact.norm()))
+    errors = {name: {"median": statistics.median(e), "worst": max(e)} for name, e in errors.items()}
 
     timing: dict = {}
     for rows in [int(r) for r in args.rows.split(",")]:
         xs = [torch.randn(rows, m.in_features).to(torch.bfloat16) for m in layers]
-        runs: dict = {"gptqmodel": [], "int4_int8": []}
+        runs: dict = {name: [] for name in kernels}
         for _ in range(args.rounds):
-            for name, run in (("gptqmodel", gptq), ("int4_int8", lambda i, x: ours[i](x))):
+            for name, run in kernels.items():
                 for i in range(len(layers)):  # warm: allocations, the OpenMP team
                     run(i, xs[i])
                 start = time.perf_counter()
