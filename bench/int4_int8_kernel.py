@@ -169,12 +169,9 @@ def projections(base: Any) -> list:
 def inputs(base: Any, layers: list) -> dict:
     """Each projection's input [tokens, K] on a real chat prompt (hooks on one forward)."""
     import torch
-    from peer_serve import PROMPTS
+    from peer_serve import PROMPTS, templated_ids
 
-    tok = base.tokenizer
-    messages = [{"role": "user", "content": PROMPTS[5]}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([templated_ids(base.tokenizer, PROMPTS[5])])
     seen: dict = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, a[0].reshape(-1, a[0].shape[-1])))
              for m in layers]  # fmt: skip

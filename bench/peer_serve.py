@@ -311,12 +311,17 @@ def bandwidth_limit(base: Path, context_tokens: int) -> dict | None:
     return {**limit, "context_tokens": context_tokens}
 
 
-def templated_tokens(tokenizer, content: str) -> int:
-    """Prompt tokens of one user message after the base's chat template (what every server is asked to read)."""
+def templated_ids(tokenizer, content: str) -> list[int]:
+    """The prompt's token ids for one user message after the base's chat template (what every server reads)."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def templated_tokens(tokenizer, content: str) -> int:
+    """Prompt tokens of one user message after the base's chat template (what every server is asked to read)."""
+    return len(templated_ids(tokenizer, content))
 
 
 def prefill_prompt(tokenizer, text_ids: list[int], tokens: int, k: int) -> tuple[str, int]:
